@@ -1,0 +1,195 @@
+"""The sparse trainer: the only code that applies a selection to a model.
+
+It wraps the user's ``nn.Module`` and optimizer factory (as Opacus wraps, rather
+than forks). Applying a selection means, before any forward:
+
+* ``requires_grad=False`` on every parameter outside the selection, so autograd
+  never computes or stores their gradients (nothing is masked afterwards);
+* frozen units run in eval mode: BatchNorm uses and keeps its running
+  statistics, dropout is off;
+* units before the earliest selected unit run under ``no_grad``, so they build
+  no graph and keep no activations;
+* the optimizer is built over the selected parameters only, so optimizer state
+  exists only for them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .memory import SavedTensorMeter, peak_rss_mb, saved_tensors
+from .units import Unit, model_units, validate_unit_names
+
+__all__ = ["OptimizerFactory", "StepResult", "SparseTrainer", "make_optimizer_factory"]
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_optimizer_factory(
+    name: str = "sgd", *, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0
+) -> OptimizerFactory:
+    """An optimizer factory by name: ``sgd`` (with optional momentum) or ``adam``."""
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}; set a positive learning rate")
+    if momentum < 0:
+        raise ValueError(f"momentum must be >= 0, got {momentum}")
+    key = name.lower()
+    if key == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if key == "adam":
+        return lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adam'")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step measured."""
+
+    loss: float
+    examples: int
+    seconds: float
+    peak_rss_mb: float
+    saved_mb: float | None = None
+
+
+class SparseTrainer:
+    """Train only the selected units of a model.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The user's model. The trainer changes its ``requires_grad`` flags and
+        train/eval modes, and installs forward hooks; :meth:`close` undoes the hooks.
+    selection : Sequence[str]
+        Unit names to train. Empty means inference only.
+    units : Sequence[Unit] | None
+        The model's units; by default :func:`~flwr_dsparse.units.model_units`.
+    optimizer_factory : OptimizerFactory | None
+        Called with the selected parameters; default plain SGD, ``lr=0.01``.
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets)``; default cross-entropy (mean over the batch).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        selection: Sequence[str],
+        *,
+        units: Sequence[Unit] | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        self.model = model
+        self.units = list(units) if units is not None else model_units(model)
+        self.optimizer_factory = optimizer_factory or make_optimizer_factory("sgd")
+        self.loss_fn = loss_fn or F.cross_entropy
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_mode_stack: list[bool] = []
+        self.selection: tuple[str, ...] = ()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.set_selection(selection)
+
+    # -- selection ---------------------------------------------------------------------------------
+    def set_selection(self, selection: Sequence[str]) -> None:
+        """Apply a new selection; the optimizer is rebuilt over its parameters."""
+        validate_unit_names(list(selection), [u.name for u in self.units])
+        chosen = set(selection)
+        self.selection = tuple(u.name for u in self.units if u.name in chosen)
+        selected_params = {p for u in self.units if u.name in chosen for p in u.param_names}
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in selected_params)
+        self._install_prefix_hooks()
+        params = self.trainable_parameters()
+        self.optimizer = self.optimizer_factory(params) if params else None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def first_selected_index(self) -> int | None:
+        indices = [u.index for u in self.units if u.name in set(self.selection)]
+        return min(indices) if indices else None
+
+    def _install_prefix_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        first = self.first_selected_index
+        modules = dict(self.model.named_modules())
+        prefix = [u for u in self.units if first is None or u.index < first]
+        for unit in prefix:
+            module = modules[unit.name]
+            self._hooks.append(module.register_forward_pre_hook(self._enter_no_grad))
+            self._hooks.append(module.register_forward_hook(self._leave_no_grad))
+
+    def _enter_no_grad(self, module: nn.Module, args: tuple) -> None:
+        # A stack, not a flag: hooks of nested or repeated calls restore in order.
+        self._grad_mode_stack.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
+    def _leave_no_grad(self, module: nn.Module, args: tuple, output: object) -> None:
+        torch.set_grad_enabled(self._grad_mode_stack.pop())
+
+    def close(self) -> None:
+        """Remove the trainer's hooks; the model's flags stay as they are."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # -- modes ----------------------------------------------------------------------------------------
+    def train_mode(self) -> None:
+        """Selected units train; frozen units run as at inference (BatchNorm eval, no dropout)."""
+        self.model.train()
+        modules = dict(self.model.named_modules())
+        chosen = set(self.selection)
+        for unit in self.units:
+            if unit.name not in chosen:
+                modules[unit.name].eval()
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, *, measure_saved: bool = False) -> StepResult:
+        """One forward, backward and optimizer step on the selection."""
+        self.train_mode()
+        start = time.perf_counter()
+        saved_mb = None
+        if self.optimizer is None:
+            with torch.no_grad():
+                loss = self.loss_fn(self.model(inputs), targets)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            if measure_saved:
+                meter = SavedTensorMeter.for_tensors(list(self.model.parameters()) + list(self.model.buffers()))
+                with saved_tensors(meter):
+                    loss = self.loss_fn(self.model(inputs), targets)
+                saved_mb = meter.total_mb
+            else:
+                loss = self.loss_fn(self.model(inputs), targets)
+            loss.backward()
+            self.optimizer.step()
+        seconds = time.perf_counter() - start
+        return StepResult(float(loss.detach()), int(targets.shape[0]), seconds, peak_rss_mb(), saved_mb)
+
+    def train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[StepResult]:
+        """One :meth:`step` per batch."""
+        return [self.step(inputs, targets) for inputs, targets in batches]
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """Mean loss and accuracy of the whole model in eval mode."""
+        self.model.eval()
+        total_loss, correct, count = 0.0, 0, 0
+        for inputs, targets in batches:
+            outputs = self.model(inputs)
+            total_loss += float(self.loss_fn(outputs, targets)) * targets.shape[0]
+            correct += int((outputs.argmax(dim=1) == targets).sum())
+            count += int(targets.shape[0])
+        if count == 0:
+            raise ValueError("evaluate got no batches")
+        return total_loss / count, correct / count
