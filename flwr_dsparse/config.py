@@ -1,0 +1,168 @@
+"""The job configuration: Flower's ``run_config`` parsed and checked once, before training.
+
+Flower hands the apps a flat mapping of ``bool | int | float | str`` values (the
+``[tool.flwr.app.config]`` table, overridden by ``--run-config``). This module turns
+it into one frozen :class:`JobConfig`. Every bad value raises ``ValueError`` naming
+the key, the value and the fix, so a typo stops the run before any node trains.
+
+The defaults here are the defaults of ``pyproject.toml`` (a test keeps them equal),
+so the in-process simulation API, which passes an empty ``run_config``, runs the
+same job as ``flwr run .``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from .models import MODELS
+
+__all__ = ["JobConfig", "load_config", "parse_budgets_mb", "METHODS", "DATASETS", "PARTITIONINGS", "SCORERS"]
+
+METHODS = ("dsparse", "fedavg")
+DATASETS = ("synthetic", "cifar10")
+PARTITIONINGS = ("iid", "dirichlet")
+SCORERS = ("gradient", "depth")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One DSparse or FedAvg job, as the ServerApp runs it.
+
+    Field names are the ``run_config`` keys with ``-`` replaced by ``_``.
+    """
+
+    method: str = "dsparse"
+    num_server_rounds: int = 30
+    local_steps: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    seed: int = 0
+    model: str = "mobilenet_v2"
+    dataset: str = "synthetic"
+    data_root: str = ""
+    train_examples: int = 0
+    test_examples: int = 500
+    scorer: str = "gradient"
+    partitioning: str = "iid"
+    dirichlet_alpha: float = 0.5
+    sim_budgets_mb: str = "110,130,150,180,220,280,400"
+    memory_reserve_mb: float = 0.0
+    allow_inference_only: bool = False
+    min_nodes: int = 2
+    round_timeout: float = 600.0
+    out_dir: str = "outputs"
+
+    @property
+    def budgets_mb(self) -> list[float]:
+        """``sim-budgets-mb`` as numbers, one per partition id (may be empty)."""
+        return parse_budgets_mb(self.sim_budgets_mb)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Back to ``run_config`` keys (``-`` separated), e.g. to ship in a ConfigRecord."""
+        return {key.replace("_", "-"): value for key, value in asdict(self).items()}
+
+
+def _keys() -> dict[str, type]:
+    return {f.name.replace("_", "-"): type(f.default) for f in fields(JobConfig)}
+
+
+def parse_budgets_mb(text: str, *, key: str = "sim-budgets-mb") -> list[float]:
+    """Parse ``"80,110,150"`` into MB values; an empty string means no simulated budgets."""
+    if not text.strip():
+        return []
+    budgets = []
+    for position, item in enumerate(text.split(",")):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(
+                f"{key} entry {position} is {item.strip()!r}, not a number; "
+                f"write MB values separated by commas, e.g. {key}=\"80,110,150\""
+            ) from None
+        if not value > 0:
+            raise ValueError(f"{key} entry {position} is {value:g} MB; every budget must be > 0 MB")
+        budgets.append(value)
+    return budgets
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be a whole number, got {value!r}; write e.g. {key}=4")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}; write e.g. {key}=0.5")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}; quote it, e.g. {key}=\"{value}\"")
+    return value
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} is {value!r}; set {key} to one of: {', '.join(choices)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{key} must be > 0, got {value!r}; set a positive {key}")
+
+
+def load_config(run_config: Mapping[str, Any]) -> JobConfig:
+    """Parse and validate ``run_config``; missing keys take the defaults.
+
+    Parameters
+    ----------
+    run_config : Mapping[str, Any]
+        Flower's ``context.run_config`` (keys ``-`` separated).
+
+    Returns
+    -------
+    JobConfig
+        The checked configuration.
+
+    Raises
+    ------
+    ValueError
+        For an unknown key, a value of the wrong type, or a value out of range.
+        The message names the key and how to fix it.
+    """
+    kinds = _keys()
+    unknown = sorted(set(run_config) - set(kinds))
+    if unknown:
+        raise ValueError(
+            f"unknown run_config key(s) {unknown}; valid keys are: {', '.join(kinds)} "
+            "(fix the name in [tool.flwr.app.config] or in --run-config)"
+        )
+    values = {key: _coerce(key, value, kinds[key]) for key, value in run_config.items()}
+    config = JobConfig(**{key.replace("-", "_"): value for key, value in values.items()})
+
+    _one_of("method", config.method, METHODS)
+    _one_of("model", config.model, sorted(MODELS))
+    _one_of("dataset", config.dataset, DATASETS)
+    _one_of("scorer", config.scorer, SCORERS)
+    _one_of("partitioning", config.partitioning, PARTITIONINGS)
+    for key in ("num-server-rounds", "local-steps", "batch-size", "lr", "dirichlet-alpha", "round-timeout", "min-nodes"):
+        _positive(key, values.get(key, getattr(config, key.replace("-", "_"))))
+    for key in ("momentum", "memory-reserve-mb", "train-examples", "test-examples"):
+        value = getattr(config, key.replace("-", "_"))
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value!r}")
+    if config.momentum >= 1:
+        raise ValueError(f"momentum must be below 1, got {config.momentum}; use e.g. momentum=0.9")
+    config.budgets_mb  # parse now: a malformed budgets string must fail before training
+    if config.dataset == "cifar10" and not config.data_root:
+        raise ValueError(
+            "dataset=\"cifar10\" needs data-root: set data-root to the folder that holds "
+            "cifar-10-batches-py (e.g. --run-config 'data-root=\"/data\"')"
+        )
+    return config
