@@ -1,0 +1,214 @@
+"""The DSparse ClientApp: answers the memory query and trains its selection.
+
+Wiring only: the budget comes from node config or the simulated budgets, the data
+from :mod:`flwr_dsparse.data`, training from :class:`flwr_dsparse.trainer.SparseTrainer`.
+Every job setting arrives in the server's messages (the same :class:`JobConfig` the
+server parsed), so a node never disagrees with the server about the model or data.
+
+The node's replica of the global model lives in ``context.state`` between rounds;
+the server sends only the tensors it lacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flwr_dsparse.config import JobConfig, load_config
+from flwr_dsparse.data import Split, batch_iterator, load_dataset, partition_indices
+from flwr_dsparse.memory import peak_rss_mb
+from flwr_dsparse.models import build_model
+from flwr_dsparse.records import from_array_record, tensor_nbytes, to_array_record
+from flwr_dsparse.trainer import SparseTrainer, StepResult, make_optimizer_factory
+from flwr_dsparse.units import model_units, unit_tensor_names
+
+__all__ = ["app", "train_selection", "node_budget_mb", "CONTROL_KEYS"]
+
+MB = 1024 * 1024
+# Keys the server adds to the job config in train messages; they are not run_config keys.
+CONTROL_KEYS = ("server-round", "selection")
+REPLICA_KEY = "dsparse.replica"
+MOMENTUM_KEY = "dsparse.momentum"
+META_KEY = "dsparse.meta"
+
+app = ClientApp()
+
+
+# -- pure helpers (used by the handlers and by the tests) ------------------------------------------
+def node_budget_mb(node_config: Mapping[str, Any], config: JobConfig) -> tuple[float, str]:
+    """This node's memory budget in MB and where it came from.
+
+    Order: node-config ``memory-mb``; else ``sim-budgets-mb[partition-id]``; else
+    psutil's available memory minus ``memory-reserve-mb``.
+    """
+    if "memory-mb" in node_config:
+        value = node_config["memory-mb"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"node-config memory-mb is {value!r}; set it to a positive number of MB, e.g. memory-mb=512")
+        return float(value), "node-config memory-mb"
+    budgets = config.budgets_mb
+    partition = int(node_config.get("partition-id", -1))
+    if budgets:
+        if not 0 <= partition < len(budgets):
+            raise ValueError(
+                f"sim-budgets-mb has {len(budgets)} entries but this node's partition-id is {partition}; "
+                f"give one budget per node (num-supernodes) or set memory-mb in its node config"
+            )
+        return budgets[partition], "sim-budgets-mb"
+    import psutil
+
+    available = psutil.virtual_memory().available / MB - config.memory_reserve_mb
+    if available <= 0:
+        raise ValueError(
+            f"available memory minus memory-reserve-mb ({config.memory_reserve_mb:g} MB) is {available:.0f} MB; "
+            "lower memory-reserve-mb or set memory-mb in the node config"
+        )
+    return available, "psutil available - memory-reserve-mb"
+
+
+def train_selection(
+    model: torch.nn.Module,
+    selection: list[str],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float,
+    momentum: float,
+    momentum_state: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[list[StepResult], dict[str, torch.Tensor]]:
+    """Train ``selection`` of ``model`` with plain SGD, one step per batch.
+
+    The momentum buffers of the selected parameters are restored from
+    ``momentum_state`` (by parameter name) and returned updated, because the trainer's
+    optimizer is rebuilt every round while momentum must carry over.
+    """
+    trainer = SparseTrainer(model, selection, optimizer_factory=make_optimizer_factory("sgd", lr=lr, momentum=momentum))
+    try:
+        names = {id(param): name for name, param in model.named_parameters()}
+        if trainer.optimizer is not None and momentum > 0 and momentum_state:
+            for param in trainer.trainable_parameters():
+                saved = momentum_state.get(names[id(param)])
+                if saved is not None and saved.shape == param.shape:
+                    trainer.optimizer.state[param]["momentum_buffer"] = saved.clone()
+        results = trainer.train(batches)
+        state: dict[str, torch.Tensor] = {}
+        if trainer.optimizer is not None:
+            for param in trainer.trainable_parameters():
+                buffer = trainer.optimizer.state.get(param, {}).get("momentum_buffer")
+                if buffer is not None:
+                    state[names[id(param)]] = buffer.detach().clone()
+        return results, state
+    finally:
+        trainer.close()
+
+
+@lru_cache(maxsize=4)
+def _train_split(dataset: str, root: str, seed: int, train_examples: int) -> Split:
+    train, _ = load_dataset(dataset, root=root or None, seed=seed, num_train=train_examples or None, num_test=10)
+    return train
+
+
+@lru_cache(maxsize=8)
+def _partition(config: JobConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
+    split = _train_split(config.dataset, config.data_root, config.seed, config.train_examples)
+    return tuple(
+        partition_indices(split.y, num_partitions, method=config.partitioning, alpha=config.dirichlet_alpha, seed=config.seed)
+    )
+
+
+def _node_data(config: JobConfig, node_config: Mapping[str, Any]) -> tuple[Split, np.ndarray, int]:
+    try:
+        partition, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as missing:
+        raise ValueError(
+            f"node config lacks {missing}; start the SuperNode with --node-config \"partition-id=0 num-partitions=7\""
+        ) from None
+    split = _train_split(config.dataset, config.data_root, config.seed, config.train_examples)
+    return split, _partition(config, count)[partition], partition
+
+
+def _round_batches(config: JobConfig, split: Split, indices: np.ndarray, partition: int, server_round: int) -> list:
+    # The same deterministic stream for DSparse and FedAvg: round r uses the K batches
+    # after the (r-1)*K already consumed, so a node rebuilt between rounds resumes exactly.
+    stream = batch_iterator(split, indices, config.batch_size, seed=config.seed * 10_007 + partition)
+    skip = (server_round - 1) * config.local_steps
+    return list(itertools.islice(stream, skip, skip + config.local_steps))
+
+
+def _job(message: Message) -> tuple[JobConfig, ConfigRecord]:
+    record = message.content["config"]
+    return load_config({k: v for k, v in record.items() if k not in CONTROL_KEYS}), record
+
+
+# -- handlers ---------------------------------------------------------------------------------------
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Round 0: report budget, batch size and number of training examples."""
+    config, _ = _job(msg)
+    budget, source = node_budget_mb(context.node_config, config)
+    _, indices, partition = _node_data(config, context.node_config)
+    metrics = MetricRecord(
+        {"partition-id": partition, "budget-mb": budget, "batch-size": config.batch_size, "num-examples": len(indices)}
+    )
+    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"budget-source": source})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Apply the received tensors to the replica, train the selection, send it back."""
+    config, record = _job(msg)
+    server_round = int(record["server-round"])
+    split, indices, partition = _node_data(config, context.node_config)
+    model = build_model(config.model, seed=config.seed)
+    units = model_units(model)
+    received = from_array_record(msg.content["arrays"])
+    bytes_recv = tensor_nbytes(received)
+
+    if config.method == "fedavg":
+        state = received  # FedAvg sends the whole model every round
+        selection = [unit.name for unit in units]
+    else:
+        state = from_array_record(context.state[REPLICA_KEY]) if REPLICA_KEY in context.state else {}
+        state.update(received)
+        meta = context.state.get(META_KEY, ConfigRecord())
+        selection_text = str(record["selection"]) if "selection" in record else meta.get("selection")
+        if selection_text is None:
+            raise RuntimeError("no selection: this node has no saved selection and the server sent none")
+        selection = [name for name in str(selection_text).split(",") if name]
+        context.state[META_KEY] = ConfigRecord({"selection": ",".join(selection)})
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    if missing:
+        # A restarted node lost its replica; failing makes the server resend everything.
+        raise RuntimeError(f"replica lacks {len(missing)} tensors (e.g. {missing[:2]}); the node lost its state")
+    model.load_state_dict(state)
+
+    momentum_state = from_array_record(context.state[MOMENTUM_KEY]) if MOMENTUM_KEY in context.state else {}
+    batches = _round_batches(config, split, indices, partition, server_round)
+    results, momentum_state = train_selection(
+        model, selection, batches, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state
+    )
+    context.state[MOMENTUM_KEY] = to_array_record(momentum_state)
+    trained = model.state_dict()
+    if config.method != "fedavg":
+        context.state[REPLICA_KEY] = to_array_record(trained)
+    reply = {name: trained[name] for name in unit_tensor_names(units, selection)}
+    examples = sum(r.examples for r in results)
+    metrics = MetricRecord(
+        {
+            "num-examples": examples,
+            "train-loss": sum(r.loss * r.examples for r in results) / max(examples, 1),
+            "step-seconds": sum(r.seconds for r in results) / max(len(results), 1),
+            "peak-rss-mb": peak_rss_mb(),
+            "bytes-recv": bytes_recv,
+            "bytes-sent": tensor_nbytes(reply),
+            "server-round": server_round,
+            "partition-id": partition,
+        }
+    )
+    return Message(RecordDict({"arrays": to_array_record(reply), "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,268 @@
+"""The DSparse ServerApp: parse the job, run DSparse or Flower's FedAvg, write the outputs.
+
+Wiring only. ``run_config`` is parsed into a :class:`~flwr_dsparse.config.JobConfig`
+before anything trains; the strategy does the algorithm; this module evaluates the
+global model centrally after every round and writes ``metrics.json``,
+``metrics.csv``, ``plan.json`` and ``final_model.pt`` to ``out-dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from logging import INFO
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from flwr_dsparse.config import JobConfig, load_config
+from flwr_dsparse.data import load_dataset
+from flwr_dsparse.models import build_model
+from flwr_dsparse.plan import Plan
+from flwr_dsparse.records import from_array_record, record_nbytes, tensor_nbytes, to_array_record
+from flwr_dsparse.strategy import DeviceReport, DSparse, PlanFn
+from flwr_dsparse.trainer import SparseTrainer
+from flwr_dsparse.units import model_units
+
+__all__ = ["app", "make_server_app", "run_job", "planner_plan_fn", "MeasuredFedAvg"]
+
+CALIBRATION_EXAMPLES = 64
+
+
+def planner_plan_fn(model: torch.nn.Module, config: JobConfig, calibration: tuple[torch.Tensor, torch.Tensor]) -> PlanFn:
+    """The default plan function: cost model, criticality scores and the planner."""
+
+    def plan_fn(reports: Sequence[DeviceReport]) -> Plan:
+        from flwr_dsparse.costs import CostModel
+        from flwr_dsparse.planner import DeviceSpec, make_plan
+        from flwr_dsparse.scoring import get_scorer
+
+        units = model_units(model)
+        cost_model = CostModel(model, tuple(calibration[0].shape[1:]), optimizer="sgd", momentum=config.momentum)
+        scores = get_scorer(config.scorer)(model, units, calibration[0], calibration[1])
+        devices = [DeviceSpec(report.device, report.budget_mb, report.batch_size) for report in reports]
+        meta = {"model": config.model, "scorer": config.scorer, "input_shape": list(calibration[0].shape[1:])}
+        return make_plan(devices, cost_model, scores, allow_inference_only=config.allow_inference_only, meta=meta)
+
+    return plan_fn
+
+
+class MeasuredFedAvg(FedAvg):
+    """Flower's own FedAvg, unchanged, plus the per-round figures DSparse records.
+
+    It only observes: bytes per node each way, aggregation time and round time.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.history: list[dict[str, Any]] = []
+        self._started = 0.0
+        self._bytes_down = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._started = time.perf_counter()
+        self._bytes_down = record_nbytes(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        started = time.perf_counter()
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        aggregation_s = time.perf_counter() - started
+        devices: dict[str, dict[str, Any]] = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            reply_metrics = reply.content["metrics"]
+            devices[str(int(reply_metrics["partition-id"]))] = {
+                "status": "ok",
+                "bytes-up": sum(record_nbytes(r) for r in reply.content.array_records.values()),
+                "bytes-down": self._bytes_down,
+                **{key: float(value) for key, value in reply_metrics.items() if isinstance(value, (int, float))},
+            }
+        self.history.append(
+            {
+                "round": server_round,
+                "train-loss": float(metrics["train-loss"]) if metrics and "train-loss" in metrics else float("nan"),
+                "missing": [],
+                "rejected": {},
+                "aggregation-seconds": aggregation_s,
+                "round-seconds": time.perf_counter() - self._started,
+                "bytes-up": sum(d["bytes-up"] for d in devices.values()),
+                "bytes-down": sum(d["bytes-down"] for d in devices.values()),
+                "devices": dict(sorted(devices.items(), key=lambda item: int(item[0]))),
+            }
+        )
+        return arrays, metrics
+
+
+def _evaluate_fn(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, batch_size: int, log_to: list) -> Callable:
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(from_array_record(arrays))
+        trainer = SparseTrainer(model, [])
+        try:
+            batches = [(test_x[i : i + batch_size], test_y[i : i + batch_size]) for i in range(0, len(test_y), batch_size)]
+            loss, accuracy = trainer.evaluate(batches)
+        finally:
+            trainer.close()
+        log_to.append({"round": server_round, "loss": loss, "accuracy": accuracy})
+        return MetricRecord({"loss": loss, "accuracy": accuracy})
+
+    return evaluate
+
+
+def _rows(history: list[dict[str, Any]], evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_round = {row["round"]: row for row in history}
+    rows = []
+    for evaluation in evaluations:
+        row = {**evaluation, **{k: v for k, v in by_round.get(evaluation["round"], {}).items() if k != "round"}}
+        rows.append(row)
+    return rows
+
+
+def _write_outputs(out: Path, config: JobConfig, rows: list[dict[str, Any]], plan: Plan | None, model: torch.nn.Module, summary: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(
+        json.dumps({"config": config.to_run_config(), "summary": summary, "rounds": rows}, indent=2, default=str)
+    )
+    devices = sorted({d for row in rows for d in row.get("devices", {})}, key=int)
+    columns = ["round", "loss", "accuracy", "train-loss", "bytes-up", "bytes-down", "aggregation-seconds", "round-seconds"]
+    columns += ["num-missing", "num-rejected"]
+    columns += [f"bytes-up-{d}" for d in devices] + [f"bytes-down-{d}" for d in devices]
+    with (out / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            flat = {key: row.get(key, "") for key in columns[:8]}
+            flat["num-missing"] = len(row.get("missing", [])) if "devices" in row else ""
+            flat["num-rejected"] = sum(row.get("rejected", {}).values()) if "devices" in row else ""
+            for d in devices:
+                device_row = row.get("devices", {}).get(d, {})
+                flat[f"bytes-up-{d}"] = device_row.get("bytes-up", "")
+                flat[f"bytes-down-{d}"] = device_row.get("bytes-down", "")
+            writer.writerow(flat)
+    if plan is not None:
+        (out / "plan.json").write_text(plan.to_json())
+    torch.save(model.state_dict(), out / "final_model.pt")
+
+
+def _summary_table(config: JobConfig, rows: list[dict[str, Any]], summary: dict) -> str:
+    lines = [
+        f"dsparse summary ({config.method}, {config.model}, {config.dataset}, {config.num_server_rounds} rounds)",
+        f"{'round':>5} {'loss':>8} {'acc':>7} {'MiB up':>8} {'MiB down':>9} {'agg s':>7} {'round s':>8}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['round']:>5} {row['loss']:>8.4f} {row['accuracy']:>7.4f} "
+            f"{row.get('bytes-up', 0) / 2**20:>8.2f} {row.get('bytes-down', 0) / 2**20:>9.2f} "
+            f"{row.get('aggregation-seconds', 0.0):>7.3f} {row.get('round-seconds', 0.0):>8.2f}"
+        )
+    lines.append(
+        f"final accuracy {summary['final-accuracy']:.4f} (initial {summary['initial-accuracy']:.4f}); "
+        f"total {summary['total-bytes-up'] / 2**20:.1f} MiB up, {summary['total-bytes-down'] / 2**20:.1f} MiB down; "
+        f"{summary['wall-seconds']:.1f} s"
+    )
+    return "\n".join(lines)
+
+
+def run_job(grid: Grid, config: JobConfig, *, plan_fn: PlanFn | None = None) -> dict[str, Any]:
+    """Run one job on ``grid`` and write its outputs; returns the summary.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid of connected nodes.
+    config : JobConfig
+        The parsed job.
+    plan_fn : PlanFn, optional
+        Overrides the planner (tests and custom planners); DSparse only.
+    """
+    started = time.perf_counter()
+    model = build_model(config.model, seed=config.seed)
+    initial = to_array_record(model.state_dict())
+    train, test = load_dataset(
+        config.dataset,
+        root=config.data_root or None,
+        seed=config.seed,
+        num_train=config.train_examples or None,
+        num_test=config.test_examples or None,
+    )
+    evaluations: list[dict[str, Any]] = []
+    evaluate_fn = _evaluate_fn(build_model(config.model, seed=config.seed), test.x, test.y, 256, evaluations)
+    job = ConfigRecord(config.to_run_config())
+
+    if config.method == "dsparse":
+        calibration = (train.x[:CALIBRATION_EXAMPLES], train.y[:CALIBRATION_EXAMPLES])
+        strategy: DSparse | MeasuredFedAvg = DSparse(
+            plan_fn=plan_fn or planner_plan_fn(model, config, calibration),
+            train_config=config.to_run_config(),
+            query_config=config.to_run_config(),
+            min_nodes=config.min_nodes,
+        )
+        del train
+        result = strategy.start(
+            grid, initial, num_rounds=config.num_server_rounds, timeout=config.round_timeout, evaluate_fn=evaluate_fn
+        )
+        plan = strategy.plan
+    else:
+        del train
+        strategy = MeasuredFedAvg(
+            fraction_evaluate=0.0, min_train_nodes=config.min_nodes, min_available_nodes=config.min_nodes
+        )
+        result = strategy.start(
+            grid,
+            initial,
+            num_rounds=config.num_server_rounds,
+            timeout=config.round_timeout,
+            train_config=job,
+            evaluate_fn=evaluate_fn,
+        )
+        plan = None
+
+    final = build_model(config.model, seed=config.seed)
+    final.load_state_dict(from_array_record(result.arrays))
+    rows = _rows(strategy.history, evaluations)
+    summary = {
+        "method": config.method,
+        "rounds": config.num_server_rounds,
+        "initial-accuracy": evaluations[0]["accuracy"],
+        "final-accuracy": evaluations[-1]["accuracy"],
+        "final-loss": evaluations[-1]["loss"],
+        "total-bytes-up": sum(row.get("bytes-up", 0) for row in rows),
+        "total-bytes-down": sum(row.get("bytes-down", 0) for row in rows),
+        "mean-round-seconds": sum(row.get("round-seconds", 0.0) for row in rows[1:]) / max(len(rows) - 1, 1),
+        "wall-seconds": time.perf_counter() - started,
+        "plan-digest": plan.digest() if plan is not None else None,
+        "model-bytes": tensor_nbytes(model.state_dict()),
+    }
+    _write_outputs(Path(config.out_dir), config, rows, plan, final, summary)
+    for line in _summary_table(config, rows, summary).splitlines():
+        log(INFO, "%s", line)
+    log(INFO, "outputs written to %s", Path(config.out_dir).resolve())
+    return summary
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None, *, plan_fn: PlanFn | None = None) -> ServerApp:
+    """A ServerApp whose ``run_config`` is ``overrides`` on top of the context's.
+
+    The in-process simulation API passes an empty ``run_config``; tests use this
+    to run a small job without ``flwr run``.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        # Parse first: a bad key stops the run before any node trains.
+        config = load_config({**dict(context.run_config), **dict(overrides or {})})
+        run_job(grid, config, plan_fn=plan_fn)
+
+    return server_app
+
+
+app = make_server_app()
