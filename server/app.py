@@ -149,6 +149,8 @@ def _write_outputs(out: Path, config: JobConfig, rows: list[dict[str, Any]], pla
             writer.writerow(flat)
     if plan is not None:
         (out / "plan.json").write_text(plan.to_json())
+    else:
+        (out / "plan.json").unlink(missing_ok=True)  # FedAvg has no plan; never leave a stale one
     torch.save(model.state_dict(), out / "final_model.pt")
 
 

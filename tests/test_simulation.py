@@ -1,0 +1,113 @@
+"""The Flower app: job config, node budgets, and a short 7-node end-to-end simulation."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.app import node_budget_mb
+from flwr_dsparse.config import JobConfig, load_config
+from flwr_dsparse.models import build_model
+from flwr_dsparse.plan import Plan
+from flwr_dsparse.units import model_units
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_config_equals_the_config_defaults():
+    # The in-process simulation API passes an empty run_config, so the defaults in
+    # config.py must be the job that `flwr run .` runs.
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert load_config(table) == JobConfig()
+    assert set(table) == set(JobConfig().to_run_config())
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("lrr", 0.1, ["lrr", "valid keys"]),
+        ("method", "fedprox", ["method", "dsparse, fedavg"]),
+        ("model", "resnet", ["model", "mobilenet_v2"]),
+        ("dataset", "mnist", ["dataset", "synthetic"]),
+        ("partitioning", "shards", ["partitioning", "dirichlet"]),
+        ("scorer", "random", ["scorer", "gradient"]),
+        ("batch-size", 0, ["batch-size", "> 0"]),
+        ("lr", -0.1, ["lr", "> 0"]),
+        ("lr", "fast", ["lr", "number"]),
+        ("num-server-rounds", 2.5, ["num-server-rounds", "whole number"]),
+        ("momentum", 1.5, ["momentum", "below 1"]),
+        ("dirichlet-alpha", 0.0, ["dirichlet-alpha", "> 0"]),
+        ("sim-budgets-mb", "80,abc", ["sim-budgets-mb", "'abc'", "separated by commas"]),
+        ("sim-budgets-mb", "80,-5", ["sim-budgets-mb", "> 0"]),
+        ("dataset", "cifar10", ["data-root", "cifar-10-batches-py"]),
+    ],
+)
+def test_bad_config_names_the_key_and_the_fix(key, value, words):
+    with pytest.raises(ValueError) as info:
+        load_config({key: value})
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_node_budget_order():
+    config = load_config({"sim-budgets-mb": "50,60,70"})
+    assert node_budget_mb({"partition-id": 1, "memory-mb": 512}, config) == (512.0, "node-config memory-mb")
+    assert node_budget_mb({"partition-id": 1}, config) == (60.0, "sim-budgets-mb")
+    with pytest.raises(ValueError, match="sim-budgets-mb has 3 entries but this node's partition-id is 5"):
+        node_budget_mb({"partition-id": 5}, config)
+    budget, source = node_budget_mb({"partition-id": 5}, load_config({"sim-budgets-mb": ""}))
+    assert budget > 0 and source.startswith("psutil")
+
+
+def test_seven_node_simulation_trains_only_planned_units(tmp_path):
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    out = tmp_path / "out"
+    overrides = {
+        "model": "tiny",
+        "num-server-rounds": 12,
+        "lr": 0.1,
+        "train-examples": 2100,
+        "test-examples": 500,
+        # Tiny needs about 12 MB (classifier only) to 26 MB (everything) at batch 32: every
+        # budget below the full model, so some units are frozen for all.
+        "sim-budgets-mb": "13,14,15,17,19,21,23",
+        "min-nodes": 7,
+        "out-dir": str(out),
+    }
+    run_simulation(
+        make_server_app(overrides),
+        client_app,
+        num_supernodes=7,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
+    plan = Plan.from_json((out / "plan.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "metrics.csv").read_text().count("\n") == 13  # header + rounds 0..12
+    assert len(plan.devices) == 7 and len({d.budget_mb for d in plan.devices}) == 7
+    assert plan.frozen_units, "the budgets must leave some units frozen for all"
+
+    initial = build_model("tiny", seed=0).state_dict()
+    final = torch.load(out / "final_model.pt")
+    units = {unit.name: unit for unit in model_units(build_model("tiny", seed=0))}
+    for name in plan.frozen_units:
+        for tensor in units[name].tensor_names:
+            assert torch.equal(final[tensor], initial[tensor]), f"{tensor} of a frozen unit changed"
+    trained = [n for group in plan.groups for n in group.params]
+    assert all(not torch.equal(final[n], initial[n]) for n in trained)
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+
+    rounds = metrics["rounds"]
+    assert [row["round"] for row in rounds] == list(range(13))
+    assert all(row["accepted"] == list(range(7)) for row in rounds[1:])
+    assert metrics["summary"]["final-accuracy"] > 0.2  # chance is 0.1
