@@ -47,7 +47,7 @@ class JobConfig:
     scorer: str = "gradient"
     partitioning: str = "iid"
     dirichlet_alpha: float = 0.5
-    sim_budgets_mb: str = "110,130,150,180,220,280,400"
+    sim_budgets_mb: str = "30,40,50,60,75,95,130"
     memory_reserve_mb: float = 0.0
     allow_inference_only: bool = False
     min_nodes: int = 2
