@@ -141,7 +141,10 @@ def test_three_budgets_end_to_end(deployments: Callable[..., Deployment], tmp_pa
     from flwr_dsparse.plan import Plan
     from flwr_dsparse.units import model_units, unit_tensor_names
 
-    budgets = [60.0, 90.0, 400.0]
+    # TinyNet at batch 16 needs 10.3 MB (classifier only), 11.9 (+features.4), 13.1
+    # (+features.3) ... 17.9 MB (every unit) by the cost model. These budgets fall between
+    # those steps, so the plan must differ per node, and no node affords the first units.
+    budgets = [11.0, 12.5, 13.7]
     deployment = deployments(3, memory_mb=budgets)
     assert [node.node_config["memory-mb"] for node in deployment.supernodes] == budgets
 
@@ -168,10 +171,12 @@ def test_three_budgets_end_to_end(deployments: Callable[..., Deployment], tmp_pa
     initial = model.state_dict()
     final = torch.load(out / "final_model.pt")
     trained = set(unit_tensor_names(model_units(model), sorted({u for s in selections for u in s})))
-    assert trained and trained != set(initial)
+    assert trained and trained != set(initial), "the budgets should leave some units frozen for all"
     for name, tensor in initial.items():
         if name not in trained:
             assert torch.equal(final[name], tensor), f"{name} changed but no node trained it"
-    assert any(
-        not torch.equal(final[name], initial[name]) for name in trained if initial[name].is_floating_point()
-    )
+    for unit in {u for s in selections for u in s}:
+        names = unit_tensor_names(model_units(model), [unit])
+        assert any(not torch.equal(final[n], initial[n]) for n in names if initial[n].is_floating_point()), (
+            f"{unit} was selected but did not change"
+        )
