@@ -1,6 +1,7 @@
 """Real Flower deployment on loopback: flower-superlink and flower-supernode processes.
 
-Marked ``deployment`` (skip locally with ``-m "not deployment"``). Every process a test
+The process tests are marked ``deployment`` (skip locally with ``-m "not deployment"``);
+the helper tests at the end start nothing and always run. Every process a test
 starts is stopped in a fixture's ``finally``, also when the test fails, and the fixture
 checks that none survived.
 """
@@ -20,17 +21,20 @@ from flwr_dsparse.deploy import (
     Deployment,
     ProcessRecord,
     _alive,
+    free_port,
     list_nodes,
     make_certificates,
+    make_node_keys,
     run_app,
     start_deployment,
+    format_node_config,
     start_supernode,
     stop_deployment,
     stop_processes,
+    superlink_command,
+    supernode_command,
     write_connection,
 )
-
-pytestmark = pytest.mark.deployment
 
 REPO = Path(__file__).resolve().parents[1]
 # A job small enough for 2 shared cores: the tiny model, a few local steps of small
@@ -90,14 +94,46 @@ def _run(deployment: Deployment, run_config: dict[str, Any], out: Path, timeout:
     return json.loads(metrics.read_text())
 
 
-def test_tls_round_and_wrong_ca_refused(deployments: Callable[..., Deployment], tmp_path: Path) -> None:
+def _refused(record: ProcessRecord, timeout: float = 60.0) -> str:
+    """Wait for a SuperNode that should be turned away to give up; return its log."""
+    deadline = time.monotonic() + timeout
+    while _alive(record) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(record), f"{record.role} is still trying after {timeout:.0f} s"
+    return Path(record.log).read_text(errors="replace")
+
+
+@pytest.mark.deployment
+def test_tls_and_node_auth_round_wrong_ca_and_stranger_refused(
+    deployments: Callable[..., Deployment], tmp_path: Path
+) -> None:
+    """One round over TLS with SuperNode authentication; a wrong CA and an unregistered key are refused."""
     _check_app_config()
-    deployment = deployments(2, tls=True, memory_mb=[400.0, 400.0])
+    deployment = deployments(2, tls=True, auth=True, memory_mb=[400.0, 400.0])
     assert deployment.tls is not None
-    assert "--ssl-certfile" in deployment.superlink.command and "--insecure" not in deployment.superlink.command
+    command = deployment.superlink.command
+    assert "--ssl-certfile" in command and "--enable-supernode-auth" in command and "--insecure" not in command
+    assert "--disable-runtime-dependency-installation" in command
     for node in deployment.supernodes:
         assert node.command[node.command.index("--root-certificates") + 1] == deployment.tls.ca_cert
-        assert "--insecure" not in node.command
+        assert "--auth-supernode-private-key" in node.command and "--insecure" not in node.command
+
+    # Two would-be SuperNodes, started together to share the wait: one trusts another CA
+    # (TLS verification fails), one has a key the SuperLink never registered.
+    wrong = make_certificates(tmp_path / "wrong-ca")
+    stranger_key = make_node_keys(tmp_path / "stranger-key", "stranger")
+    intruders = []
+    for name, root, key in (
+        ("wrong-ca", wrong.ca_cert, None),
+        ("stranger", deployment.tls.ca_cert, stranger_key.private_key),
+    ):
+        record = start_supernode(
+            tmp_path / "intruders", home=deployment.flwr_home, superlink=deployment.address, port=free_port(),
+            node_config={"partition-id": 0, "num-partitions": 2}, root_certificates=root, private_key=key,
+            name=name, max_retries=2, max_wait_time=15,
+        )
+        deployments.loose.append(record)  # type: ignore[attr-defined]
+        intruders.append(record)
 
     # One round of the app over TLS (Flower's FedAvg path of the app: it needs no planner).
     out = tmp_path / "tls-out"
@@ -106,35 +142,20 @@ def test_tls_round_and_wrong_ca_refused(deployments: Callable[..., Deployment], 
     assert sorted(metrics["rounds"][1]["devices"]) == ["0", "1"]
     assert (out / "final_model.pt").is_file()
 
-    # A SuperNode that trusts another CA cannot connect: TLS verification fails, it gives
-    # up after its retries, and the SuperLink never lists it.
-    wrong = make_certificates(tmp_path / "wrong-ca")
-    intruder = start_supernode(
-        tmp_path / "wrong-state",
-        home=deployment.flwr_home,
-        superlink=deployment.address,
-        port=deployment.supernodes[-1].port + 1000,
-        node_config={"partition-id": 0, "num-partitions": 2},
-        root_certificates=wrong.ca_cert,
-        name="intruder",
-        max_retries=2,
-        max_wait_time=15,
-    )
-    deployments.loose.append(intruder)  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 60
-    while _alive(intruder) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    log = Path(intruder.log).read_text(errors="replace")
-    assert re.search(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed", log, re.IGNORECASE), log[-2000:]
+    wrong_log = _refused(intruders[0])
+    assert re.search(r"CERTIFICATE_VERIFY_FAILED", wrong_log), wrong_log[-2000:]
+    stranger_log = _refused(intruders[1])
+    assert "Failed to activate SuperNode" in stranger_log, stranger_log[-2000:]
     assert len(list_nodes(deployment.connection, deployment.env())) == 2
 
     # The flwr CLI with the wrong CA is refused too.
+    # (It reports a failed handshake as "Connection to the SuperLink is unavailable".)
     write_connection(deployment.flwr_home, "wrong-ca", deployment.address, root_certificates=wrong.ca_cert)
-    # (The CLI reports a failed handshake as "Connection to the SuperLink is unavailable".)
     with pytest.raises(RuntimeError, match="(?i)unavailable|certificate|ssl"):
         list_nodes("wrong-ca", deployment.env(), timeout=60)
 
 
+@pytest.mark.deployment
 def test_three_budgets_end_to_end(deployments: Callable[..., Deployment], tmp_path: Path) -> None:
     _check_app_config()
     from flwr_dsparse.models import build_model
@@ -180,3 +201,95 @@ def test_three_budgets_end_to_end(deployments: Callable[..., Deployment], tmp_pa
         assert any(not torch.equal(final[n], initial[n]) for n in names if initial[n].is_floating_point()), (
             f"{unit} was selected but did not change"
         )
+
+
+# ----------------------------------------------------------------------------- helpers (no processes)
+
+
+def test_node_and_run_config_strings() -> None:
+    assert format_node_config({"memory-mb": 80.0, "partition-id": 0, "num-partitions": 3}) == (
+        "memory-mb=80.0 partition-id=0 num-partitions=3"
+    )
+    assert format_node_config({"name": 'a "b"', "flag": True}) == 'name="a \\"b\\"" flag=true'
+    with pytest.raises(ValueError, match="must be bool, int, float or str"):
+        format_node_config({"bad": [1]})
+
+
+def test_commands_always_disable_runtime_installs_and_need_tls_for_auth(tmp_path: Path) -> None:
+    insecure = superlink_command(port=1234)
+    assert "--insecure" in insecure and "--disable-runtime-dependency-installation" in insecure
+    tls = make_certificates(tmp_path)
+    secure = superlink_command(port=1234, tls=tls, auth=True)
+    assert secure[secure.index("--ssl-ca-certfile") + 1] == tls.ca_cert and "--enable-supernode-auth" in secure
+    with pytest.raises(ValueError, match="needs TLS"):
+        superlink_command(auth=True)
+    node = supernode_command(superlink="127.0.0.1:1234", port=9, node_config={"memory-mb": 80.0})
+    assert node[node.index("--node-config") + 1] == "memory-mb=80.0" and "--insecure" in node
+
+
+def test_certificates_chain_to_the_ca_and_name_the_hosts(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    files = make_certificates(tmp_path, hosts=["127.0.0.1", "edge-link.local"])
+    ca = x509.load_pem_x509_certificate(Path(files.ca_cert).read_bytes())
+    server = x509.load_pem_x509_certificate(Path(files.server_cert).read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["edge-link.local"]
+    assert oct(Path(files.server_key).stat().st_mode & 0o777) == "0o600"
+    other = x509.load_pem_x509_certificate(Path(make_certificates(tmp_path / "other").ca_cert).read_bytes())
+    with pytest.raises(Exception):
+        server.verify_directly_issued_by(other)
+
+
+def test_write_connection_keeps_other_entries(tmp_path: Path) -> None:
+    import tomli
+
+    (tmp_path / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    write_connection(tmp_path, "dsparse-local", "127.0.0.1:8000")
+    write_connection(tmp_path, "edge", "10.0.0.1:8000", root_certificates=str(tmp_path / "ca.crt"))
+    data = tomli.loads((tmp_path / "config.toml").read_text())["superlink"]
+    assert data["default"] == "local" and data["local"] == {"address": ":local:"}
+    assert data["dsparse-local"] == {"address": "127.0.0.1:8000", "insecure": True}
+    assert data["edge"] == {"address": "10.0.0.1:8000", "root-certificates": str(tmp_path / "ca.crt")}
+
+
+def test_start_deployment_rejects_bad_arguments_before_starting(tmp_path: Path) -> None:
+    kwargs = {"home": tmp_path, "state_dir": tmp_path / "state", "port": None}
+    with pytest.raises(ValueError, match="2 memory-mb values for 3 SuperNodes"):
+        start_deployment(3, memory_mb=[80.0, 90.0], **kwargs)
+    with pytest.raises(ValueError, match="memory-mb for SuperNode 1 is -5.0"):
+        start_deployment(2, memory_mb=[80.0, -5.0], **kwargs)
+    with pytest.raises(ValueError, match="needs TLS"):
+        start_deployment(1, auth=True, **kwargs)
+    with pytest.raises(ValueError, match="positive integer, got 0"):
+        start_deployment(0, **kwargs)
+    assert not (tmp_path / "state").exists()
+
+
+def test_stop_processes_kills_the_whole_tree(tmp_path: Path) -> None:
+    # A parent in its own session whose child starts a session of its own (as SuperExec
+    # does): stopping the parent's record must stop the grandchild too.
+    import sys
+
+    import psutil
+
+    from flwr_dsparse.deploy import _spawn
+
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        "time.sleep(120)\n"
+    )
+    record = _spawn("parent", [sys.executable, "-c", script], tmp_path / "parent.log", {}, 0)
+    deadline = time.monotonic() + 20
+    while not psutil.Process(record.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = psutil.Process(record.pid).children()[0]
+    signalled = stop_processes([record], grace=5)
+    assert record.pid in signalled and child.pid in signalled
+    assert not _alive(record)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
