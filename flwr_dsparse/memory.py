@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Iterable
 
 import torch
 
-__all__ = ["SavedTensorMeter", "current_rss_mb", "peak_rss_mb", "saved_tensors"]
+__all__ = ["SavedTensorMeter", "current_rss_mb", "measure_training_rss", "peak_rss_mb", "reset_peak_rss", "saved_tensors"]
 
 MB = 1024 * 1024
 
@@ -32,10 +32,28 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """High-water mark of this process's RSS since it started, in MiB."""
+    """High-water mark of this process's RSS, in MiB (since start or :func:`reset_peak_rss`)."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a probe started
+    # from a big parent would report the parent's size as its own peak.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is KiB on Linux and bytes on macOS.
-    return peak / (MB if sys.platform == "darwin" else 1024)
+    return peak / (MB if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB elsewhere
+
+
+def reset_peak_rss() -> bool:
+    """Reset the RSS high-water mark to the current RSS (Linux ≥ 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -81,3 +99,91 @@ def saved_tensors(meter: SavedTensorMeter) -> Iterator[SavedTensorMeter]:
     """Run the block with ``meter`` counting every tensor autograd saves."""
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         yield meter
+
+
+def measure_training_rss(
+    model_name: str,
+    selection: list[str] | None,
+    *,
+    batch_size: int,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    num_classes: int = 10,
+    steps: int = 5,
+    optimizer: str = "sgd",
+    momentum: float = 0.0,
+    no_grad_forward: bool = False,
+    timeout_s: float = 600.0,
+) -> dict[str, float]:
+    """Peak RSS increase of a fresh subprocess that trains ``selection`` for ``steps`` steps.
+
+    The baseline is the RSS after the model and one batch exist, so the
+    increase is what training adds: gradients, optimizer state, saved
+    activations, and the transient workspace and allocator slack. A fresh
+    process is the only honest measure: allocators never give memory back, so
+    an in-process high-water mark carries whatever ran before.
+
+    ``selection=None`` trains every unit; ``no_grad_forward=True`` measures a
+    plain inference forward instead.
+    """
+    import json
+    import subprocess
+
+    request = {
+        "model": model_name,
+        "selection": selection,
+        "batch_size": batch_size,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "steps": steps,
+        "optimizer": optimizer,
+        "momentum": momentum,
+        "no_grad_forward": no_grad_forward,
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "flwr_dsparse.memory", json.dumps(request)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory probe failed for {request}:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _probe_main(request_json: str) -> None:
+    import json
+
+    from .models import build_model
+    from .trainer import SparseTrainer, make_optimizer_factory
+    from .units import model_units
+
+    request = json.loads(request_json)
+    torch.set_num_threads(1)  # one thread: deterministic workspace, like a small edge CPU
+    model = build_model(request["model"], request["num_classes"], seed=0)
+    units = model_units(model)
+    selection = request["selection"] if request["selection"] is not None else [u.name for u in units]
+    inputs = torch.randn(request["batch_size"], *request["input_shape"])
+    targets = torch.randint(0, request["num_classes"], (request["batch_size"],))
+    trainer = SparseTrainer(
+        model,
+        [] if request["no_grad_forward"] else selection,
+        units=units,
+        optimizer_factory=make_optimizer_factory(request["optimizer"], lr=0.01, momentum=request["momentum"]),
+    )
+    # One tiny inference forward first: it pays the runtime's one-time start-up (thread pool,
+    # oneDNN primitives) into the baseline, because that cost belongs to the runtime reserve,
+    # not to any selection.
+    with torch.no_grad():
+        model.eval()
+        model(inputs[:1])
+    baseline = current_rss_mb()
+    reset_peak_rss()
+    for _ in range(request["steps"]):
+        trainer.step(inputs, targets)
+    increase = peak_rss_mb() - baseline
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "increase_mb": increase}))
+
+
+if __name__ == "__main__":
+    _probe_main(sys.argv[1])

@@ -52,7 +52,7 @@ class MemoryEstimate:
     def to_dict(self) -> dict[str, float]:
         parts = asdict(self)
         parts["total"] = self.total
-        return {key: round(value, 3) for key, value in parts.items()}
+        return parts  # unrounded, so a plan survives a JSON round trip unchanged
 
     @classmethod
     def from_dict(cls, data: Mapping[str, float]) -> "MemoryEstimate":

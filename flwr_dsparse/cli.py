@@ -1,0 +1,208 @@
+"""The ``dsparse`` command line.
+
+``plan`` and ``profile`` live here; other rooms register their own
+subcommands through an ``add_cli(subparsers)`` function (see ``_EXTENSIONS``),
+so this file only wires them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Sequence
+
+import torch
+
+from .costs import CostModel
+from .models import MODELS, build_model
+from .plan import Plan
+from .planner import DeviceSpec, make_plan, parse_budgets
+from .scoring import SCORERS, get_scorer
+
+__all__ = ["main", "build_cli_plan", "format_plan", "parse_input_shape"]
+
+#: Modules that add a subcommand through ``add_cli(subparsers)``.
+_EXTENSIONS = ("flwr_dsparse.collective", "flwr_dsparse.deploy", "experiments.compare")
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"3x32x32"`` to ``(3, 32, 32)``."""
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--input {text!r} is not a shape; write it like 3x32x32") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"--input {text!r} must have positive dimensions, like 3x32x32")
+    return shape
+
+
+def _progress(line: str) -> None:
+    print(f"  … {line}", file=sys.stderr, flush=True)
+
+
+def build_cli_plan(
+    *,
+    model_name: str,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    budgets: Sequence[float],
+    scorer: str = "gradient",
+    optimizer: str = "sgd",
+    momentum: float = 0.0,
+    reserve_mb: float = 0.0,
+    allow_inference_only: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> Plan:
+    """Profile ``model_name``, score its units on a seeded batch, and plan the budgets."""
+    if batch_size <= 0:
+        raise ValueError(f"--batch-size must be > 0, got {batch_size}")
+    model = build_model(model_name, seed=seed)
+    cost = CostModel(
+        model, input_shape, optimizer=optimizer, momentum=momentum, reserve_mb=reserve_mb,
+        progress=_progress if progress else None,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    calibration = min(batch_size, 64)
+    inputs = torch.randn(calibration, *input_shape, generator=generator)
+    targets = torch.randint(0, 10, (calibration,), generator=generator)
+    scores = get_scorer(scorer)(model, cost.units, inputs, targets)
+    devices = [DeviceSpec(index, budget, batch_size) for index, budget in enumerate(budgets)]
+    meta = {
+        "model": model_name, "input_shape": list(input_shape), "scorer": scorer, "optimizer": optimizer,
+        "momentum": momentum, "reserve_mb": reserve_mb, "seed": seed,
+    }
+    return make_plan(devices, cost, scores, allow_inference_only=allow_inference_only, meta=meta)
+
+
+def _compress(units: Sequence[str], all_units: Sequence[str]) -> str:
+    """``features.3 … features.18, classifier`` style: consecutive runs collapse."""
+    if not units:
+        return "(inference only)"
+    positions = [all_units.index(u) for u in units]
+    runs: list[list[int]] = []
+    for position in positions:
+        if runs and position == runs[-1][-1] + 1:
+            runs[-1].append(position)
+        else:
+            runs.append([position])
+    parts = [all_units[r[0]] if len(r) == 1 else f"{all_units[r[0]]}…{all_units[r[-1]]}" for r in runs]
+    return ", ".join(parts)
+
+
+def format_plan(plan: Plan) -> str:
+    """The readable plan table: devices with memory by part, then groups."""
+    lines = [
+        f"{'device':>6} {'budget':>7} {'weights':>8} {'grads':>6} {'optim':>6} {'activ':>7} {'work':>6} "
+        f"{'reserve':>7} {'total':>7} {'step s':>7}  trains",
+    ]
+    for d in plan.devices:
+        p = d.predicted_mb
+        numbers = (
+            f"{p.weights:8.1f} {p.grads:6.1f} {p.optimizer:6.1f} {p.activations:7.1f} {p.workspace:6.1f} "
+            f"{p.reserve:7.1f} {p.total:7.1f}" if p else " " * 52
+        )
+        step = f"{d.predicted_step_s:7.3f}" if d.predicted_step_s is not None else " " * 7
+        lines.append(f"{d.id:>6} {d.budget_mb:7.0f} {numbers} {step}  {_compress(d.units, plan.unit_names)}")
+    lines.append("")
+    lines.append(f"{'group':>5} {'members':18s} {'MB/exchange':>11} {'broadcast':24s} units")
+    for index, g in enumerate(plan.groups):
+        broadcast = f"{g.broadcast.root} -> {list(g.broadcast.receivers)}" if g.broadcast.receivers else "-"
+        lines.append(
+            f"{index:>5} {str(list(g.members)):18s} {g.allreduce.bytes / 2**20:11.2f} {broadcast:24s} "
+            f"{_compress(g.units, plan.unit_names)}"
+        )
+    lines.append(f"frozen for everyone: {_compress(plan.frozen_units, plan.unit_names) if plan.frozen_units else '-'}")
+    return "\n".join(lines)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    plan = build_cli_plan(
+        model_name=args.model, input_shape=parse_input_shape(args.input), batch_size=args.batch_size,
+        budgets=parse_budgets(args.budgets, field="--budgets"), scorer=args.scorer, optimizer=args.optimizer,
+        momentum=args.momentum, reserve_mb=args.reserve_mb, allow_inference_only=args.allow_inference_only,
+        seed=args.seed, progress=not args.json,
+    )
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(plan.to_json())
+    print(plan.to_json() if args.json else format_plan(plan))
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    model = build_model(args.model, seed=args.seed)
+    cost = CostModel(model, parse_input_shape(args.input), progress=_progress)
+    batch = args.batch_size
+    if batch <= 0:
+        raise ValueError(f"--batch-size must be > 0, got {batch}")
+    rows = []
+    for c in cost.unit_costs:
+        rows.append({
+            "unit": c.unit.name, "params": c.unit.num_params, "weight_mb": (c.param_bytes + c.buffer_bytes) / 2**20,
+            "act_trained_mb": c.at(c.act_trained, batch) / 2**20, "act_passthrough_mb": c.at(c.act_frozen, batch) / 2**20,
+            "forward_s": c.at(c.forward_s, batch), "backward_trained_s": c.at(c.backward_trained_s, batch),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{args.model} at batch {batch}, input {args.input}")
+    print(f"{'unit':14s} {'params':>9} {'weight MB':>9} {'act MB trained':>14} {'act MB pass':>11} {'fwd ms':>7} {'bwd ms':>7}")
+    for r in rows:
+        print(f"{r['unit']:14s} {r['params']:9d} {r['weight_mb']:9.2f} {r['act_trained_mb']:14.2f} "
+              f"{r['act_passthrough_mb']:11.2f} {r['forward_s'] * 1e3:7.1f} {r['backward_trained_s'] * 1e3:7.1f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsparse", description="DSparse: memory-fitted sparse update for Flower")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(sub: argparse.ArgumentParser, batch_default: int) -> None:
+        sub.add_argument("--model", default="mobilenet_v2", choices=sorted(MODELS))
+        sub.add_argument("--input", default="3x32x32", help="one sample's shape (default %(default)s)")
+        sub.add_argument("--batch-size", type=int, default=batch_default)
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    plan = commands.add_parser("plan", help="plan which units each device trains under its memory budget")
+    model_args(plan, 128)
+    plan.add_argument("--budgets", default="80,110,140,170,200,240,280", help="MB per device, comma-separated")
+    plan.add_argument("--scorer", default="gradient", choices=sorted(SCORERS))
+    plan.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    plan.add_argument("--momentum", type=float, default=0.0)
+    plan.add_argument("--reserve-mb", type=float, default=0.0, help="fixed runtime reserve added to every device")
+    plan.add_argument("--allow-inference-only", action="store_true",
+                      help="devices below the cheapest selection train nothing instead of failing")
+    plan.add_argument("--out", help="also write the plan JSON to this file")
+    plan.set_defaults(func=_cmd_plan)
+
+    profile = commands.add_parser("profile", help="cost of each unit: parameters, weights, activations, time")
+    model_args(profile, 64)
+    profile.set_defaults(func=_cmd_profile)
+
+    for module_name in _EXTENSIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:  # a real missing dependency must not be hidden
+                raise
+            continue
+        module.add_cli(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as error:
+        print(f"dsparse {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

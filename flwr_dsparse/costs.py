@@ -1,0 +1,432 @@
+"""The memory and step-time cost model of a selection.
+
+Predicted training memory of a selection is the sum of
+
+* **weights**: every parameter and buffer (always resident);
+* **grads**: one gradient per selected parameter;
+* **optimizer**: state of the selected parameters (SGD momentum: 1×, Adam: 2×);
+* **activations**: what autograd saves for backward, *measured* with
+  ``saved_tensors_hooks`` over forwards with the selection applied, at two
+  small batches, and extrapolated linearly to the real batch;
+* **workspace**: the transient forward/backward buffers and allocator slack
+  that a peak-RSS reading also holds (coefficients measured with fresh
+  subprocesses, see :class:`WorkspaceCoefficients`);
+* **reserve**: a fixed amount the user sets for the runtime itself.
+
+Why per-unit attribution is enough: once the earliest trained unit ``e`` is
+fixed, every later unit saves either its "trained" or its "frozen pass-through"
+tensors (a frozen conv still saves its input so the gradient can flow past it),
+and units before ``e`` save nothing (they run under ``no_grad``). So the
+activations of any selection are ``first[e] + Σ_{j>e} (trained[j] if j selected
+else frozen[j])``: three forwards per unit position give every selection.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .memory import SavedTensorMeter, saved_tensors
+from .plan import MB, MemoryEstimate
+from .trainer import SparseTrainer
+from .units import Unit, model_units, validate_unit_names
+
+__all__ = ["UnitCost", "WorkspaceCoefficients", "CostModel", "OPTIMIZER_STATE_FACTOR"]
+
+#: Optimizer state per selected parameter, in multiples of the parameter's size.
+OPTIMIZER_STATE_FACTOR = {("sgd", False): 0.0, ("sgd", True): 1.0, ("adam", False): 2.0, ("adam", True): 2.0}
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class WorkspaceCoefficients:
+    """Transient memory a peak RSS holds beyond weights, grads, state and saved tensors.
+
+    ``forward`` multiplies the largest leaf-module ``input + output`` bytes at
+    the batch (the widest point of the forward, where the allocator peaks);
+    ``backward`` multiplies the gradient bytes of the selection (weight-gradient
+    scratch and accumulation buffers); ``trained_forward`` multiplies the widest
+    leaf from the earliest trained unit on (the backward's own widest buffers). Defaults were fitted to fresh-subprocess
+    peak-RSS probes of MobileNetV2 and TinyNet on 2-core x86-64 Linux, torch
+    2.14, one intra-op thread (``experiments/memory_bench.py`` re-measures them).
+    """
+
+    forward: float = 2.0
+    backward: float = 1.5
+    trained_forward: float = 0.75
+    #: MB any training step adds beyond its tensors (autograd graph, allocator arenas).
+    constant_mb: float = 6.0
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """Costs of one unit. Activations (bytes) and times (seconds) are lines ``intercept + slope × batch``."""
+
+    unit: Unit
+    param_bytes: int
+    buffer_bytes: int
+    act_trained: tuple[float, float]
+    act_frozen: tuple[float, float]
+    act_first: tuple[float, float]
+    max_leaf_bytes_per_sample: float
+    forward_s: tuple[float, float] = (0.0, 0.0)
+    backward_trained_s: tuple[float, float] = (0.0, 0.0)
+    backward_frozen_s: tuple[float, float] = (0.0, 0.0)
+    forward_inference_s: tuple[float, float] = (0.0, 0.0)
+
+    @staticmethod
+    def at(line: tuple[float, float], batch_size: int) -> float:
+        return max(0.0, line[0] + line[1] * batch_size)
+
+
+def _fit_line(small: tuple[int, float], large: tuple[int, float]) -> tuple[float, float]:
+    (b1, y1), (b2, y2) = small, large
+    slope = (y2 - y1) / (b2 - b1)
+    return (y1 - slope * b1, slope)
+
+
+class CostModel:
+    """Predict memory and step time of any selection of a model's units.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model. It is deep-copied for profiling and never modified.
+    input_shape : Sequence[int]
+        Shape of one input sample, e.g. ``(3, 32, 32)``.
+    units : Sequence[str] | None
+        Explicit unit names; default :func:`~flwr_dsparse.units.model_units`.
+    optimizer : str
+        ``"sgd"`` or ``"adam"``.
+    momentum : float
+        SGD momentum; any value > 0 adds one state tensor per parameter.
+    reserve_mb : float
+        Fixed runtime reserve added to every prediction.
+    workspace : WorkspaceCoefficients
+        Transient-memory coefficients.
+    num_classes : int
+        Number of classes of the targets used for profiling.
+    calibration_batches : tuple[int, int]
+        The two batch sizes the activation lines are measured at.
+    time_batches : tuple[int, int] | None
+        The two batch sizes step time is measured at; ``None`` skips timing
+        (all predicted times are then 0).
+    progress : callable, optional
+        Called with a line of text as profiling advances.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int] = (3, 32, 32),
+        *,
+        units: Sequence[str] | None = None,
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        reserve_mb: float = 0.0,
+        workspace: WorkspaceCoefficients = WorkspaceCoefficients(),
+        num_classes: int = 10,
+        calibration_batches: tuple[int, int] = (4, 8),
+        time_batches: tuple[int, int] | None = (8, 32),
+        progress: ProgressFn | None = None,
+    ) -> None:
+        key = (optimizer.lower(), momentum > 0)
+        if key not in OPTIMIZER_STATE_FACTOR:
+            raise ValueError(f"unknown optimizer {optimizer!r}; use 'sgd' or 'adam'")
+        if reserve_mb < 0:
+            raise ValueError(f"reserve_mb must be >= 0, got {reserve_mb}")
+        if len(input_shape) == 0 or any(int(d) <= 0 for d in input_shape):
+            raise ValueError(f"input shape {tuple(input_shape)} must be positive, e.g. 3x32x32")
+        self.model = copy.deepcopy(model)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.units = model_units(self.model, units)
+        self.optimizer = optimizer.lower()
+        self.momentum = momentum
+        self.state_factor = OPTIMIZER_STATE_FACTOR[key]
+        self.reserve_mb = reserve_mb
+        self.workspace = workspace
+        self.num_classes = num_classes
+        self.calibration_batches = calibration_batches
+        self.time_batches = time_batches
+        self.progress = progress or (lambda line: None)
+        self._unit_costs: list[UnitCost] | None = None
+        self._weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
+            b.numel() * b.element_size() for b in self.model.buffers()
+        )
+
+    # -- profiling ------------------------------------------------------------------------------
+    @property
+    def unit_names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    @property
+    def unit_costs(self) -> list[UnitCost]:
+        if self._unit_costs is None:
+            self._unit_costs = self._profile()
+        return self._unit_costs
+
+    def tensor_bytes(self) -> dict[str, int]:
+        """Bytes of every parameter and buffer, by name (what an exchange moves)."""
+        sizes = {n: p.numel() * p.element_size() for n, p in self.model.named_parameters()}
+        sizes.update({n: b.numel() * b.element_size() for n, b in self.model.named_buffers()})
+        return sizes
+
+    def _batch(self, batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        inputs = torch.randn(batch_size, *self.input_shape, generator=generator)
+        targets = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
+        return inputs, targets
+
+    def _saved_by_unit(self, selection: Sequence[str], batch_size: int) -> dict[str, float]:
+        """Bytes autograd saves during one forward with ``selection`` applied, per unit."""
+        trainer = SparseTrainer(self.model, selection, units=self.units)
+        trainer.train_mode()
+        meter = SavedTensorMeter.for_tensors(list(self.model.parameters()) + list(self.model.buffers()))
+        modules = dict(self.model.named_modules())
+        hooks = []
+        for unit in self.units:
+            def mark(module: nn.Module, args: tuple, name: str = unit.name) -> None:
+                meter.owner = name  # saved tensors are charged to the unit that runs now
+
+            hooks.append(modules[unit.name].register_forward_pre_hook(mark))
+        inputs, targets = self._batch(batch_size)
+        # BatchNorm running stats of trained units would drift during profiling; keep them.
+        state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        try:
+            with saved_tensors(meter):
+                loss = trainer.loss_fn(self.model(inputs), targets)
+            del loss
+        finally:
+            for hook in hooks:
+                hook.remove()
+            trainer.close()
+            self.model.load_state_dict(state)
+        return {u.name: float(meter.bytes_by_owner.get(u.name, 0)) for u in self.units}
+
+    def _max_leaf_bytes(self, batch_size: int) -> dict[str, float]:
+        """Per unit, the largest ``input + output`` bytes of any leaf module inside it."""
+        modules = dict(self.model.named_modules())
+        widest: dict[str, float] = {u.name: 0.0 for u in self.units}
+        hooks = []
+        for unit in self.units:
+            for leaf in modules[unit.name].modules():
+                if any(True for _ in leaf.children()):
+                    continue
+
+                def measure(module: nn.Module, args: tuple, output: object, name: str = unit.name) -> None:
+                    size = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+                    if isinstance(output, torch.Tensor):
+                        size += output.numel() * output.element_size()
+                    widest[name] = max(widest[name], float(size))
+
+                hooks.append(leaf.register_forward_hook(measure))
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(self._batch(batch_size)[0])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {name: size / batch_size for name, size in widest.items()}
+
+    def _profile(self) -> list[UnitCost]:
+        names = self.unit_names
+        small, large = self.calibration_batches
+        measured: dict[str, dict[int, dict[str, float]]] = {"trained": {}, "frozen": {}}
+        first: dict[str, dict[int, float]] = {name: {} for name in names}
+        for batch in (small, large):
+            self.progress(f"profiling activations at batch {batch}: full update")
+            measured["trained"][batch] = self._saved_by_unit(names, batch)
+            measured["frozen"][batch] = self._saved_by_unit(names[:1], batch)
+            for index, name in enumerate(names):
+                self.progress(f"profiling activations at batch {batch}: unit {index + 1}/{len(names)} {name}")
+                first[name][batch] = self._saved_by_unit([name], batch)[name]
+        widest = self._max_leaf_bytes(large)
+        timing = None
+        if self.time_batches:
+            self.progress("timing forward and backward per unit")
+            (t1, at_small), (t2, at_large) = [(b, self._time_profile(b)) for b in self.time_batches]
+            timing = [[_fit_line((t1, s), (t2, l)) for s, l in zip(at_small[k], at_large[k])] for k in range(4)]
+        sizes = self.tensor_bytes()
+        costs = []
+        for index, unit in enumerate(self.units):
+            name = unit.name
+            costs.append(
+                UnitCost(
+                    unit=unit,
+                    param_bytes=sum(sizes[p] for p in unit.param_names),
+                    buffer_bytes=sum(sizes[b] for b in unit.buffer_names),
+                    act_trained=_fit_line((small, measured["trained"][small][name]), (large, measured["trained"][large][name])),
+                    act_frozen=_fit_line((small, measured["frozen"][small][name]), (large, measured["frozen"][large][name])),
+                    act_first=_fit_line((small, first[name][small]), (large, first[name][large])),
+                    max_leaf_bytes_per_sample=widest[name],
+                    forward_s=timing[0][index] if timing else (0.0, 0.0),
+                    backward_trained_s=timing[1][index] if timing else (0.0, 0.0),
+                    backward_frozen_s=timing[2][index] if timing else (0.0, 0.0),
+                    forward_inference_s=timing[3][index] if timing else (0.0, 0.0),
+                )
+            )
+        return costs
+
+    def _time_profile(self, batch: int, repeats: int = 3) -> tuple[list[float], ...]:
+        """Per-unit seconds at ``batch``: forward building a graph, trained backward,
+        frozen (pass-through) backward, and forward under ``no_grad``.
+
+        Forward hooks time each unit's forward. Backward pre-hooks fire when a
+        unit's output gradient is ready, so the gap between consecutive units'
+        pre-hooks is the later unit's backward.
+        """
+        inputs, targets = self._batch(batch, seed=1)
+        names = self.unit_names
+        modules = dict(self.model.named_modules())
+        state = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+        def timed_step(selection: Sequence[str]) -> tuple[list[float], list[float]]:
+            trainer = SparseTrainer(self.model, selection, units=self.units)
+            trainer.train_mode()
+            forward_start: dict[str, float] = {}
+            forward_end: dict[str, float] = {}
+            grad_ready: dict[str, float] = {}
+            hooks = []
+            for name in names:
+                module = modules[name]
+                hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: forward_start.__setitem__(n, time.perf_counter())))
+                hooks.append(module.register_forward_hook(lambda m, a, o, n=name: forward_end.__setitem__(n, time.perf_counter())))
+                hooks.append(module.register_full_backward_pre_hook(lambda m, g, n=name: grad_ready.__setitem__(n, time.perf_counter())))
+            try:
+                with torch.set_grad_enabled(bool(selection)):
+                    loss = trainer.loss_fn(self.model(inputs), targets)
+                backward_start = time.perf_counter()
+                if selection:
+                    loss.backward()
+                backward_end = time.perf_counter()
+            finally:
+                for hook in hooks:
+                    hook.remove()
+                trainer.close()
+                self.model.zero_grad(set_to_none=True)
+            forward = [forward_end[n] - forward_start[n] for n in names]
+            backward = [0.0] * len(names)
+            # Units whose gradient arrived, in the order backward visits them (last unit first).
+            visited = [n for n in reversed(names) if n in grad_ready]
+            previous = backward_start
+            for i, name in enumerate(visited):
+                until = grad_ready[visited[i + 1]] if i + 1 < len(visited) else backward_end
+                backward[names.index(name)] = until - grad_ready[name]
+                if i == 0:  # the loss's own backward is charged to the last unit
+                    backward[names.index(name)] += grad_ready[name] - previous
+            return forward, backward
+
+        try:
+            runs_full = [timed_step(names) for _ in range(repeats + 1)][1:]
+            runs_frozen = [timed_step(names[:1]) for _ in range(repeats + 1)][1:]
+            runs_inference = [timed_step([]) for _ in range(repeats + 1)][1:]
+        finally:
+            self.model.load_state_dict(state)
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        med = lambda runs, part, i: statistics.median(run[part][i] for run in runs)  # noqa: E731
+        n = len(names)
+        return (
+            [med(runs_full, 0, i) for i in range(n)],
+            [med(runs_full, 1, i) for i in range(n)],
+            [med(runs_frozen, 1, i) for i in range(n)],
+            [med(runs_inference, 0, i) for i in range(n)],
+        )
+
+    # -- prediction -----------------------------------------------------------------------------
+    def _indices(self, selection: Sequence[str]) -> list[int]:
+        validate_unit_names(list(selection), self.unit_names)
+        chosen = set(selection)
+        return [i for i, name in enumerate(self.unit_names) if name in chosen]
+
+    def selection_terms(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """The additive structure the planner searches over, in MB.
+
+        Returns ``(base, increments, inference_mb)``: a selection whose earliest
+        unit is ``e`` costs ``base[e] + Σ_{j in selection, j>e} increments[e, j]``;
+        ``inference_mb`` is the memory of training nothing (a plain forward).
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be > 0, got {batch_size}")
+        costs = self.unit_costs
+        n = len(costs)
+        at = UnitCost.at
+        per_param = 1.0 + self.state_factor + self.workspace.backward  # grad + state + grad scratch
+        forward_ws = self.workspace.forward * max(c.max_leaf_bytes_per_sample for c in costs) * batch_size
+        fixed = self._weights_bytes + forward_ws + self.reserve_mb * MB
+        trained = np.array([at(c.act_trained, batch_size) for c in costs])
+        frozen = np.array([at(c.act_frozen, batch_size) for c in costs])
+        grads = np.array([float(c.param_bytes) for c in costs])
+        widest_from = [max(c.max_leaf_bytes_per_sample for c in costs[e:]) * batch_size for e in range(n)]
+        base = np.array(
+            [
+                fixed
+                + at(costs[e].act_first, batch_size)
+                + frozen[e + 1 :].sum()
+                + per_param * grads[e]
+                + self.workspace.trained_forward * widest_from[e]
+                + self.workspace.constant_mb * MB
+                for e in range(n)
+            ]
+        )
+        increments = np.zeros((n, n))
+        for e in range(n):
+            increments[e, e + 1 :] = per_param * grads[e + 1 :] + trained[e + 1 :] - frozen[e + 1 :]
+        return base / MB, increments / MB, fixed / MB
+
+    def predict(self, selection: Sequence[str], batch_size: int) -> MemoryEstimate:
+        """Predicted training memory of ``selection`` at ``batch_size``, by part (MB)."""
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be > 0, got {batch_size}")
+        indices = self._indices(selection)
+        costs = self.unit_costs
+        at = UnitCost.at
+        grads = sum(costs[i].param_bytes for i in indices)
+        forward_ws = self.workspace.forward * max(c.max_leaf_bytes_per_sample for c in costs) * batch_size
+        if not indices:
+            activations = 0.0
+            workspace = forward_ws
+        else:
+            e = indices[0]
+            chosen = set(indices)
+            activations = at(costs[e].act_first, batch_size) + sum(
+                at(costs[j].act_trained if j in chosen else costs[j].act_frozen, batch_size) for j in range(e + 1, len(costs))
+            )
+            widest_from = max(c.max_leaf_bytes_per_sample for c in costs[e:]) * batch_size
+            workspace = (
+                forward_ws
+                + self.workspace.backward * grads
+                + self.workspace.trained_forward * widest_from
+                + self.workspace.constant_mb * MB
+            )
+        return MemoryEstimate(
+            weights=self._weights_bytes / MB,
+            grads=grads / MB,
+            optimizer=self.state_factor * grads / MB,
+            activations=activations / MB,
+            workspace=workspace / MB,
+            reserve=self.reserve_mb,
+        )
+
+    def step_time(self, selection: Sequence[str], batch_size: int) -> float:
+        """Predicted seconds of one training step (forward, backward, optimizer step)."""
+        indices = self._indices(selection)
+        costs = self.unit_costs
+        at = UnitCost.at
+        e = indices[0] if indices else len(costs)
+        # Units before the earliest trained one run under no_grad, which is cheaper.
+        seconds = sum(at(c.forward_inference_s if j < e else c.forward_s, batch_size) for j, c in enumerate(costs))
+        if indices:
+            chosen = set(indices)
+            for j in range(e, len(costs)):
+                seconds += at(costs[j].backward_trained_s if j in chosen else costs[j].backward_frozen_s, batch_size)
+        return seconds
