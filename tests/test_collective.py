@@ -93,11 +93,14 @@ WITH_INFERENCE_ONLY = {  # rank 1 trains nothing and only receives
 # --------------------------------------------------------------------------- rank workers
 
 
-def train_rank(rank, world_size, master_addr, master_port, plan_json, model_name, fused):
+def train_rank(rank, world_size, master_addr, master_port, plan_json, model_name, fused, rounds=1):
+    """``rounds`` calls of the client hook in one process, as a Flower node would make them."""
     plan = Plan.from_json(plan_json)
     model = make_model(model_name)
-    result = run_collective_round(plan, rank, world_size, master_addr, master_port, model, rank_batches(rank, STEPS),
-                                  STEPS, make_optimizer_factory("sgd", lr=LR), TIMEOUT_S, fused=fused)
+    batches = iter(rank_batches(rank, STEPS * rounds))
+    for _ in range(rounds):
+        result = run_collective_round(plan, rank, world_size, master_addr, master_port, model, batches, STEPS,
+                                      make_optimizer_factory("sgd", lr=LR), TIMEOUT_S, fused=fused)
     return {"state": model.state_dict(), "tensors": result.tensors, "payload_bytes": result.payload_bytes}
 
 
@@ -203,13 +206,13 @@ def assert_close_states(actual, expected, atol=1e-6):
 
 
 @pytest.mark.parametrize(
-    ("selections", "fused"),
-    [(OVERLAPPING, True), (WITH_INFERENCE_ONLY, False)],
-    ids=["overlapping-fused", "inference-only-per-tensor"],
+    ("selections", "fused", "rounds"),
+    [(OVERLAPPING, True, 1), (WITH_INFERENCE_ONLY, False, 2)],
+    ids=["overlapping-fused", "inference-only-per-tensor-two-rounds"],
 )
-def test_ranks_are_bit_identical_and_match_grouped_reference(selections, fused):
+def test_ranks_are_bit_identical_and_match_grouped_reference(selections, fused, rounds):
     plan = make_plan("tiny", selections)
-    outcomes = launch_local(train_rank, 3, (plan.to_json(), "tiny", fused), start_method=START_METHOD,
+    outcomes = launch_local(train_rank, 3, (plan.to_json(), "tiny", fused, rounds), start_method=START_METHOD,
                             deadline_s=DEADLINE_S)
     assert_ok(outcomes)
     states = [o.result["state"] for o in outcomes]
@@ -222,7 +225,7 @@ def test_ranks_are_bit_identical_and_match_grouped_reference(selections, fused):
         for name in group.tensors:
             assert all(torch.equal(r[name], returned[0][name]) for r in returned), name
 
-    reference = grouped_sgd_reference(plan, "tiny", STEPS)
+    reference = grouped_sgd_reference(plan, "tiny", STEPS * rounds)  # plain SGD: rounds just continue
     assert_close_states(states[0], reference)
 
     initial = make_model("tiny").state_dict()
@@ -308,3 +311,17 @@ def test_cli_registers_collective_subcommand(tmp_path):
                               "--master-addr", "10.0.0.1", "--master-port", "29600", "--no-fusion"])
     assert (args.rank, args.world_size, args.master_addr, args.master_port, args.no_fusion) == (1, 3, "10.0.0.1", 29600, True)
     assert callable(args.func)
+
+
+def test_cli_rank_path_trains_every_device_of_a_plan_file(tmp_path):
+    from flwr_dsparse.collective import _CliJob, _cli_rank
+
+    plan = make_plan("tiny", OVERLAPPING)
+    job = _CliJob(plan.to_json(), "tiny", steps=2, batch_size=8, optimizer="sgd", lr=0.05, momentum=0.9, seed=0,
+                  timeout_s=TIMEOUT_S, fused=True, out=str(tmp_path / "rank{rank}.pt"))
+    outcomes = launch_local(_cli_rank, 3, (job,), start_method=START_METHOD, deadline_s=DEADLINE_S)
+    assert_ok(outcomes)
+    states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(3)]
+    for state in states[1:]:  # momentum too: identical optimizer steps keep the members identical
+        assert all(torch.equal(state[name], states[0][name]) for name in states[0])
+    assert all(outcome.result["payload_mb"] > 0 for outcome in outcomes)
