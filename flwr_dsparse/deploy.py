@@ -977,6 +977,19 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guarded(command: Any) -> Any:
+    """Report a failed start or stop as one ``error:`` line and exit status 2, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(command(args))
+        except (ValueError, OSError, RuntimeError, TimeoutError) as error:
+            print(f"dsparse deploy {args.deploy_command}: error: {error}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``deploy`` with ``up``, ``down``, ``status``, ``certs`` and ``keys``."""
     parser = subparsers.add_parser(
@@ -1003,28 +1016,28 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     up.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for all nodes (default %(default)s)")
     common(up)
-    up.set_defaults(func=_cmd_up)
+    up.set_defaults(func=_guarded(_cmd_up))
 
     down = commands.add_parser("down", help="stop every process of the deployment by id")
     down.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
     common(down)
-    down.set_defaults(func=_cmd_down)
+    down.set_defaults(func=_guarded(_cmd_down))
 
     status = commands.add_parser("status", help="processes and the SuperLink's node list")
     common(status)
-    status.set_defaults(func=_cmd_status)
+    status.set_defaults(func=_guarded(_cmd_status))
 
     certs = commands.add_parser("certs", help="write a throwaway CA and SuperLink certificate")
     certs.add_argument("--out", required=True, help="output folder")
     certs.add_argument("--hosts", default="127.0.0.1,localhost",
                        help="comma-separated names/IPs the SuperNodes dial (default %(default)s)")
     certs.add_argument("--days", type=int, default=30)
-    certs.set_defaults(func=_cmd_certs)
+    certs.set_defaults(func=_guarded(_cmd_certs))
 
     keys = commands.add_parser("keys", help="write a SuperNode authentication key pair")
     keys.add_argument("--out", required=True, help="output folder")
     keys.add_argument("--name", default="supernode", help="file name of the private key")
-    keys.set_defaults(func=_cmd_keys)
+    keys.set_defaults(func=_guarded(_cmd_keys))
     return parser
 
 
@@ -1032,13 +1045,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m flwr_dsparse.deploy up|down|status|certs|keys ...``."""
     parser = argparse.ArgumentParser(prog="python -m flwr_dsparse.deploy")
     subparsers = parser.add_subparsers(dest="command")
-    deploy = add_cli(subparsers)
+    add_cli(subparsers)
     args = parser.parse_args(["deploy", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return int(args.func(args))
-    except (ValueError, OSError, RuntimeError, TimeoutError) as error:
-        deploy.exit(2, f"error: {error}\n")
-    return 2
+    return int(args.func(args))
 
 
 if __name__ == "__main__":
