@@ -33,7 +33,7 @@ class JobConfig:
     """
 
     method: str = "dsparse"
-    num_server_rounds: int = 30
+    num_server_rounds: int = 20
     local_steps: int = 1
     batch_size: int = 32
     lr: float = 0.05
@@ -43,7 +43,7 @@ class JobConfig:
     dataset: str = "synthetic"
     data_root: str = ""
     train_examples: int = 0
-    test_examples: int = 500
+    test_examples: int = 256
     scorer: str = "gradient"
     partitioning: str = "iid"
     dirichlet_alpha: float = 0.5
