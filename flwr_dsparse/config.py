@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from .models import MODELS
+from .planner import parse_budgets
 
 __all__ = ["JobConfig", "load_config", "parse_budgets_mb", "METHODS", "DATASETS", "PARTITIONINGS", "SCORERS"]
 
@@ -72,19 +73,7 @@ def parse_budgets_mb(text: str, *, key: str = "sim-budgets-mb") -> list[float]:
     """Parse ``"80,110,150"`` into MB values; an empty string means no simulated budgets."""
     if not text.strip():
         return []
-    budgets = []
-    for position, item in enumerate(text.split(",")):
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(
-                f"{key} entry {position} is {item.strip()!r}, not a number; "
-                f"write MB values separated by commas, e.g. {key}=\"80,110,150\""
-            ) from None
-        if not value > 0:
-            raise ValueError(f"{key} entry {position} is {value:g} MB; every budget must be > 0 MB")
-        budgets.append(value)
-    return budgets
+    return parse_budgets(text, field=key)
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

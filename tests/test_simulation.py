@@ -41,8 +41,8 @@ def test_pyproject_config_equals_the_config_defaults():
         ("num-server-rounds", 2.5, ["num-server-rounds", "whole number"]),
         ("momentum", 1.5, ["momentum", "below 1"]),
         ("dirichlet-alpha", 0.0, ["dirichlet-alpha", "> 0"]),
-        ("sim-budgets-mb", "80,abc", ["sim-budgets-mb", "'abc'", "separated by commas"]),
-        ("sim-budgets-mb", "80,-5", ["sim-budgets-mb", "> 0"]),
+        ("sim-budgets-mb", "80,abc", ["sim-budgets-mb", "'abc'", "80,110,140"]),
+        ("sim-budgets-mb", "80,-5", ["sim-budgets-mb", "positive number of MB"]),
         ("dataset", "cifar10", ["data-root", "cifar-10-batches-py"]),
     ],
 )
