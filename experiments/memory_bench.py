@@ -45,7 +45,7 @@ def benchmark_selections(unit_names: list[str]) -> dict[str, list[str]]:
     }
 
 
-def run(model_name: str, batch_sizes: list[int], *, steps: int, progress: bool = True) -> list[dict]:
+def run(model_name: str, batch_sizes: list[int], *, steps: int, repeats: int = 3, progress: bool = True) -> list[dict]:
     torch.set_num_threads(1)  # the probes use one thread; profile the same way
     cost = CostModel(build_model(model_name), (3, 32, 32), time_batches=None)
     rows = []
@@ -53,7 +53,13 @@ def run(model_name: str, batch_sizes: list[int], *, steps: int, progress: bool =
         for label, selection in benchmark_selections(cost.unit_names).items():
             started = time.perf_counter()
             estimate = cost.predict(selection, batch)
-            measured = measure_training_rss(model_name, selection, batch_size=batch, steps=steps)["increase_mb"]
+            # The median of several fresh processes: glibc's adaptive mmap threshold makes a single
+            # peak reading wander by several MB from run to run.
+            readings = [
+                measure_training_rss(model_name, selection, batch_size=batch, steps=steps)["increase_mb"]
+                for _ in range(repeats)
+            ]
+            measured = float(np.median(readings))
             predicted = estimate.total - estimate.weights - estimate.reserve
             rows.append(
                 {
@@ -63,6 +69,7 @@ def run(model_name: str, batch_sizes: list[int], *, steps: int, progress: bool =
                     "units": len(selection),
                     "predicted_mb": round(predicted, 2),
                     "measured_mb": round(measured, 2),
+                    "measured_runs_mb": [round(r, 2) for r in readings],
                     "error": round((predicted - measured) / measured, 4),
                     "parts_mb": estimate.to_dict(),
                 }
@@ -99,13 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--batch-sizes", default="32,128", help="comma-separated")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per selection (median)")
     parser.add_argument("--quick", action="store_true", help="batch 32 only")
     parser.add_argument("--json", type=Path, help="write the rows and summary here")
     parser.add_argument("--fit", action="store_true", help="also fit workspace coefficients")
     args = parser.parse_args(argv)
     batches = [32] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
-    print(f"memory benchmark: {args.model}, batches {batches}, {args.steps} steps per fresh subprocess", file=sys.stderr)
-    rows = run(args.model, batches, steps=args.steps)
+    print(
+        f"memory benchmark: {args.model}, batches {batches}, {args.steps} steps per fresh subprocess, "
+        f"median of {args.repeats}",
+        file=sys.stderr,
+    )
+    rows = run(args.model, batches, steps=args.steps, repeats=args.repeats)
     print(f"\n{'batch':>5} {'selection':28s} {'predicted MB':>12} {'measured MB':>12} {'error':>8}")
     for row in rows:
         print(f"{row['batch_size']:>5} {row['selection']:28s} {row['predicted_mb']:>12.1f} {row['measured_mb']:>12.1f} {row['error']:>+8.1%}")
