@@ -10,7 +10,8 @@ The same job (same app, model, data, budgets, seeds, rounds) runs twice:
 For every round the ServerApp records the round's wall time (``round-seconds``: from
 ``configure_train`` to the end of ``aggregate_train``) and each node reports its mean
 time per training step. The training time of a round is the slowest node's
-``local-steps x step-seconds``; the rest of the round is **overhead**: message transport,
+``local-steps x step-seconds`` (in deployment this includes the first step's warm-up in a
+fresh process); the rest of the round is **overhead**: message transport,
 polling, and, in deployment, one ClientApp process started per message (Python, torch and
 the data loaded again every round). That fixed cost is why the deployment settings are
 ``local-steps`` K > 1 (one round per epoch), not per-step rounds.
@@ -30,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +71,20 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
         "mean-overhead-s": mean("overhead-s"),
         "overhead-share": mean("overhead-s") / mean("round-s") if rows and mean("round-s") > 0 else float("nan"),
     }
+
+
+def clientapp_start_seconds(repeats: int = 2) -> float:
+    """Wall time of a fresh interpreter importing the ClientApp (torch, Flower, this package).
+
+    Deployment pays this for every message: the SuperNode starts a new ClientApp process
+    each time. The median of ``repeats`` cold starts.
+    """
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import client.app"], cwd=REPO, check=True, env=dict(os.environ))
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
 
 
 def job(args: argparse.Namespace, local_steps: int, out: Path) -> dict[str, Any]:
@@ -154,15 +170,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--budgets has {len(args.budgets)} values for --nodes {args.nodes}; give one per node")
     steps_list = [int(k) for k in args.local_steps.split(",")]
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dsparse-overhead-") as tmp:
         work = Path(tmp)
         deployment = run_deployment(args, steps_list, work)
         simulation = {} if args.skip_simulation else {k: run_simulation_job(args, k, work) for k in steps_list}
+    start_s = clientapp_start_seconds()
+    load_after = os.getloadavg()
 
     print(f"\nround overhead: {args.nodes} nodes, {args.model}, {args.method}, batch {args.batch_size}, "
           f"{args.rounds} rounds, same run ({platform.node()}, {os.cpu_count()} CPUs)")
     print(f"deployment start-up (SuperLink + {args.nodes} SuperNodes online): "
           f"{next(iter(deployment.values()))['startup-s']:.1f} s")
+    print(f"a fresh ClientApp process (import torch, flwr, client.app): {start_s:.1f} s; "
+          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print(f"{'runtime':<11} {'K':>3} {'round s':>8} {'train s':>8} {'overhead s':>11} {'overhead %':>11}")
     for k in steps_list:
         for name, table in (("deployment", deployment), ("simulation", simulation)):
@@ -176,7 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     result = {
         "config": {key: value for key, value in vars(args).items()},
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "loadavg-before": load_before, "loadavg-after": load_after,
+        },
+        "clientapp-start-s": start_s,
         "deployment": {str(k): v for k, v in deployment.items()},
         "simulation": {str(k): v for k, v in simulation.items()},
     }
