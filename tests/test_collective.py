@@ -107,6 +107,9 @@ def train_rank(rank, world_size, master_addr, master_port, plan_json, model_name
 def faulty_rank(rank, world_size, master_addr, master_port, plan_json, fault, timeout_s):
     """Rank 2 dies (or stalls) before its second step; the others report how they failed."""
 
+    if rank == 2 and fault == "never-joins":
+        os._exit(3)
+
     def batches():
         for step, batch in enumerate(rank_batches(rank, STEPS)):
             if rank == 2 and step == 1:
@@ -251,7 +254,7 @@ def test_all_units_everywhere_equals_centralized_sgd_on_union_batch():
     assert not torch.equal(reference["classifier.1.weight"], make_model("nonorm").state_dict()["classifier.1.weight"])
 
 
-@pytest.mark.parametrize("fault", ["exit", "stall"])
+@pytest.mark.parametrize("fault", ["exit", "stall", "never-joins"])
 def test_dead_or_stalled_rank_fails_the_others_with_a_timeout_error(fault):
     timeout_s = 2.0
     plan = make_plan("tiny", OVERLAPPING)
@@ -264,10 +267,11 @@ def test_dead_or_stalled_rank_fails_the_others_with_a_timeout_error(fault):
         assert outcome.ok, outcome.error
         message = outcome.result["error"]
         assert message is not None, f"rank {outcome.rank} finished although rank 2 was gone"
-        assert "group" in message and "timeout 2 s" in message, message
+        expected = "rendezvous at tcp://127.0.0.1" if fault == "never-joins" else "group"
+        assert expected in message and "timeout 2 s" in message, message
         # a dead peer closes its sockets (fast); a silent one is caught by the timeout
         assert outcome.result["seconds"] < 5 * timeout_s + 5, outcome.result
-    if fault == "exit":
+    if fault != "stall":
         assert outcomes[2].exitcode == 3
     assert elapsed < 30.0
 
@@ -325,3 +329,27 @@ def test_cli_rank_path_trains_every_device_of_a_plan_file(tmp_path):
     for state in states[1:]:  # momentum too: identical optimizer steps keep the members identical
         assert all(torch.equal(state[name], states[0][name]) for name in states[0])
     assert all(outcome.result["payload_mb"] > 0 for outcome in outcomes)
+
+
+def test_bench_falls_back_without_root_and_names_the_fix_without_iproute2(monkeypatch):
+    from experiments import aggregation_bench
+
+    monkeypatch.setattr(aggregation_bench.os, "geteuid", lambda: 1000)
+    assert "not root" in aggregation_bench.emulation_unavailable()
+    monkeypatch.setattr(aggregation_bench.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(aggregation_bench.shutil, "which", lambda tool: None if tool == "tc" else "/usr/sbin/ip")
+    with pytest.raises(SystemExit, match="apt-get install -y iproute2"):
+        aggregation_bench.emulation_unavailable()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("ip"), reason="needs root and iproute2")
+def test_bench_namespace_is_deleted_also_on_failure():
+    import subprocess
+
+    from experiments.aggregation_bench import Namespace
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with Namespace() as namespace:
+            assert namespace.name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            raise RuntimeError("boom")
+    assert namespace.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
