@@ -384,6 +384,7 @@ def _guarded(operation: Callable[[], Any], what: str, rank: int, ranks: Sequence
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     line = text.splitlines()[0] if text else type(error).__name__
+    line = line.split(" This is typically caused by")[0]  # gloo's generic advice; ours precedes it
     return re.sub(r"\[[^\]]*/third_party/gloo/", "[gloo/", line)  # drop the build machine's path
 
 
@@ -739,8 +740,12 @@ def _cli_main(args: argparse.Namespace) -> int:
         rendezvous = Rendezvous(args.rank, args.world_size or len(plan.devices), args.master_addr, args.master_port)
     if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun put several ranks on this machine: share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    summary = _cli_rank(rendezvous.rank, rendezvous.world_size, rendezvous.master_addr, rendezvous.master_port, job,
-                        rendezvous)
+    try:
+        summary = _cli_rank(rendezvous.rank, rendezvous.world_size, rendezvous.master_addr, rendezvous.master_port,
+                            job, rendezvous)
+    except (CollectiveError, PlanMismatchError) as error:
+        print(f"dsparse collective: rank {rendezvous.rank}: {error}", file=sys.stderr)
+        return 1
     _print_rank(summary, args.steps)
     return 0
 
