@@ -288,11 +288,24 @@ def emulation_unavailable() -> str | None:
     return None
 
 
-def run_emulated(plan: Plan, rates: Sequence[int], warmup_for: Callable[[int], int], steps_for: Callable[[int], int],
-                 timeout_s: float) -> dict[str, Any]:
+def rate_phases(rates: Sequence[int], *, quick: bool) -> list[dict[str, Any]]:
+    """One phase per emulated rate, with as many steps as the time budget affords.
+
+    Below 1 Gbit/s the link dominates every step (seconds each), so no warm-up step is spent
+    there; at 20 Mbit/s one step of the four variants already takes about two and a half minutes.
+    """
+    def warmup(rate: int) -> int:
+        return 0 if quick or rate < 1000 else 1
+
+    def steps(rate: int) -> int:
+        return 2 if quick else (3 if rate >= 100 else 1)
+
+    return [{"name": f"{rate}mbit", "rate_mbit": rate, "emulated": True, "warmup": warmup(rate), "steps": steps(rate)}
+            for rate in rates]
+
+
+def run_emulated(plan: Plan, phases: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
     """Run the rate phases in a fresh namespace, through a child process started inside it."""
-    phases = [{"name": f"{rate}mbit", "rate_mbit": rate, "emulated": True, "warmup": warmup_for(rate),
-               "steps": steps_for(rate)} for rate in rates]
     with Namespace() as namespace, tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec.json"
         out = Path(tmp) / "out.json"
@@ -352,7 +365,7 @@ def print_report(summary: dict[str, Any], plan_source: str, notes: list[str]) ->
         link = "plain loopback (MTU 65536, no rate limit)" if result["rate_mbit"] is None else (
             f"emulated shared edge link: tbf {result['rate_mbit']} Mbit/s, MTU 1500, no latency emulation")
         print(f"\n== {phase}: {link}; median of {result['steps']} steps, {WORLD_SIZE} ranks")
-        print(f"{'variant':48s} {'ms/step':>10s} {'payload MB/rank':>16s} {'wire MB/rank':>13s} {'link use':>9s}  bound")
+        print(f"{'variant':48s} {'ms/step':>10s} {'buffer MB/rank':>16s} {'wire MB/rank':>13s} {'link use':>9s}  bound")
         for key, label in VARIANTS.items():
             wire = result["wire_mb_per_rank_per_step"][key]
             use = result["link_utilisation"].get(key)
@@ -394,12 +407,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         parser.error(f"--rate must be positive Mbit/s values, got {bad}")
     rates = list(args.rate or ((1000,) if args.quick else DEFAULT_RATES_MBIT))
-    # Below 1 Gbit/s the link dominates every step (seconds each), so no warm-up step is spent
-    # there; at 20 Mbit/s one step of the four variants already takes about two and a half minutes.
-    warmup_for = lambda rate: 1 if rate >= 1000 else 0  # noqa: E731
-    steps_for = (lambda rate: 2) if args.quick else (lambda rate: 3 if rate >= 100 else 1)
-    if args.quick:
-        warmup_for = lambda rate: 0  # noqa: E731
     # SIGTERM (a CI timeout) must still run the finally blocks that delete the namespace.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -410,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [f"{WORLD_SIZE} ranks share {os.cpu_count()} CPU cores: figures marked CPU are bound by "
              "scheduling and copying, not by the link (loopback always; a rate phase when the link is <"
              f"{CPU_BOUND_UTILISATION:.0%} used)",
+             "buffer MB/rank: bytes each rank hands to collectives per step (mean over ranks); wire MB/rank: "
+             "bytes counted on the namespace's lo per step, divided by the ranks (TCP payload and headers)",
              "(a)/(b) move gradients only (DDP's per-forward buffer broadcast is not counted, which favours them); "
              "(c)/(d) also average and broadcast BatchNorm statistics, as the transport does"]
     loop_steps = 2 if args.quick else 3
@@ -424,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             emulated = reason
         else:
             try:
-                raw.update(run_emulated(plan, rates, warmup_for, steps_for, args.timeout))
+                raw.update(run_emulated(plan, rate_phases(rates, quick=args.quick), args.timeout))
                 phase_rates.update({f"{rate}mbit": rate for rate in rates})
                 emulated = "private network namespace, lo MTU 1500, tc tbf burst 256kb latency 200ms (bandwidth only)"
             except NamespaceUnavailable as error:
