@@ -185,6 +185,17 @@ def run_job(grid: Grid, config: JobConfig, *, plan_fn: PlanFn | None = None) -> 
     plan_fn : PlanFn, optional
         Overrides the planner (tests and custom planners); DSparse only.
     """
+    # One thread: on a small shared machine a multi-threaded evaluation stalls on the
+    # slowest core (measured 5x slower under load); the nodes do the parallel work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_job(grid, config, plan_fn)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_job(grid: Grid, config: JobConfig, plan_fn: PlanFn | None) -> dict[str, Any]:
     started = time.perf_counter()
     model = build_model(config.model, seed=config.seed)
     initial = to_array_record(model.state_dict())
