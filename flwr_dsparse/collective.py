@@ -498,7 +498,8 @@ def run_collective_round(
 
     Joins the rendezvous, checks the plan digest, builds the groups, optionally gives every rank
     rank 0's model (``sync_start``), trains rank ``rank``'s selection of ``plan`` with per-step
-    AllReduce and Broadcast, and leaves the process group. ``model`` is updated in place.
+    AllReduce and Broadcast, and leaves the process group if it created it. ``model`` is updated in
+    place. Call it once per round; it can be called again in the same process.
 
     Raises
     ------
@@ -508,6 +509,7 @@ def run_collective_round(
         Some rank was given a different plan.
     """
     rendezvous = rendezvous or Rendezvous(rank, world_size, master_addr, master_port)
+    owns_default_group = not dist.is_initialized()  # leave a caller's own process group alone
     trainer = SparseTrainer(model, plan.device(rendezvous.rank).units, units=units or model_units(model),
                             optimizer_factory=optimizer_factory, loss_fn=loss_fn)
     try:
@@ -522,7 +524,7 @@ def run_collective_round(
         return result
     finally:
         trainer.close()
-        if dist.is_initialized():
+        if owns_default_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
