@@ -512,6 +512,7 @@ def run_collective_round(
     owns_default_group = not dist.is_initialized()  # leave a caller's own process group alone
     trainer = SparseTrainer(model, plan.device(rendezvous.rank).units, units=units or model_units(model),
                             optimizer_factory=optimizer_factory, loss_fn=loss_fn)
+    comms: tuple[GroupComm, ...] = ()
     try:
         comms = init_collective(rendezvous, plan, timeout_s=timeout_s)
         if sync_start:
@@ -525,7 +526,12 @@ def run_collective_round(
     finally:
         trainer.close()
         if owns_default_group and dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # and with it every group of this round
+        elif dist.is_initialized():
+            for comm in comms:
+                for handle in (comm.allreduce_pg, comm.broadcast_pg):
+                    if handle is not None:
+                        dist.destroy_process_group(handle)
 
 
 # --------------------------------------------------------------------------- single-machine launcher
