@@ -550,8 +550,14 @@ def start_supernode(
     name: str | None = None,
     max_retries: int | None = None,
     max_wait_time: float | None = None,
+    threads: int | None = None,
 ) -> ProcessRecord:
-    """Start one ``flower-supernode`` (it connects in the background; see :func:`wait_for_nodes`)."""
+    """Start one ``flower-supernode`` (it connects in the background; see :func:`wait_for_nodes`).
+
+    ``threads`` caps the intra-op threads of its ClientApp processes (``OMP_NUM_THREADS``):
+    SuperNodes that share one machine would otherwise each spawn a thread per core and
+    slow each other down, which a real device, alone on its cores, does not.
+    """
     if _port_in_use("127.0.0.1", port):
         raise OSError(
             f"SuperNode port {port} on 127.0.0.1 is already in use; pick another with --node-port"
@@ -561,7 +567,10 @@ def start_supernode(
         superlink=superlink, port=port, node_config=node_config, root_certificates=root_certificates,
         private_key=private_key, max_retries=max_retries, max_wait_time=max_wait_time,
     )
-    return _spawn(name, command, Path(state_dir) / f"{name}.log", deployment_env(home), port, node_config)
+    env = deployment_env(home)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return _spawn(name, command, Path(state_dir) / f"{name}.log", env, port, node_config)
 
 
 def _wait_gone(processes: list, timeout: float) -> list:
@@ -795,6 +804,7 @@ def start_deployment(
     home: str | Path | None = None,
     state_dir: str | Path | None = None,
     extra_node_config: Mapping[str, Any] | None = None,
+    threads_per_node: int | None = None,
     timeout: float = 180.0,
 ) -> Deployment:
     """Start a SuperLink and ``num_nodes`` SuperNodes on this machine; wait until all are online.
@@ -815,6 +825,9 @@ def start_deployment(
         SuperNode authentication (needs ``tls``): one key pair per node, registered first.
     connection : str
         The ``flwr`` connection written to ``<home>/config.toml``.
+    threads_per_node : int, optional
+        Intra-op threads per SuperNode's ClientApp; default: this machine's cores shared
+        evenly (at least 1), as if each node were a device of its own.
     """
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes <= 0:
         raise ValueError(f"number of SuperNodes must be a positive integer, got {num_nodes!r}")
@@ -848,6 +861,8 @@ def start_deployment(
     if len(node_ports) != num_nodes or len(set(node_ports)) != num_nodes or port in node_ports:
         raise ValueError(f"need {num_nodes} distinct SuperNode ports other than {port}, got {list(node_ports)}")
 
+    if threads_per_node is None:
+        threads_per_node = max(1, (os.cpu_count() or 1) // num_nodes)
     deployment = Deployment(str(state), connection, str(home_path), address, tls_files, auth)
     write_connection(home_path, connection, address, root_certificates=tls_files.ca_cert if tls_files else None)
     try:
@@ -869,6 +884,7 @@ def start_deployment(
                 start_supernode(
                     state, home=home_path, superlink=address, port=node_ports[index], node_config=node_config,
                     root_certificates=tls_files.ca_cert if tls_files else None, private_key=private_key,
+                    threads=threads_per_node,
                 )
             )
             deployment.save()
@@ -918,6 +934,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         connection=args.connection,
         home=args.flwr_home,
         state_dir=args.state_dir,
+        threads_per_node=args.threads_per_node,
         timeout=args.timeout,
     )
     print(f"SuperLink {deployment.address} (pid {deployment.superlink.pid}), "
@@ -1014,6 +1031,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     up.add_argument("--tls", action="store_true", help="generate a CA and server certificate and use TLS")
     up.add_argument("--tls-hosts", default="127.0.0.1,localhost", help="names in the server certificate")
     up.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
+    up.add_argument("--threads-per-node", type=int, default=None,
+                    help="OMP threads per SuperNode (default: CPU cores / nodes, at least 1)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for all nodes (default %(default)s)")
     common(up)
     up.set_defaults(func=_guarded(_cmd_up))
