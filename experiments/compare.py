@@ -1,0 +1,980 @@
+"""The DSparse paper's comparison, measured on this machine: five methods, one table.
+
+    python -m experiments.compare --out DIR [--quick] [--weights PATH]
+    dsparse compare --out DIR [--quick] [--weights PATH]
+
+Seven devices with seven memory budgets (the largest about 3x the smallest) fine-tune
+one starting checkpoint with every method, on the same data, seeds and number of
+steps:
+
+1. ``fedavg``: Flower's own FedAvg, every device trains the whole model (so every
+   device needs the memory of the largest one);
+2. ``uniform``: every device trains only what the *smallest* device can afford;
+3. ``dsparse``: memory-fitted selections from the planner, server-side grouped
+   aggregation (the DSparse strategy), one local step per round;
+4. ``dsparse_k``: the same with K local steps per round;
+5. ``collective``: the same plan trained with the collective transport
+   (:mod:`flwr_dsparse.collective`, per-step all-reduce and broadcast over gloo,
+   fused), through its local launcher.
+
+Methods 1-4 run in-process with Flower's simulation runtime
+(``flwr.simulation.run_simulation``, the project's ClientApp, a ServerApp built
+here from the public strategies). Method 5 cannot share that path (it has no
+server), so it runs as seven local processes with the same plan, checkpoint,
+partitions, batch streams and seeds, and its rows say so.
+
+The starting checkpoint is pre-trained centrally on the first classes of the
+training split (class-incremental fine-tuning, the setting DSparse targets) and
+cached in the output folder; ``--weights`` uses the user's own state dict.
+
+Measures: memory per device (predicted by the cost model; measured as the peak RSS
+increase of a fresh subprocess training that selection,
+:func:`flwr_dsparse.memory.measure_training_rss`), step time per device and the
+cluster's (slowest device), aggregation time, bytes up and down per device per
+step, accuracy over steps and over time, and the final held-out accuracy.
+Outputs: ``results.json``, ``results.csv``, PNG plots and ``REPORT.md``, which
+:mod:`experiments.report` renders from ``results.json`` alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from flwr_dsparse.costs import CostModel
+from flwr_dsparse.data import Split, batch_iterator, load_dataset, partition_indices
+from flwr_dsparse.memory import measure_training_rss
+from flwr_dsparse.models import MODELS, build_model
+from flwr_dsparse.plan import Plan, plan_from_selections
+from flwr_dsparse.planner import DeviceSpec, make_plan, parse_budgets
+from flwr_dsparse.scoring import SCORERS, get_scorer
+from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
+from flwr_dsparse.units import model_units
+
+__all__ = ["Setup", "DEFAULT", "QUICK", "METHODS", "PAPER", "run_compare", "add_cli", "main"]
+
+#: The rows of the table, in order.
+METHODS = ("fedavg", "uniform", "dsparse", "dsparse_k", "collective")
+METHOD_LABELS = {
+    "fedavg": "1 full-update FedAvg (Flower FedAvg)",
+    "uniform": "2 uniform sparse (smallest device's selection)",
+    "dsparse": "3 DSparse per-step (server grouped mean)",
+    "dsparse_k": "4 DSparse, K local steps",
+    "collective": "5 DSparse collective transport, fused",
+}
+#: The DSparse paper's figures (MobileNetV2, 7 edge devices): what REPORT.md puts ours beside.
+PAPER = {
+    "memory_full_mb": 1284.0,
+    "memory_dsparse_mb": 519.0,
+    "memory_saving_pct": 59.6,
+    "batch_full_s": 28.98,
+    "batch_dsparse_s": 7.14,
+    "batch_fused_s": 5.60,
+    "aggregation_reduction_pct": 75.4,
+    "accuracy": "kept (no loss against full update)",
+}
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The size of one comparison run. Every method uses the same values."""
+
+    model: str = "mobilenet_v2"
+    budgets_mb: tuple[float, ...] = (40.0, 48.0, 58.0, 68.0, 80.0, 96.0, 120.0)
+    batch_size: int = 32
+    steps: int = 40  # local steps per device, the same for every method
+    local_steps: int = 4  # K of method 4
+    eval_every: int = 8  # steps between held-out evaluations (a multiple of K)
+    lr: float = 0.02
+    momentum: float = 0.9
+    seed: int = 0
+    scorer: str = "gradient"
+    dataset: str = "synthetic"
+    data_root: str = ""
+    train_examples: int = 4200
+    test_examples: int = 500
+    pretrain_steps: int = 120
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 0.05
+    pretrain_classes: int = 6  # pre-train on classes 0..pretrain_classes-1, fine-tune on all
+    probe_steps: int = 5
+    probe_workers: int = 2
+    baseline_steps: int = 6  # steps of the full-model collective run (timing baseline of method 5)
+    num_cpus: int = 2  # Ray's CPUs for the simulation
+    collective_timeout_s: float = 300.0
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.budgets_mb)
+
+    def check(self) -> None:
+        """Refuse sizes that cannot run, naming the value and the fix."""
+        if self.model not in MODELS:
+            raise ValueError(f"--model {self.model!r} is unknown; choose one of: {', '.join(sorted(MODELS))}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"--scorer {self.scorer!r} is unknown; choose one of: {', '.join(SCORERS)}")
+        if self.num_devices < 2:
+            raise ValueError(f"--budgets gives {self.num_devices} device(s); the comparison needs at least 2")
+        for name in ("batch_size", "steps", "local_steps", "eval_every", "train_examples", "test_examples",
+                     "probe_steps", "probe_workers", "num_cpus", "baseline_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.steps % self.local_steps:
+            raise ValueError(
+                f"--steps {self.steps} is not a multiple of --local-steps {self.local_steps}; method 4 runs "
+                f"steps/K rounds, so pick e.g. --steps {self.steps - self.steps % self.local_steps or self.local_steps}"
+            )
+        if self.eval_every % self.local_steps:
+            raise ValueError(
+                f"--eval-every {self.eval_every} is not a multiple of --local-steps {self.local_steps}; method 4 "
+                f"can only be evaluated between rounds, so pick e.g. --eval-every {self.local_steps}"
+            )
+        if not 0 < self.pretrain_classes <= 10:
+            raise ValueError(f"pretrain_classes must be in 1..10, got {self.pretrain_classes}")
+        if self.train_examples < self.num_devices * self.batch_size:
+            raise ValueError(
+                f"--train-examples {self.train_examples} gives each of {self.num_devices} devices fewer than one "
+                f"batch of {self.batch_size}; raise --train-examples to at least {self.num_devices * self.batch_size}"
+            )
+        if self.dataset == "cifar10" and not self.data_root:
+            raise ValueError("--dataset cifar10 needs --data-root, the folder that holds cifar-10-batches-py")
+
+    def run_config(self, method: str) -> dict[str, Any]:
+        """The Flower ``run_config`` of ``method`` (keys of :class:`flwr_dsparse.config.JobConfig`)."""
+        local_steps = self.local_steps if method == "dsparse_k" else 1
+        return {
+            "method": "fedavg" if method == "fedavg" else "dsparse",
+            "num-server-rounds": self.steps // local_steps,
+            "local-steps": local_steps,
+            "batch-size": self.batch_size,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "seed": self.seed,
+            "model": self.model,
+            "dataset": self.dataset,
+            "data-root": self.data_root,
+            "train-examples": self.train_examples,
+            "test-examples": self.test_examples,
+            "scorer": self.scorer,
+            "partitioning": "iid",
+            "sim-budgets-mb": ",".join(f"{b:g}" for b in self.budgets_mb),
+            "min-nodes": self.num_devices,
+            "round-timeout": 600.0,
+        }
+
+
+#: The default size: MobileNetV2, 7 devices, 40 steps (about 10-15 minutes on 2 idle cores).
+DEFAULT = Setup()
+#: ``--quick``: the CI smoke size. TinyNet (MobileNetV2's unit layout at a fraction of the cost),
+#: budgets between its cheapest selection (about 14 MB) and the whole model (about 29 MB).
+QUICK = Setup(
+    model="tiny",
+    budgets_mb=(15.0, 16.5, 18.0, 20.0, 22.0, 25.0, 30.0),
+    steps=6,
+    local_steps=2,
+    eval_every=2,
+    lr=0.05,
+    train_examples=1400,
+    test_examples=300,
+    pretrain_steps=30,
+    pretrain_lr=0.1,
+    probe_steps=3,
+    baseline_steps=2,
+)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One line per stage on stderr, with the elapsed time."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self.stage_seconds: dict[str, float] = {}
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            elapsed = time.perf_counter() - self.started
+            print(f"[compare {int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {text}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.say(f"{name} …")
+        started = time.perf_counter()
+        yield
+        self.stage_seconds[name] = time.perf_counter() - started
+        self.say(f"{name} done in {self.stage_seconds[name]:.1f} s")
+
+
+# --------------------------------------------------------------------------- data and checkpoint
+
+
+def load_splits(setup: Setup) -> tuple[Split, Split]:
+    """The train split exactly as the ClientApp loads it, and the held-out split as the server does."""
+    return load_dataset(setup.dataset, root=setup.data_root or None, seed=setup.seed,
+                        num_train=setup.train_examples, num_test=setup.test_examples)
+
+
+def evaluate_state(model: torch.nn.Module, test: Split, batch_size: int = 250) -> tuple[float, float]:
+    """Held-out loss and accuracy of ``model`` as it is."""
+    trainer = SparseTrainer(model, [])
+    try:
+        batches = [(test.x[i : i + batch_size], test.y[i : i + batch_size]) for i in range(0, len(test), batch_size)]
+        return trainer.evaluate(batches)
+    finally:
+        trainer.close()
+
+
+def _checkpoint_key(setup: Setup) -> str:
+    fields = ("model", "dataset", "data_root", "seed", "train_examples", "pretrain_steps", "pretrain_batch_size",
+              "pretrain_lr", "pretrain_classes", "momentum")
+    text = json.dumps({name: getattr(setup, name) for name in fields}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_weights(path: Path, model_name: str) -> dict[str, torch.Tensor]:
+    """A user's state dict, checked against the model's tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"--weights {path}: cannot read a torch state dict ({error})") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    expected = build_model(model_name, seed=0).state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"--weights {path} does not fit --model {model_name}: {len(missing)} tensors missing (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:2]}); save model.state_dict() of a {model_name} with 10 classes"
+        )
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"--weights {path}: {name} has shape {tuple(state[name].shape)}, "
+                             f"the model expects {tuple(tensor.shape)}")
+    return {name: state[name].to(tensor.dtype) for name, tensor in expected.items()}
+
+
+def pretrain(setup: Setup, train: Split, test: Split, progress: Progress) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train every unit centrally on the examples of the first ``pretrain_classes`` classes."""
+    model = build_model(setup.model, seed=setup.seed)
+    indices = (train.y < setup.pretrain_classes).nonzero().squeeze(1).numpy()
+    batches = batch_iterator(train, indices, setup.pretrain_batch_size, seed=setup.seed + 99)
+    trainer = SparseTrainer(model, [unit.name for unit in model_units(model)],
+                            optimizer_factory=make_optimizer_factory("sgd", lr=setup.pretrain_lr, momentum=setup.momentum))
+    losses = []
+    try:
+        for step in range(1, setup.pretrain_steps + 1):
+            losses.append(trainer.step(*next(batches)).loss)
+            if step % max(1, setup.pretrain_steps // 5) == 0:
+                progress.say(f"  pre-training step {step}/{setup.pretrain_steps}, loss {losses[-1]:.3f}")
+    finally:
+        trainer.close()
+    return model.state_dict(), {"steps": setup.pretrain_steps, "classes": list(range(setup.pretrain_classes)),
+                                "examples": int(len(indices)), "final_loss": losses[-1]}
+
+
+def starting_checkpoint(setup: Setup, out: Path, weights: Path | None, train: Split, test: Split,
+                        progress: Progress) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """The checkpoint every method fine-tunes from: the user's, the cached one, or a new pre-training."""
+    if weights is not None:
+        state = load_weights(weights, setup.model)
+        return weights, state, {"source": f"--weights {weights}"}
+    path = out / f"pretrained_{setup.model}_{_checkpoint_key(setup)}.pt"
+    info_path = path.with_suffix(".json")
+    if path.exists() and info_path.exists():
+        progress.say(f"using the cached starting checkpoint {path}")
+        info = json.loads(info_path.read_text())
+        return path, load_weights(path, setup.model), {**info, "source": f"cached pre-training ({path.name})"}
+    with progress.stage(f"pre-training {setup.model} on classes 0..{setup.pretrain_classes - 1}"):
+        state, info = pretrain(setup, train, test, progress)
+    torch.save(state, path)
+    info_path.write_text(json.dumps(info, indent=2))
+    return path, state, {**info, "source": f"pre-trained in this run ({path.name})"}
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass
+class Plans:
+    """What each method trains: the DSparse plan, the uniform plan, and the full-model predictions."""
+
+    dsparse: Plan
+    uniform: Plan
+    full: Plan
+    cost: CostModel
+    scores: list[float]
+
+
+def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) -> Plans:
+    """Plan on the starting checkpoint: criticality depends on the weights being fine-tuned."""
+    model = build_model(setup.model, seed=setup.seed)
+    model.load_state_dict(state)
+    torch.set_num_threads(1)  # the memory probes use one thread; profile the same way
+    # Step time is measured in the runs themselves, so the cost model profiles memory only.
+    cost = CostModel(model, (3, 32, 32), optimizer="sgd", momentum=setup.momentum, time_batches=None)
+    calibration = min(64, len(train))
+    scores = get_scorer(setup.scorer)(model, cost.units, train.x[:calibration], train.y[:calibration])
+    devices = [DeviceSpec(device, budget, setup.batch_size) for device, budget in enumerate(setup.budgets_mb)]
+    meta = {"model": setup.model, "scorer": setup.scorer, "input_shape": [3, 32, 32], "source": "experiments.compare"}
+    dsparse = make_plan(devices, cost, scores, meta={**meta, "method": "dsparse"})
+    smallest = min(dsparse.devices, key=lambda d: d.budget_mb)
+    all_units = cost.unit_names
+
+    def same_for_all(selection: Sequence[str], method: str) -> Plan:
+        estimate = cost.predict(selection, setup.batch_size)
+        ids = range(setup.num_devices)
+        return plan_from_selections(
+            cost.units, {d: list(selection) for d in ids}, cost.tensor_bytes(),
+            budgets_mb=dict(enumerate(setup.budgets_mb)), batch_sizes=dict.fromkeys(ids, setup.batch_size),
+            estimates=dict.fromkeys(ids, estimate), meta={**meta, "method": method},
+        )
+
+    return Plans(dsparse, same_for_all(smallest.units, "uniform"), same_for_all(all_units, "fedavg"), cost, scores)
+
+
+def measure_memory(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> dict[tuple[str, ...], dict]:
+    """Peak RSS increase of a fresh subprocess per distinct selection (all methods' devices)."""
+    selections = sorted({tuple(d.units) for plan in plans.values() for d in plan.devices}, key=len)
+    results: dict[tuple[str, ...], dict] = {}
+
+    def probe(selection: tuple[str, ...]) -> tuple[tuple[str, ...], dict]:
+        return selection, measure_training_rss(setup.model, list(selection), batch_size=setup.batch_size,
+                                               steps=setup.probe_steps, optimizer="sgd", momentum=setup.momentum)
+
+    with ThreadPoolExecutor(max_workers=setup.probe_workers) as pool:
+        for done, (selection, measured) in enumerate(pool.map(probe, selections), start=1):
+            results[selection] = measured
+            progress.say(f"  memory probe {done}/{len(selections)}: {len(selection)} units, "
+                         f"+{measured['increase_mb']:.1f} MB peak RSS")
+    return results
+
+
+# --------------------------------------------------------------------------- Flower simulation (methods 1-4)
+
+
+def _timed(base: type) -> type:
+    """``base`` whose whole ``aggregate_train`` call is timed.
+
+    The strategies time only their averaging; the whole call (decoding the replies,
+    checking them, averaging, encoding the new model) is what the server spends per
+    round, the same way for both, so it is the figure the methods are compared on.
+    """
+
+    class Timed(base):  # type: ignore[misc, valid-type]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.aggregate_train_seconds: list[float] = []
+
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            replies = list(replies)
+            started = time.perf_counter()
+            output = super().aggregate_train(server_round, replies)
+            self.aggregate_train_seconds.append(time.perf_counter() - started)
+            return output
+
+    Timed.__name__ = Timed.__qualname__ = f"Timed{base.__name__}"
+    return Timed
+
+
+class _Evaluator:
+    """Flower's ``evaluate_fn``: held-out accuracy every ``eval_every`` steps, timed apart from training."""
+
+    def __init__(self, model: torch.nn.Module, test: Split, local_steps: int, eval_every: int, rounds: int,
+                 progress: Progress, label: str) -> None:
+        self.model, self.test, self.local_steps = model, test, local_steps
+        self.every_rounds = eval_every // local_steps
+        self.rounds, self.progress, self.label = rounds, progress, label
+        self.rows: list[dict[str, Any]] = []
+        self.started: float | None = None
+        self.eval_seconds = 0.0
+
+    def __call__(self, server_round: int, arrays: Any) -> Any:
+        from flwr.app import MetricRecord
+
+        from flwr_dsparse.records import from_array_record
+
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = now
+        if server_round % self.every_rounds and server_round != self.rounds:
+            return None
+        self.model.load_state_dict(from_array_record(arrays))
+        loss, accuracy = evaluate_state(self.model, self.test)
+        self.rows.append({"round": server_round, "step": server_round * self.local_steps,
+                          "sim_wall_s": now - self.started - self.eval_seconds, "accuracy": accuracy, "loss": loss})
+        self.eval_seconds += time.perf_counter() - now
+        self.progress.say(f"  {self.label}: step {server_round * self.local_steps:3d}, held-out accuracy {accuracy:.3f}")
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+@contextlib.contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Flower logs every round at INFO; the comparison prints its own progress instead."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_flower_method(method: str, setup: Setup, state: Mapping[str, torch.Tensor], plan: Plan | None, test: Split,
+                      progress: Progress) -> dict[str, Any]:
+    """Run one of methods 1-4 in Flower's in-process simulation; returns its history and evaluations."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    from flwr.app import ConfigRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from flwr_dsparse.config import load_config
+    from flwr_dsparse.records import to_array_record
+    from flwr_dsparse.strategy import DeviceReport, DSparse
+    from server.app import MeasuredFedAvg
+
+    config = load_config(setup.run_config(method))
+    record: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    def fixed_plan(reports: Sequence[DeviceReport]) -> Plan:
+        assert plan is not None
+        reported = sorted(report.device for report in reports)
+        if reported != list(plan.device_ids):
+            raise ValueError(f"devices {reported} answered the query, the plan has {list(plan.device_ids)}")
+        return plan
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            evaluator = _Evaluator(build_model(config.model, seed=config.seed), test, config.local_steps,
+                                   setup.eval_every, config.num_server_rounds, progress, method)
+            initial = to_array_record(dict(state))
+            if method == "fedavg":
+                strategy = _timed(MeasuredFedAvg)(fraction_evaluate=0.0, min_train_nodes=setup.num_devices,
+                                                  min_available_nodes=setup.num_devices)
+                strategy.start(grid, initial, num_rounds=config.num_server_rounds, timeout=config.round_timeout,
+                               train_config=ConfigRecord(config.to_run_config()), evaluate_fn=evaluator)
+            else:
+                strategy = _timed(DSparse)(plan_fn=fixed_plan, train_config=config.to_run_config(),
+                                           query_config=config.to_run_config(), min_nodes=setup.num_devices,
+                                           settle_s=0.5)
+                strategy.start(grid, initial, num_rounds=config.num_server_rounds, timeout=config.round_timeout,
+                               evaluate_fn=evaluator)
+            record.update(history=strategy.history, aggregate_train_s=strategy.aggregate_train_seconds,
+                          evaluations=evaluator.rows)
+        except BaseException as error:  # the simulation runtime only logs a ServerApp's exception
+            record["error"] = error
+            raise
+
+    started = time.perf_counter()
+    with _quiet_flower():
+        run_simulation(
+            server_app, client_app, num_supernodes=setup.num_devices,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": setup.num_cpus, "include_dashboard": False,
+                                          "logging_level": "ERROR", "log_to_driver": False}},
+        )
+    if "error" in record:
+        raise RuntimeError(f"method {method} failed in the simulation: {record['error']!r}") from record["error"]
+    if "history" not in record:
+        raise RuntimeError(f"method {method}: the simulation ended without running the ServerApp to the end")
+    record["run_seconds"] = time.perf_counter() - started
+    record["run_config"] = setup.run_config(method)
+    return record
+
+
+# --------------------------------------------------------------------------- collective transport (method 5)
+
+
+def _collective_rank(rank: int, world_size: int, master_addr: str, master_port: int, job: dict) -> list[dict]:
+    """One device of method 5, for every phase of ``job`` (one process, one rendezvous).
+
+    Each phase starts from the checkpoint with the client's partition and batch stream
+    for this partition id, trains this rank's selection of the phase's plan with
+    per-step collectives, and (rank 0, if asked) evaluates between chunks of steps.
+    """
+    import torch.distributed as dist
+
+    from flwr_dsparse.collective import Rendezvous, init_collective, run_collective_steps
+
+    setup = Setup(**{**job["setup"], "budgets_mb": tuple(job["setup"]["budgets_mb"])})
+    train, test = load_splits(setup)
+    checkpoint = torch.load(job["checkpoint"], map_location="cpu", weights_only=True)
+    indices = job["partitions"][rank]
+    rendezvous = Rendezvous(rank, world_size, master_addr, master_port)
+    outputs = []
+    try:
+        for phase in job["phases"]:
+            plan = Plan.from_json(phase["plan"])
+            model = build_model(setup.model, seed=setup.seed)
+            model.load_state_dict(checkpoint)
+            batches = batch_iterator(train, indices, setup.batch_size, seed=setup.seed * 10_007 + rank)
+            trainer = SparseTrainer(model, plan.device(rank).units,
+                                    optimizer_factory=make_optimizer_factory("sgd", lr=setup.lr, momentum=setup.momentum))
+            # Evaluation uses its own copy: a second trainer on the training model would change its flags.
+            judge = build_model(setup.model, seed=setup.seed) if rank == 0 and phase["evaluate"] else None
+            out: dict[str, Any] = {"rank": rank, "compute_s": [], "aggregation_s": [], "losses": [],
+                                   "payload_bytes": 0, "curve": [], "steps": phase["steps"]}
+            try:
+                comms = init_collective(rendezvous, plan, timeout_s=setup.collective_timeout_s)
+                started, eval_seconds, done = time.perf_counter(), 0.0, 0
+
+                def evaluate() -> None:
+                    nonlocal eval_seconds
+                    eval_started = time.perf_counter()
+                    judge.load_state_dict(model.state_dict())
+                    loss, accuracy = evaluate_state(judge, test)
+                    out["curve"].append({"step": done, "wall_s": eval_started - started - eval_seconds,
+                                         "accuracy": accuracy, "loss": loss})
+                    eval_seconds += time.perf_counter() - eval_started
+                    print(f"[compare]   collective: step {done:3d}, held-out accuracy {accuracy:.3f}",
+                          file=sys.stderr, flush=True)
+
+                if judge is not None:
+                    evaluate()
+                chunk = setup.eval_every if phase["evaluate"] else phase["steps"]
+                while done < phase["steps"]:
+                    steps = min(chunk, phase["steps"] - done)
+                    result = run_collective_steps(trainer, comms, batches, steps, rank=rank, fused=phase["fused"])
+                    done += steps
+                    out["compute_s"] += result.compute_seconds
+                    out["aggregation_s"] += result.aggregation_seconds
+                    out["losses"] += result.losses
+                    out["payload_bytes"] += result.payload_bytes
+                    if judge is not None:
+                        # Every rank holds the whole current model after the broadcasts; the others
+                        # wait in the next collective while rank 0 evaluates (not counted as training).
+                        evaluate()
+                dist.barrier()
+            finally:
+                trainer.close()
+            outputs.append(out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return outputs
+
+
+def run_collective(phases: Sequence[Mapping[str, Any]], setup: Setup, checkpoint: Path) -> list[dict[str, Any]]:
+    """Run ``phases`` (plan, steps, evaluate, fused) with the collective transport's local launcher.
+
+    All phases share one launch (one process per device), because starting seven
+    processes that import torch is the slowest part on a small machine.
+    """
+    from flwr_dsparse.collective import launch_local
+
+    train, _ = load_splits(setup)
+    # The ClientApp's partitions (partition id = rank), computed once here: flwr-datasets is a
+    # heavy import for seven processes.
+    partitions = [p.tolist() for p in partition_indices(train.y, setup.num_devices, method="iid", seed=setup.seed)]
+    job = {"setup": asdict(setup), "checkpoint": str(checkpoint), "partitions": partitions,
+           "phases": [{**phase, "plan": phase["plan"].to_json()} for phase in phases]}
+    started = time.perf_counter()
+    outcomes = launch_local(_collective_rank, setup.num_devices, (job,), deadline_s=setup.collective_timeout_s * 4,
+                            threads_per_rank=1)
+    failed = [f"rank {o.rank}: {(o.error or '').strip().splitlines()[0] if o.error else o.exitcode}"
+              for o in outcomes if not o.ok]
+    if failed:
+        raise RuntimeError("the collective run failed: " + "; ".join(failed))
+    seconds = time.perf_counter() - started
+    return [{"ranks": [o.result[index] for o in outcomes], "steps": phase["steps"], "fused": phase["fused"],
+             "run_seconds": seconds} for index, phase in enumerate(phases)]
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(statistics.fmean(values)) if values else float("nan")
+
+
+def _device_rows(plan: Plan, memory: Mapping[tuple[str, ...], dict]) -> list[dict[str, Any]]:
+    rows = []
+    for device in plan.devices:
+        predicted = device.predicted_mb
+        rows.append({
+            "device": device.id,
+            "budget_mb": device.budget_mb,
+            "units": list(device.units),
+            "num_units": len(device.units),
+            "predicted_mb": predicted.total if predicted else float("nan"),
+            "predicted_parts_mb": predicted.to_dict() if predicted else {},
+            # What training adds on top of the loaded model, the part a selection changes.
+            "predicted_training_mb": (predicted.total - predicted.weights - predicted.reserve) if predicted else float("nan"),
+            "measured_mb": memory[tuple(device.units)]["increase_mb"],
+        })
+    return rows
+
+
+def flower_measures(method: str, run: Mapping[str, Any], plan: Plan, memory: Mapping, setup: Setup) -> dict[str, Any]:
+    """The method's row from a Flower run: per-device and cluster figures, per step."""
+    local_steps = int(run["run_config"]["local-steps"])
+    history = run["history"]
+    devices = _device_rows(plan, memory)
+    for row in devices:
+        key = str(row["device"])
+        rounds = [entry["devices"][key] for entry in history if entry["devices"].get(key, {}).get("status") == "ok"]
+        row["step_s"] = _median([r["step-seconds"] for r in rounds])
+        # Round 1 hands every device the starting model (all methods pay it once); steady state is from round 2.
+        steady = rounds[1:] or rounds
+        row["bytes_up_per_step"] = _mean([r["bytes-up"] for r in steady]) / local_steps
+        row["bytes_down_per_step"] = _mean([r["bytes-down"] for r in steady]) / local_steps
+        row["bytes_total"] = float(sum(r["bytes-up"] + r["bytes-down"] for r in rounds))
+    per_round_compute = [
+        max(entry["devices"][d]["step-seconds"] for d in entry["devices"] if entry["devices"][d].get("status") == "ok")
+        * local_steps for entry in history
+    ]
+    aggregate_train = list(run["aggregate_train_s"])
+    averaging = [entry["aggregation-seconds"] for entry in history]
+    cluster_time = []
+    total = 0.0
+    for compute, aggregate in zip(per_round_compute, aggregate_train):
+        total += compute + aggregate
+        cluster_time.append(total)
+    curve = []
+    for row in run["evaluations"]:
+        rounds = row["round"]
+        curve.append({"step": row["step"], "cluster_s": cluster_time[rounds - 1] if rounds else 0.0,
+                      "sim_wall_s": row["sim_wall_s"], "accuracy": row["accuracy"], "loss": row["loss"]})
+    return {
+        "label": METHOD_LABELS[method],
+        "path": "flower-simulation",
+        "local_steps": local_steps,
+        "rounds": len(history),
+        "devices": devices,
+        "cluster_step_s": _median([c / local_steps for c in per_round_compute]),
+        "mean_device_step_s": _mean([d["step_s"] for d in devices]),
+        "aggregation_s_per_step": _median(aggregate_train) / local_steps,
+        "aggregation_s_per_round": _median(aggregate_train),
+        "averaging_s_per_round": _median(averaging),
+        "bytes_up_per_step": _mean([d["bytes_up_per_step"] for d in devices]),
+        "bytes_down_per_step": _mean([d["bytes_down_per_step"] for d in devices]),
+        "curve": curve,
+        "final_accuracy": curve[-1]["accuracy"],
+        "initial_accuracy": curve[0]["accuracy"],
+        "run_seconds": run["run_seconds"],
+        "total_cluster_s": cluster_time[-1],
+        "accepted_every_round": all(entry["accepted"] == list(range(setup.num_devices)) for entry in history)
+        if method != "fedavg" else True,
+    }
+
+
+def _per_step(ranks: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """Per step: the cluster's step time (slowest rank, compute plus collectives), and the collective time.
+
+    A rank's collective time includes waiting for slower ranks; the rank that waits
+    least (the minimum) is the closest to the collectives' own cost.
+    """
+    steps = len(ranks[0]["compute_s"])
+    cluster = [max(r["compute_s"][s] + r["aggregation_s"][s] for r in ranks) for s in range(steps)]
+    aggregation = [min(r["aggregation_s"][s] for r in ranks) for s in range(steps)]
+    return cluster, aggregation
+
+
+def collective_measures(run: Mapping[str, Any], baseline: Mapping[str, Any], plan: Plan, memory: Mapping,
+                        test_accuracy0: float | None = None) -> dict[str, Any]:
+    """Method 5's row, plus the full-model run over the same transport as its timing baseline."""
+    ranks = sorted(run["ranks"], key=lambda r: r["rank"])
+    devices = _device_rows(plan, memory)
+    for row, rank in zip(devices, ranks):
+        row["step_s"] = _median(rank["compute_s"])
+        # A collective's payload is what the rank hands to all-reduce and broadcast: sent and
+        # received are the same buffer, so it counts for both directions.
+        row["bytes_up_per_step"] = rank["payload_bytes"] / run["steps"]
+        row["bytes_down_per_step"] = rank["payload_bytes"] / run["steps"]
+        row["bytes_total"] = float(rank["payload_bytes"])
+    cluster, aggregation = _per_step(ranks)
+    base_ranks = sorted(baseline["ranks"], key=lambda r: r["rank"])
+    base_cluster, base_aggregation = _per_step(base_ranks)
+    cumulative, total = [], 0.0
+    for value in cluster:
+        total += value
+        cumulative.append(total)
+    curve = [{"step": point["step"], "cluster_s": cumulative[point["step"] - 1] if point["step"] else 0.0,
+              "sim_wall_s": point["wall_s"], "accuracy": point["accuracy"], "loss": point["loss"]}
+             for point in ranks[0]["curve"]]
+    return {
+        "label": METHOD_LABELS["collective"],
+        "path": "collective-launcher (7 local gloo processes; no Flower server)",
+        "local_steps": 1,
+        "rounds": run["steps"],
+        "devices": devices,
+        "cluster_step_s": _median(cluster),
+        "mean_device_step_s": _mean([d["step_s"] for d in devices]),
+        "aggregation_s_per_step": _median(aggregation),
+        "aggregation_s_per_round": _median(aggregation),
+        "averaging_s_per_round": _median(aggregation),
+        "bytes_up_per_step": _mean([d["bytes_up_per_step"] for d in devices]),
+        "bytes_down_per_step": _mean([d["bytes_down_per_step"] for d in devices]),
+        "curve": curve,
+        "final_accuracy": curve[-1]["accuracy"],
+        "initial_accuracy": curve[0]["accuracy"],
+        "run_seconds": run["run_seconds"],
+        "total_cluster_s": cumulative[-1],
+        "accepted_every_round": True,
+        "full_update_same_transport": {
+            "steps": baseline["steps"],
+            "cluster_step_s": _median(base_cluster),
+            "mean_device_step_s": _mean([_median(r["compute_s"]) for r in base_ranks]),
+            "aggregation_s_per_step": _median(base_aggregation),
+            "bytes_per_step": _mean([r["payload_bytes"] / baseline["steps"] for r in base_ranks]),
+            "run_seconds": baseline["run_seconds"],
+        },
+    }
+
+
+def summarise(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The headline ratios against method 1, the way the paper states its figures."""
+    full = methods["fedavg"]
+
+    def mean_of(method: str, key: str) -> float:
+        return _mean([d[key] for d in methods[method]["devices"]])
+
+    summary: dict[str, Any] = {}
+    for name, method in methods.items():
+        summary[name] = {
+            "mean_predicted_mb": mean_of(name, "predicted_mb"),
+            "mean_measured_mb": mean_of(name, "measured_mb"),
+            "max_predicted_mb": max(d["predicted_mb"] for d in method["devices"]),
+            "predicted_saving_pct": 100 * (1 - mean_of(name, "predicted_mb") / mean_of("fedavg", "predicted_mb")),
+            "measured_saving_pct": 100 * (1 - mean_of(name, "measured_mb") / mean_of("fedavg", "measured_mb")),
+            "cluster_step_ratio": method["cluster_step_s"] / full["cluster_step_s"],
+            "mean_step_ratio": method["mean_device_step_s"] / full["mean_device_step_s"],
+            "aggregation_ratio": method["aggregation_s_per_step"] / full["aggregation_s_per_step"],
+            "bytes_ratio": (method["bytes_up_per_step"] + method["bytes_down_per_step"])
+            / (full["bytes_up_per_step"] + full["bytes_down_per_step"]),
+            "accuracy_delta": method["final_accuracy"] - full["final_accuracy"],
+        }
+    summary["paper_ratios"] = {
+        "memory": PAPER["memory_dsparse_mb"] / PAPER["memory_full_mb"],
+        "batch": PAPER["batch_dsparse_s"] / PAPER["batch_full_s"],
+        "batch_fused": PAPER["batch_fused_s"] / PAPER["batch_full_s"],
+        "batch_fused_vs_dsparse": PAPER["batch_fused_s"] / PAPER["batch_dsparse_s"],
+        "aggregation": 1 - PAPER["aggregation_reduction_pct"] / 100,
+    }
+    dsparse = methods.get("dsparse")
+    if dsparse is not None:
+        slowest = max(dsparse["devices"], key=lambda d: d["step_s"])
+        budgets = [d["budget_mb"] for d in full["devices"]]
+        unit_count = len(full["devices"][0]["units"])
+        summary["facts"] = {
+            "mean_budget_mb": _mean(budgets),
+            "min_budget_mb": min(budgets),
+            "max_budget_mb": max(budgets),
+            "budget_spread": max(budgets) / min(budgets),
+            "full_predicted_mb": full["devices"][0]["predicted_mb"],
+            "full_measured_mb": full["devices"][0]["measured_mb"],
+            "mean_budget_over_full_pct": 100 * _mean(budgets) / full["devices"][0]["predicted_mb"],
+            "weights_mb": full["devices"][0]["predicted_parts_mb"].get("weights", float("nan")),
+            "devices_fitting_full": sum(b >= full["devices"][0]["predicted_mb"] for b in budgets),
+            "slowest_device": slowest["device"],
+            "slowest_device_units": slowest["num_units"],
+            "slowest_device_first_unit": slowest["units"][0] if slowest["units"] else "-",
+            "unit_count": unit_count,
+            "slowest_device_step_over_full_pct": 100 * slowest["step_s"] / full["cluster_step_s"],
+        }
+    collective = methods.get("collective")
+    if collective is not None:
+        base = collective["full_update_same_transport"]
+        summary["collective"]["same_transport_cluster_step_ratio"] = collective["cluster_step_s"] / base["cluster_step_s"]
+        summary["collective"]["same_transport_aggregation_ratio"] = (
+            collective["aggregation_s_per_step"] / base["aggregation_s_per_step"])
+        summary["collective"]["same_transport_bytes_ratio"] = (
+            collective["bytes_up_per_step"] / base["bytes_per_step"])
+        if "dsparse" in methods:
+            # Methods 3 and 5 compute the same update by different transports (see the report).
+            pairs = zip(methods["dsparse"]["curve"], collective["curve"])
+            summary["collective"]["max_loss_gap_vs_dsparse"] = max(abs(a["loss"] - b["loss"]) for a, b in pairs)
+    return summary
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _versions() -> dict[str, str]:
+    import flwr
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "flwr": getattr(flwr, "__version__", "?"), "platform": platform.platform(),
+            "cpu_count": str(os.cpu_count())}
+
+
+def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command: str = "",
+                methods: Sequence[str] = METHODS, progress: Progress | None = None, plots: bool = True) -> dict[str, Any]:
+    """Run the comparison and write ``results.json``, ``results.csv``, the plots and ``REPORT.md`` to ``out``."""
+    from experiments import report
+
+    setup.check()
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "fedavg" not in methods:
+        raise ValueError(f"methods {list(methods)}: every run needs 'fedavg' (the reference); known: {', '.join(METHODS)}")
+    progress = progress or Progress()
+    out.mkdir(parents=True, exist_ok=True)
+    progress.say(f"{setup.num_devices} devices, budgets {', '.join(f'{b:g}' for b in setup.budgets_mb)} MB, "
+                 f"{setup.model}, {setup.dataset}, {setup.steps} steps at batch {setup.batch_size}; output {out}")
+    train, test = load_splits(setup)
+    checkpoint, state, checkpoint_info = starting_checkpoint(setup, out, weights, train, test, progress)
+    start_model = build_model(setup.model, seed=setup.seed)
+    start_model.load_state_dict(state)
+    start_loss, start_accuracy = evaluate_state(start_model, test)
+    old = test.y < setup.pretrain_classes
+    checkpoint_info.update(held_out_accuracy=start_accuracy, held_out_loss=start_loss)
+    progress.say(f"starting checkpoint: held-out accuracy {start_accuracy:.3f} over all 10 classes "
+                 f"({int(old.sum())} of {len(test)} test examples are of the pre-training classes)")
+
+    threads = torch.get_num_threads()
+    with progress.stage("profiling memory and planning"):
+        plans = make_plans(setup, state, train)
+    torch.set_num_threads(threads)
+    method_plans = {"fedavg": plans.full, "uniform": plans.uniform, "dsparse": plans.dsparse,
+                    "dsparse_k": plans.dsparse, "collective": plans.dsparse}
+    for device in plans.dsparse.devices:
+        progress.say(f"  device {device.id}: budget {device.budget_mb:g} MB -> {len(device.units)} units, "
+                     f"predicted {device.predicted_mb.total:.1f} MB")
+    with progress.stage("measuring memory (fresh subprocess per selection)"):
+        memory = measure_memory(setup, {m: method_plans[m] for m in methods}, progress)
+
+    runs: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        if method == "collective":
+            continue
+        with progress.stage(f"method {METHOD_LABELS[method]}"):
+            run = run_flower_method(method, setup, state, None if method == "fedavg" else method_plans[method], test,
+                                    progress)
+        runs[method] = flower_measures(method, run, method_plans[method], memory, setup)
+    if "collective" in methods:
+        label = f"method {METHOD_LABELS['collective']}, then the full model over the same transport (timing baseline)"
+        with progress.stage(label):
+            collective, baseline = run_collective([
+                {"plan": plans.dsparse, "steps": setup.steps, "evaluate": True, "fused": True},
+                {"plan": plans.full, "steps": setup.baseline_steps, "evaluate": False, "fused": True},
+            ], setup, checkpoint)
+        runs["collective"] = collective_measures(collective, baseline, plans.dsparse, memory)
+
+    results = {
+        "command": command,
+        "quick": setup == QUICK,
+        "setup": asdict(setup),
+        "machine": _versions(),
+        "checkpoint": checkpoint_info,
+        "plan": {"dsparse": plans.dsparse.to_dict(), "digest": plans.dsparse.digest(),
+                 "unit_names": list(plans.cost.unit_names), "scores": plans.scores,
+                 "groups": len(plans.dsparse.groups), "frozen_units": list(plans.dsparse.frozen_units)},
+        "paper": PAPER,
+        "methods": runs,
+        "summary": summarise(runs),
+        "stage_seconds": dict(progress.stage_seconds),
+        "total_seconds": time.perf_counter() - progress.started,
+    }
+    # Everything below reads the JSON round trip, so the report is exactly what results.json renders to.
+    results = json.loads(json.dumps(results, default=float))
+    if plots:
+        from experiments import plots as plotting
+
+        results["plots"] = plotting.write_plots(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report.write_csv(results, out / "results.csv")
+    (out / "REPORT.md").write_text(report.render_report(results))
+    progress.say(f"wrote {out / 'results.json'}, results.csv, plots and REPORT.md in {results['total_seconds']:.0f} s")
+    return results
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--out", type=Path, required=True, help="output folder (the checkpoint is cached here too)")
+    parser.add_argument("--quick", action="store_true", help="the CI size: TinyNet, 6 steps (under 3 minutes)")
+    parser.add_argument("--weights", type=Path, default=None, help="start from this state dict instead of pre-training")
+    parser.add_argument("--model", default=None, choices=sorted(MODELS), help="default mobilenet_v2 (tiny with --quick)")
+    parser.add_argument("--budgets", default=None, help="MB per device, comma-separated (default 40,48,58,68,80,96,120)")
+    parser.add_argument("--steps", type=int, default=None, help="local steps per device, every method (default 40)")
+    parser.add_argument("--local-steps", type=int, default=None, help="K of method 4 (default 4)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--dataset", default=None, choices=("synthetic", "cifar10"),
+                        help="default synthetic (embedded); cifar10 reads --data-root")
+    parser.add_argument("--data-root", default=None, help="folder that holds cifar-10-batches-py")
+    parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs for the simulation (default 2)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (fedavg is required)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.set_defaults(func=_cli_main)
+    return parser
+
+
+def setup_from_args(args: argparse.Namespace) -> Setup:
+    setup = QUICK if args.quick else DEFAULT
+    changes: dict[str, Any] = {}
+    for name in ("model", "steps", "local_steps", "batch_size", "dataset", "data_root", "num_cpus"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.budgets is not None:
+        changes["budgets_mb"] = tuple(parse_budgets(args.budgets, field="--budgets"))
+    if args.local_steps is not None and args.steps is None:
+        changes["eval_every"] = args.local_steps
+    if "local_steps" in changes and setup.eval_every % changes["local_steps"]:
+        changes["eval_every"] = changes["local_steps"]
+    setup = replace(setup, **changes)
+    setup.check()
+    return setup
+
+
+def _cli_main(args: argparse.Namespace) -> int:
+    setup = setup_from_args(args)
+    # The command as typed, for the report: `dsparse compare …` or `python -m experiments.compare …`.
+    words = args.argv if args.argv is not None else sys.argv[1:]
+    command = f"{args.prog_prefix} " + " ".join(shlex.quote(a) for a in words)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_compare(args.out, setup, weights=args.weights, command=command, methods=methods, plots=not args.no_plots)
+    return 0
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dsparse compare``."""
+    parser = subparsers.add_parser("compare", help="the paper's comparison: FedAvg, uniform sparse and DSparse, "
+                                   "measured here (results.json, plots, REPORT.md)")
+    parser.set_defaults(argv=None, prog_prefix="dsparse")
+    return _configure(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _configure(argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[1]))
+    args = parser.parse_args(argv)
+    args.argv, args.prog_prefix = argv, "python -m experiments.compare"
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"compare: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""The comparison experiment: ``--quick`` end to end into a temporary folder.
+
+One run (about a minute or two on 2 idle cores) feeds every test of this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from experiments.compare import METHODS, QUICK, main
+from experiments.report import render_report
+
+DEVICE_MEASURES = ("budget_mb", "predicted_mb", "measured_mb", "step_s", "bytes_up_per_step", "bytes_down_per_step")
+METHOD_MEASURES = ("cluster_step_s", "mean_device_step_s", "aggregation_s_per_step", "bytes_up_per_step",
+                   "bytes_down_per_step", "final_accuracy", "curve")
+PLOTS = ("memory_per_device.png", "accuracy_steps.png", "accuracy_time.png", "aggregation_bytes.png")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    assert main(["--out", str(out), "--quick"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_outputs_exist(quick_run):
+    out, results = quick_run
+    for name in ("results.json", "results.csv", "REPORT.md", *PLOTS):
+        assert (out / name).stat().st_size > 0, name
+    assert list(out.glob("pretrained_tiny_*.pt")), "the starting checkpoint is cached in the output folder"
+    assert set(results["plots"].values()) == set(PLOTS)
+    assert results["command"].startswith("python -m experiments.compare --out ")
+
+
+def test_every_method_has_every_measure(quick_run):
+    _, results = quick_run
+    assert list(results["methods"]) == list(METHODS)
+    for name, method in results["methods"].items():
+        assert len(method["devices"]) == len(QUICK.budgets_mb), name
+        for device in method["devices"]:
+            for key in DEVICE_MEASURES:
+                assert math.isfinite(device[key]) and device[key] > 0, (name, device["device"], key, device[key])
+        for key in METHOD_MEASURES:
+            assert key in method, (name, key)
+        for key in ("cluster_step_s", "mean_device_step_s", "aggregation_s_per_step"):
+            assert math.isfinite(method[key]) and method[key] > 0, (name, key)
+        assert 0.0 <= method["final_accuracy"] <= 1.0
+        curve = method["curve"]
+        # The same steps for every method, evaluated at the same points.
+        assert [p["step"] for p in curve] == list(range(0, QUICK.steps + 1, QUICK.eval_every)), name
+        assert all(b["cluster_s"] > a["cluster_s"] for a, b in zip(curve, curve[1:])), name
+        assert method["accepted_every_round"], name
+    for name in METHODS:
+        assert set(results["summary"][name]) >= {"mean_measured_mb", "measured_saving_pct", "cluster_step_ratio",
+                                                  "aggregation_ratio", "bytes_ratio", "accuracy_delta"}
+
+
+def test_dsparse_uses_less_measured_memory_than_full_update(quick_run):
+    _, results = quick_run
+    summary = results["summary"]
+    assert summary["dsparse"]["mean_measured_mb"] < summary["fedavg"]["mean_measured_mb"]
+    assert summary["dsparse"]["mean_predicted_mb"] < summary["fedavg"]["mean_predicted_mb"]
+    # Every DSparse device fits its budget by the cost model; full update exceeds the small ones.
+    for device in results["methods"]["dsparse"]["devices"]:
+        assert device["predicted_mb"] <= device["budget_mb"] + 1e-6
+    assert any(d["predicted_mb"] > d["budget_mb"] for d in results["methods"]["fedavg"]["devices"])
+
+
+def test_dsparse_moves_fewer_bytes_per_step_than_fedavg(quick_run):
+    _, results = quick_run
+    methods = results["methods"]
+    fedavg = methods["fedavg"]["bytes_up_per_step"] + methods["fedavg"]["bytes_down_per_step"]
+    for name in ("dsparse", "dsparse_k"):
+        assert methods[name]["bytes_up_per_step"] + methods[name]["bytes_down_per_step"] < fedavg, name
+    # FedAvg moves the whole model each way, every round, on every device.
+    sizes = {d["bytes_up_per_step"] for d in methods["fedavg"]["devices"]}
+    assert len(sizes) == 1
+
+
+def test_collective_transport_trains_the_same_model_as_the_server_grouped_mean(quick_run):
+    # Per-step SGD with momentum: averaging parameters after one local step from a common
+    # model (method 3) equals averaging gradients before the step (method 5) when the
+    # partitions have equal batches, as here. Two transports, one model, up to rounding.
+    _, results = quick_run
+    server = results["methods"]["dsparse"]["curve"]
+    collective = results["methods"]["collective"]["curve"]
+    assert [p["step"] for p in server] == [p["step"] for p in collective]
+    for a, b in zip(server, collective):
+        assert abs(a["loss"] - b["loss"]) < 1e-2 * max(1.0, abs(a["loss"])), (a, b)
+
+
+def test_report_is_rendered_from_results_json(quick_run):
+    out, results = quick_run
+    report = (out / "REPORT.md").read_text()
+    assert report == render_report(results)
+    assert results["command"] in report
+    assert "Where we fall short of the paper" in report
+    for plot in PLOTS:
+        assert f"({plot})" in report
+
+
+def test_csv_has_a_row_per_method_and_device(quick_run):
+    out, results = quick_run
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(METHODS) * (len(QUICK.budgets_mb) + 1)
+    cluster = {row["method"]: row for row in rows if row["device"] == "cluster"}
+    assert float(cluster["dsparse"]["measured_mb"]) == pytest.approx(results["summary"]["dsparse"]["mean_measured_mb"])
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--steps", "5", "--local-steps", "2"], ["--steps 5", "multiple of --local-steps 2"]),
+        (["--budgets", "40,abc"], ["--budgets", "'abc'"]),
+        (["--budgets", "40"], ["--budgets gives 1 device", "at least 2"]),
+        (["--dataset", "cifar10"], ["--data-root", "cifar-10-batches-py"]),
+    ],
+)
+def test_bad_arguments_fail_before_running(tmp_path, capsys, argv, words):
+    assert main(["--out", str(tmp_path / "out"), "--quick", *argv]) == 2
+    error = capsys.readouterr().err
+    for word in words:
+        assert word in error
+    assert not (tmp_path / "out").exists()
