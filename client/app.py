@@ -12,6 +12,7 @@ the server sends only the tensors it lacks.
 from __future__ import annotations
 
 import itertools
+from logging import INFO
 from functools import lru_cache
 from typing import Any, Mapping
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
 from flwr_dsparse.config import JobConfig, load_config
 from flwr_dsparse.data import Split, batch_iterator, load_dataset, partition_indices
@@ -152,6 +154,7 @@ def query(msg: Message, context: Context) -> Message:
     config, _ = _job(msg)
     budget, source = node_budget_mb(context.node_config, config)
     _, indices, partition = _node_data(config, context.node_config)
+    log(INFO, "device %d: memory budget %.1f MB from %s, batch size %d", partition, budget, source, config.batch_size)
     metrics = MetricRecord(
         {"partition-id": partition, "budget-mb": budget, "batch-size": config.batch_size, "num-examples": len(indices)}
     )

@@ -10,7 +10,9 @@ from torch import nn
 __all__ = ["MODELS", "build_model", "TinyNet"]
 
 
-def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, stride: int, batch_norm: bool = True) -> nn.Sequential:
+    if not batch_norm:
+        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
@@ -23,16 +25,19 @@ class TinyNet(nn.Module):
 
     It has the same unit layout as MobileNetV2 (``features.0`` … and
     ``classifier``) at a fraction of the cost, for tests and quick runs.
+    With ``batch_norm=False`` (the ``"tiny_nobn"`` model) the blocks are conv (with
+    bias) and ReLU: the mean of per-device gradients then equals the gradient of the
+    union batch exactly, which BatchNorm's per-batch statistics would break.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16, *, batch_norm: bool = True) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_block(in_channels, width, 1),
-            _conv_block(width, width * 2, 2),
-            _conv_block(width * 2, width * 2, 1),
-            _conv_block(width * 2, width * 4, 2),
-            _conv_block(width * 4, width * 4, 1),
+            _conv_block(in_channels, width, 1, batch_norm),
+            _conv_block(width, width * 2, 2, batch_norm),
+            _conv_block(width * 2, width * 2, 1, batch_norm),
+            _conv_block(width * 2, width * 4, 2, batch_norm),
+            _conv_block(width * 4, width * 4, 1, batch_norm),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(width * 4, num_classes))
@@ -50,6 +55,7 @@ def _mobilenet_v2(num_classes: int) -> nn.Module:
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "mobilenet_v2": _mobilenet_v2,
     "tiny": lambda num_classes: TinyNet(num_classes),
+    "tiny_nobn": lambda num_classes: TinyNet(num_classes, width=4, batch_norm=False),
 }
 
 

@@ -90,19 +90,25 @@ def device_tensors(plan: Plan, device: int) -> list[str]:
     return [name for group in plan.groups_of(device) for name in group.tensors]
 
 
-def format_plan_table(plan: Plan) -> str:
-    """The ``dsparse plan`` table: one row per device, then the groups."""
+def format_plan_table(plan: Plan, sources: Mapping[int, str] | None = None) -> str:
+    """The ``dsparse plan`` table: one row per device, then the groups.
+
+    ``sources`` maps a device id to where its budget came from (``node-config memory-mb``,
+    ``sim-budgets-mb``, ``psutil …``); without it the column shows ``-``.
+    """
+    sources = sources or {}
     lines = [
         f"dsparse plan {plan.digest()[:12]}: {len(plan.devices)} devices, {len(plan.groups)} groups, "
         f"{len(plan.frozen_units)} units frozen for all",
-        f"{'device':>6} {'budget MB':>10} {'pred MB':>8} {'batch':>5} {'units':>5}  selection",
+        f"{'device':>6} {'budget MB':>10} {'pred MB':>8} {'batch':>5} {'units':>5}  {'budget source':<24} selection",
     ]
     for device in plan.devices:
         predicted = f"{device.predicted_mb.total:.1f}" if device.predicted_mb else "-"
         selection = ",".join(name.replace("features.", "f") for name in device.units) or "(inference only)"
+        source = sources.get(device.id) or "-"
         lines.append(
             f"{device.id:>6} {device.budget_mb:>10.1f} {predicted:>8} {device.batch_size:>5} "
-            f"{len(device.units):>5}  {selection}"
+            f"{len(device.units):>5}  {source:<24} {selection}"
         )
     for index, group in enumerate(plan.groups):
         lines.append(
@@ -213,7 +219,7 @@ class DSparse(Strategy):
         self.reports = reports
         plan = self.plan_fn(reports)
         self.set_plan(plan, {report.node_id: report.device for report in reports})
-        for line in format_plan_table(plan).splitlines():
+        for line in format_plan_table(plan, {r.device: r.budget_source for r in reports}).splitlines():
             log(INFO, "%s", line)
         return plan
 

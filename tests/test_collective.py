@@ -41,27 +41,7 @@ DEADLINE_S = 90.0  # hard bound: launch_local kills any rank still running by th
 torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR).step()
 
 
-class NoNormNet(nn.Module):
-    """TinyNet's unit layout without BatchNorm: the mean of per-rank gradients then equals the
-    gradient of the union batch exactly (BatchNorm would normalise over each rank's batch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
-            nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8, 10))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.features(inputs)))
-
-
 def make_model(name: str) -> nn.Module:
-    if name == "nonorm":
-        torch.manual_seed(0)
-        return NoNormNet()
     return build_model(name, seed=0)
 
 
@@ -207,7 +187,7 @@ def server_side_reference(plan: Plan, model_name: str, steps: int) -> dict[str, 
 
 
 def centralized_sgd(world_size: int, steps: int) -> dict[str, torch.Tensor]:
-    model = make_model("nonorm")
+    model = make_model("tiny_nobn")
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     batches = [rank_batches(rank, steps) for rank in range(world_size)]
     for step in range(steps):
@@ -270,16 +250,16 @@ def test_ranks_are_bit_identical_and_match_grouped_reference(selections, fused, 
 
 def test_all_units_everywhere_equals_centralized_sgd_on_union_batch():
     world_size = 3
-    every_unit = [unit.name for unit in model_units(make_model("nonorm"))]
-    plan = make_plan("nonorm", dict.fromkeys(range(world_size), every_unit))
+    every_unit = [unit.name for unit in model_units(make_model("tiny_nobn"))]
+    plan = make_plan("tiny_nobn", dict.fromkeys(range(world_size), every_unit))
     assert len(plan.groups) == 1 and plan.groups[0].members == (0, 1, 2)
-    outcomes = launch_local(train_rank, world_size, (plan.to_json(), "nonorm", True), start_method=START_METHOD,
+    outcomes = launch_local(train_rank, world_size, (plan.to_json(), "tiny_nobn", True), start_method=START_METHOD,
                             deadline_s=DEADLINE_S)
     assert_ok(outcomes)
     reference = centralized_sgd(world_size, STEPS)
     for outcome in outcomes:
         assert_close_states(outcome.result["state"], reference)
-    assert not torch.equal(reference["classifier.1.weight"], make_model("nonorm").state_dict()["classifier.1.weight"])
+    assert not torch.equal(reference["classifier.1.weight"], make_model("tiny_nobn").state_dict()["classifier.1.weight"])
 
 
 @pytest.mark.parametrize("fault", ["exit", "stall", "never-joins"])

@@ -103,25 +103,8 @@ def test_grouped_aggregation_equals_hand_computation():
     assert metrics["num-accepted"] == 3 and metrics["num-rejected"] == 0 and metrics["num-examples"] == 75
 
 
-class NoBatchNorm(nn.Module):
-    """MobileNet-shaped units without BatchNorm, so a batch's mean gradient is exact."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()),
-            nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8, 10))
-
-    def forward(self, x):
-        return self.classifier(self.pool(self.features(x)))
-
-
 def test_one_round_equals_one_sgd_step_on_the_concatenated_batch():
-    torch.manual_seed(0)
-    model = NoBatchNorm().double().float()
+    model = build_model("tiny_nobn", seed=0)
     all_units = [unit.name for unit in model_units(model)]
     devices = [0, 1, 2]
     strategy = make_strategy(model, {d: all_units for d in devices})
@@ -132,13 +115,13 @@ def test_one_round_equals_one_sgd_step_on_the_concatenated_batch():
     messages = by_device(strategy.configure_train(1, to_array_record(initial), ConfigRecord(), None))
     replies = []
     for device, message in messages.items():
-        local = NoBatchNorm()
+        local = build_model("tiny_nobn", seed=None)
         local.load_state_dict(from_array_record(message.content["arrays"]))
         train_selection(local, all_units, [batches[device]], lr=lr, momentum=0.0)
         replies.append(reply(message, local.state_dict(), 8, 1))
     arrays, _ = strategy.aggregate_train(1, replies)
 
-    reference = NoBatchNorm()
+    reference = build_model("tiny_nobn", seed=None)
     reference.load_state_dict(initial)
     optimizer = torch.optim.SGD(reference.parameters(), lr=lr)
     inputs = torch.cat([batches[d][0] for d in devices])
@@ -303,3 +286,14 @@ def test_reply_from_unknown_node_is_rejected():
     arrays, metrics = strategy.aggregate_train(1, [reply(stranger, sent[0], 5, 1)])
     assert metrics["rejected-unknown-node"] == 1 and metrics["num-accepted"] == 0
     assert all(torch.equal(from_array_record(arrays)[n], t) for n, t in state.items())
+
+
+def test_plan_table_shows_each_budget_source():
+    from flwr_dsparse.strategy import format_plan_table
+
+    model = build_model("tiny", seed=0)
+    strategy = make_strategy(model, {0: ["classifier"], 1: ["features.4", "classifier"]})
+    table = format_plan_table(strategy.plan, {0: "node-config memory-mb", 1: "sim-budgets-mb"})
+    rows = {line.split()[0]: line for line in table.splitlines()[2:4]}
+    assert "budget source" in table.splitlines()[1]
+    assert "node-config memory-mb" in rows["0"] and "sim-budgets-mb" in rows["1"]
