@@ -34,7 +34,8 @@ __all__ = ["app", "train_selection", "node_budget_mb", "CONTROL_KEYS"]
 
 MB = 1024 * 1024
 # Keys the server adds to the job config in train messages; they are not run_config keys.
-CONTROL_KEYS = ("server-round", "selection")
+CONTROL_KEYS = ("server-round", "selection", "send-state", "round-transport", "plan", "rank", "world-size", "collective-port")
+STATE_KEY = "optimizer"
 REPLICA_KEY = "dsparse.replica"
 MOMENTUM_KEY = "dsparse.momentum"
 META_KEY = "dsparse.meta"
@@ -191,11 +192,18 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"replica lacks {len(missing)} tensors (e.g. {missing[:2]}); the node lost its state")
     model.load_state_dict(state)
 
-    momentum_state = from_array_record(context.state[MOMENTUM_KEY]) if MOMENTUM_KEY in context.state else {}
+    if STATE_KEY in msg.content.array_records:
+        # The server's copy of this node's momentum (after a retry, a restart or a resume).
+        momentum_state = from_array_record(msg.content[STATE_KEY])
+    else:
+        momentum_state = from_array_record(context.state[MOMENTUM_KEY]) if MOMENTUM_KEY in context.state else {}
     batches = _round_batches(config, split, indices, partition, server_round)
-    results, momentum_state = train_selection(
-        model, selection, batches, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state
-    )
+    if record.get("round-transport") == "collective":
+        results, momentum_state = _collective_round(config, record, model, units, batches), {}
+    else:
+        results, momentum_state = train_selection(
+            model, selection, batches, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state
+        )
     context.state[MOMENTUM_KEY] = to_array_record(momentum_state)
     trained = model.state_dict()
     if config.method != "fedavg":
@@ -212,6 +220,31 @@ def train(msg: Message, context: Context) -> Message:
             "bytes-sent": tensor_nbytes(reply),
             "server-round": server_round,
             "partition-id": partition,
+            # The current budget, so the server re-plans a node whose memory dropped.
+            "budget-mb": node_budget_mb(context.node_config, config)[0],
         }
     )
-    return Message(RecordDict({"arrays": to_array_record(reply), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": to_array_record(reply), "metrics": metrics})
+    if record.get("send-state"):
+        content[STATE_KEY] = to_array_record(momentum_state)
+    return Message(content, reply_to=msg)
+
+
+def _collective_round(config: JobConfig, record: ConfigRecord, model: torch.nn.Module, units, batches) -> list[StepResult]:
+    """The round's K steps as per-step synchronous AllReduce/Broadcast among the nodes.
+
+    The server sent every node the whole global model it lacks, so all ranks start equal
+    (no initial broadcast). Momentum restarts every round: the collective builds its own
+    optimizer (documented limitation).
+    """
+    from flwr_dsparse.collective import run_collective_round
+    from flwr_dsparse.plan import Plan
+
+    result = run_collective_round(
+        Plan.from_json(str(record["plan"])), int(record["rank"]), int(record["world-size"]),
+        str(record["collective-addr"]), int(record["collective-port"]), model, batches, config.local_steps,
+        make_optimizer_factory("sgd", lr=config.lr, momentum=config.momentum), config.collective_timeout,
+        units=units, sync_start=False,
+    )
+    seconds = [c + a for c, a in zip(result.compute_seconds, result.aggregation_seconds)]
+    return [StepResult(loss, len(batch[1]), s, peak_rss_mb(), 0.0) for loss, batch, s in zip(result.losses, batches, seconds)]

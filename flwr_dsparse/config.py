@@ -18,12 +18,13 @@ from typing import Any, Mapping
 from .models import MODELS
 from .planner import parse_budgets
 
-__all__ = ["JobConfig", "load_config", "parse_budgets_mb", "METHODS", "DATASETS", "PARTITIONINGS", "SCORERS"]
+__all__ = ["JobConfig", "load_config", "parse_budgets_mb", "METHODS", "DATASETS", "PARTITIONINGS", "SCORERS", "TRANSPORTS"]
 
 METHODS = ("dsparse", "fedavg")
 DATASETS = ("synthetic", "cifar10")
 PARTITIONINGS = ("iid", "dirichlet")
 SCORERS = ("gradient", "depth")
+TRANSPORTS = ("server", "collective")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ class JobConfig:
     min_nodes: int = 2
     round_timeout: float = 600.0
     out_dir: str = "outputs"
+    min_replies: int = 1
+    round_retries: int = 2
+    checkpoint: bool = True
+    resume: bool = False
+    transport: str = "server"
+    collective_addr: str = "127.0.0.1"
+    collective_timeout: float = 60.0
 
     @property
     def budgets_mb(self) -> list[float]:
@@ -140,14 +148,21 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
     _one_of("dataset", config.dataset, DATASETS)
     _one_of("scorer", config.scorer, SCORERS)
     _one_of("partitioning", config.partitioning, PARTITIONINGS)
-    for key in ("num-server-rounds", "local-steps", "batch-size", "lr", "dirichlet-alpha", "round-timeout", "min-nodes"):
+    _one_of("transport", config.transport, TRANSPORTS)
+    positive = ("num-server-rounds", "local-steps", "batch-size", "lr", "dirichlet-alpha", "round-timeout", "min-nodes")
+    for key in positive + ("min-replies", "collective-timeout"):
         _positive(key, values.get(key, getattr(config, key.replace("-", "_"))))
-    for key in ("momentum", "memory-reserve-mb", "train-examples", "test-examples"):
+    for key in ("momentum", "memory-reserve-mb", "train-examples", "test-examples", "round-retries"):
         value = getattr(config, key.replace("-", "_"))
         if value < 0:
             raise ValueError(f"{key} must be >= 0, got {value!r}")
     if config.momentum >= 1:
         raise ValueError(f"momentum must be below 1, got {config.momentum}; use e.g. momentum=0.9")
+    if config.method == "fedavg" and (config.resume or config.transport != "server"):
+        raise ValueError(
+            "resume and transport=\"collective\" are DSparse features; set method=\"dsparse\", "
+            "or resume=false and transport=\"server\" for FedAvg"
+        )
     config.budgets_mb  # parse now: a malformed budgets string must fail before training
     if config.dataset == "cifar10" and not config.data_root:
         raise ValueError(

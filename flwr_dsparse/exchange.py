@@ -51,6 +51,8 @@ REJECTION_KINDS = (
     "stale-round",
     "unknown-node",
     "malformed",
+    "oversize",
+    "optimizer-state",
 )
 
 

@@ -30,7 +30,7 @@ from flwr_dsparse.strategy import DeviceReport, DSparse, PlanFn
 from flwr_dsparse.trainer import SparseTrainer
 from flwr_dsparse.units import model_units
 
-__all__ = ["app", "make_server_app", "run_job", "planner_plan_fn", "MeasuredFedAvg"]
+__all__ = ["app", "make_server_app", "run_job", "planner_plan_fn", "MeasuredFedAvg", "checkpoint_path"]
 
 CALIBRATION_EXAMPLES = 64
 
@@ -133,7 +133,7 @@ def _write_outputs(out: Path, config: JobConfig, rows: list[dict[str, Any]], pla
     )
     devices = sorted({d for row in rows for d in row.get("devices", {})}, key=int)
     columns = ["round", "loss", "accuracy", "train-loss", "bytes-up", "bytes-down", "aggregation-seconds", "round-seconds"]
-    columns += ["num-missing", "num-rejected"]
+    columns += ["num-missing", "num-rejected", "bytes-up-state", "bytes-down-state"]
     columns += [f"bytes-up-{d}" for d in devices] + [f"bytes-down-{d}" for d in devices]
     with (out / "metrics.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -142,6 +142,8 @@ def _write_outputs(out: Path, config: JobConfig, rows: list[dict[str, Any]], pla
             flat = {key: row.get(key, "") for key in columns[:8]}
             flat["num-missing"] = len(row.get("missing", [])) if "devices" in row else ""
             flat["num-rejected"] = sum(row.get("rejected", {}).values()) if "devices" in row else ""
+            flat["bytes-up-state"] = row.get("bytes-up-state", "")
+            flat["bytes-down-state"] = row.get("bytes-down-state", "")
             for d in devices:
                 device_row = row.get("devices", {}).get(d, {})
                 flat[f"bytes-up-{d}"] = device_row.get("bytes-up", "")
@@ -217,12 +219,23 @@ def _run_job(grid: Grid, config: JobConfig, plan_fn: PlanFn | None) -> dict[str,
             train_config=config.to_run_config(),
             query_config=config.to_run_config(),
             min_nodes=config.min_nodes,
+            min_replies=config.min_replies,
+            round_retries=config.round_retries,
+            # The server keeps the nodes' momentum only when it checkpoints: it costs upload bytes.
+            keep_client_state=config.checkpoint and config.momentum > 0,
+            checkpoint_path=checkpoint_path(config) if config.checkpoint or config.resume else None,
+            resume=config.resume,
+            fingerprint=config.to_run_config(),
+            transport=config.transport,
+            collective_addr=config.collective_addr,
         )
         del train
         result = strategy.start(
             grid, initial, num_rounds=config.num_server_rounds, timeout=config.round_timeout, evaluate_fn=evaluate_fn
         )
         plan = strategy.plan
+        # A resumed run's evaluations of earlier rounds come from its checkpoint.
+        evaluations[:] = [{"round": r, **m} for r, m in sorted(strategy.evaluations.items())]
     else:
         del train
         strategy = MeasuredFedAvg(
@@ -259,6 +272,11 @@ def _run_job(grid: Grid, config: JobConfig, plan_fn: PlanFn | None) -> dict[str,
         log(INFO, "%s", line)
     log(INFO, "outputs written to %s", Path(config.out_dir).resolve())
     return summary
+
+
+def checkpoint_path(config: JobConfig) -> Path:
+    """Where a DSparse job checkpoints (and resumes from): ``out-dir/checkpoint.pt``."""
+    return Path(config.out_dir) / "checkpoint.pt"
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None, *, plan_fn: PlanFn | None = None) -> ServerApp:
