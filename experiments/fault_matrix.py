@@ -247,10 +247,12 @@ def run_scenario(scenario: Scenario, out_dir: Path, **extra: Any) -> dict[str, A
     metrics_path = out_dir / "metrics.json"
     rounds = json.loads(metrics_path.read_text())["rounds"] if metrics_path.is_file() and stopped is None else []
     if stopped is not None:
-        from flwr_dsparse.checkpoint import load_checkpoint
+        from flwr_dsparse.checkpoint import CheckpointError, load_checkpoint
 
-        checkpoint = out_dir / "checkpoint.pt"
-        history = load_checkpoint(checkpoint)["history"] if checkpoint.is_file() else []
+        try:
+            history = load_checkpoint(out_dir / "checkpoint.pt")["history"]
+        except CheckpointError:
+            history = []
         done = len(history)
     else:
         history = [r for r in rounds if "devices" in r]

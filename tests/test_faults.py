@@ -1,0 +1,263 @@
+"""The fault matrix: every fault of issue 7, injected into a short DSparse run.
+
+Most faults run through :class:`experiments.fault_matrix.LocalGrid` (the real ClientApp
+handlers, strategy and ServerApp job, in-process; Flower's simulation cannot make nodes
+join, leave or die). The kill -9 + resume test and one fault run use the real Ray
+simulation (``flwr.simulation.run_simulation``) in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.fault_matrix import SCENARIOS, SMALL_JOB, LocalGrid, run_scenario
+from flwr_dsparse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from flwr_dsparse.config import load_config
+
+pytestmark = pytest.mark.faults
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _final(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "final_model.pt")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_fault_matrix(scenario, tmp_path):
+    row = run_scenario(scenario, tmp_path)
+    assert row["ok"], row["outcome"] + " " + row["stopped"]
+    assert row["corrupt-applied"] == 0
+    assert row["rounds-lost"] == 0
+    history = row["history"]
+    if scenario.expect_stop:
+        # Stopped as documented: rounds 1..2 complete and checkpointed, round 3 never applied.
+        assert [h["round"] for h in history] == [1, 2]
+        assert "resume=true" in row["stopped"]
+        return
+    assert [h["round"] for h in history] == [1, 2, 3, 4]
+    final = _final(tmp_path)
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+    if scenario.corrupt_device_round:
+        device, server_round = scenario.corrupt_device_round
+        entry = history[server_round - 1]
+        assert device not in entry["accepted"]
+        status = entry["devices"][str(device)]["status"]
+        assert status.startswith("rejected:") or status == "missing", status
+        assert entry["num-examples"] > 0  # the others' replies were applied
+    name = scenario.name
+    if name in ("node raises mid-round", "node times out or dies mid-round"):
+        device = 1 if "raises" in name else 0
+        assert history[1]["missing"] == [device] and device not in history[1]["accepted"]
+    if name == "node leaves between rounds":
+        assert history[2]["events"][0]["event"] == "replan" and "devices [1] left" in history[2]["events"][0]["reason"]
+        assert sorted(history[2]["devices"]) == ["0", "2"] and history[3]["accepted"] == [0, 2]
+    if name == "node joins between rounds":
+        assert history[1]["accepted"] == [0, 1] and history[2]["accepted"] == [0, 1, 2]
+        assert "device 2 joined" in history[2]["events"][0]["reason"]
+    if name == "budget drops":
+        event = history[2]["events"][0]
+        assert "device 2 budget fell to 12.5 MB" in event["reason"]
+        before, after = event["changed"]["2"]["from"], event["changed"]["2"]["to"]
+        assert len(after) < len(before), (before, after)  # a smaller selection from the next round
+        assert history[2]["plan"] != history[1]["plan"]
+    if name == "below min-replies, retry succeeds":
+        assert history[1]["attempts"] == 2 and history[1]["accepted"] == [0, 1, 2]
+        assert history[1]["events"][0]["event"] == "retry"
+
+
+def test_a_rejected_round_leaves_the_model_as_a_run_without_that_reply(tmp_path):
+    """'No rejected update applied', exactly: a NaN reply gives the model of a run where it never arrived."""
+    nan = next(s for s in SCENARIOS if s.name == "NaN in reply")
+    dropped = next(s for s in SCENARIOS if s.name == "node times out or dies mid-round")
+    from experiments.fault_matrix import Scenario, _drop_round
+
+    run_scenario(nan, tmp_path / "nan")
+    run_scenario(Scenario("drop", _drop_round((2, 2))), tmp_path / "drop")
+    a, b = _final(tmp_path / "nan"), _final(tmp_path / "drop")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert dropped  # (the matrix has the plain drop too)
+
+
+def test_resume_in_process_is_bit_identical(tmp_path):
+    from experiments.fault_matrix import Scenario
+
+    whole = run_scenario(Scenario("none"), tmp_path / "whole")
+    assert whole["ok"]
+    part = tmp_path / "part"
+    first = run_scenario(Scenario("none"), part, **{"num-server-rounds": 2})
+    assert first["ok"] and load_checkpoint(part / "checkpoint.pt")["round"] == 2
+    # Fresh nodes (new Contexts, nothing in context.state), as after a server restart.
+    resumed = run_scenario(Scenario("none"), part, resume=True)
+    assert resumed["ok"], resumed["stopped"]
+    a, b = _final(tmp_path / "whole"), _final(part)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    rounds = json.loads((part / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+
+
+def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"round": 1, "global": {"w": torch.ones(3)}})
+    assert load_checkpoint(path)["round"] == 1
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*refusing to resume"):
+        load_checkpoint(path)
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a DSparse checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "none.pt")
+    assert not list(tmp_path.glob(".checkpoint.pt.tmp-*"))  # the temp file was renamed away
+
+
+def test_resume_from_a_corrupt_checkpoint_stops_before_training(tmp_path):
+    from experiments.fault_matrix import Scenario
+
+    run_scenario(Scenario("none"), tmp_path, **{"num-server-rounds": 1})
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
+    row = run_scenario(Scenario("none"), tmp_path, resume=True)
+    assert "truncated or corrupt" in row["stopped"]
+    other = run_scenario(Scenario("none"), tmp_path / "b", **{"num-server-rounds": 1})
+    assert other["ok"]
+    row = run_scenario(Scenario("none"), tmp_path / "b", resume=True, lr=0.01)
+    assert "another job: lr=0.05 there, 0.01 here" in row["stopped"]
+
+
+class _NoTraining:
+    """A grid that fails the test if anything reaches the nodes."""
+
+    def get_node_ids(self):
+        raise AssertionError("a bad config reached the nodes")
+
+    send_and_receive = get_node_ids
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("model", "resnet", ["model", "tiny"]),
+        ("dataset", "mnist", ["dataset", "synthetic"]),
+        ("batch-size", 0, ["batch-size", "> 0"]),
+        ("lr", 0.0, ["lr", "> 0"]),
+        ("sim-budgets-mb", "12,x", ["sim-budgets-mb", "'x'"]),
+        ("min-replies", 0, ["min-replies", "> 0"]),
+        ("transport", "mpi", ["transport", "server, collective"]),
+        ("round-retries", -1, ["round-retries", ">= 0"]),
+    ],
+)
+def test_config_errors_name_the_key_before_training(key, value, words):
+    with pytest.raises(ValueError) as info:
+        load_config({**SMALL_JOB, key: value})
+    assert all(word in str(info.value) for word in words), str(info.value)
+
+
+def test_missing_cifar_folder_and_budget_below_minimum_stop_before_training(tmp_path):
+    from server.app import run_job
+
+    config = load_config({**SMALL_JOB, "dataset": "cifar10", "data-root": str(tmp_path / "nowhere"), "out-dir": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="data-root"):
+        run_job(_NoTraining(), config)  # type: ignore[arg-type]
+    # A budget below the smallest selection: the planner stops the run at the query, before round 1.
+    config = load_config({**SMALL_JOB, "sim-budgets-mb": "12.5,13.7,2", "out-dir": str(tmp_path / "b")})
+    grid = LocalGrid(range(3), 3, fault=lambda *a: pytest.fail("training started"))
+    with pytest.raises(ValueError, match="budget 2 MB for device 2 is below.*lower batch-size or raise memory-mb"):
+        run_job(grid, config)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- real simulation
+
+_SIM = """
+import json, sys
+from flwr.simulation import run_simulation
+from client.app import app
+from server.app import make_server_app
+run_simulation(make_server_app(json.loads(sys.argv[1])), app, num_supernodes=3, backend_config={
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 3, "include_dashboard": False}})
+"""
+
+
+def _simulation(overrides: dict, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+    return subprocess.Popen([sys.executable, "-c", _SIM, json.dumps(overrides)], cwd=REPO, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        tree = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = [process.pid]
+    for pid in tree:  # kill -9, by pid: the server first, then what it started (Ray)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+SIM_JOB = {**SMALL_JOB, "num-server-rounds": 5, "local-steps": 3}
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    reference = _simulation({**SIM_JOB, "out-dir": str(whole)}, tmp_path / "whole.log")
+    victim = _simulation({**SIM_JOB, "out-dir": str(part)}, tmp_path / "part.log")
+    try:
+        deadline = time.monotonic() + 300
+        killed_after = None
+        while time.monotonic() < deadline and victim.poll() is None:
+            checkpoint = part / "checkpoint.pt"
+            if checkpoint.is_file():
+                try:
+                    done = load_checkpoint(checkpoint)["round"]
+                except CheckpointError:
+                    done = 0  # being replaced right now; the rename makes this impossible, but be safe
+                if done >= 2:
+                    _kill_tree(victim)
+                    killed_after = done
+                    break
+            time.sleep(0.05)
+        assert killed_after is not None and killed_after < SIM_JOB["num-server-rounds"], (tmp_path / "part.log").read_text()[-3000:]
+        assert not (part / "final_model.pt").exists()
+        assert reference.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    finally:
+        for process in (reference, victim):
+            if process.poll() is None:
+                _kill_tree(process)
+    resumed = _simulation({**SIM_JOB, "out-dir": str(part), "resume": True}, tmp_path / "resume.log")
+    try:
+        assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    finally:
+        if resumed.poll() is None:
+            _kill_tree(resumed)
+    assert "resumed from" in (tmp_path / "resume.log").read_text()
+    a, b = _final(whole), _final(part)
+    assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
+    rounds = json.loads((part / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == list(range(SIM_JOB["num-server-rounds"] + 1))
