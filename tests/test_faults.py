@@ -220,7 +220,8 @@ def _kill_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-SIM_JOB = {**SMALL_JOB, "num-server-rounds": 5, "local-steps": 3}
+# Two Ray simulations share the machine: a generous timeout for the nodes to start.
+SIM_JOB = {**SMALL_JOB, "num-server-rounds": 5, "local-steps": 3, "round-timeout": 240.0}
 
 
 @pytest.mark.slow

@@ -111,3 +111,34 @@ def test_seven_node_simulation_trains_only_planned_units(tmp_path):
     assert [row["round"] for row in rounds] == list(range(17))
     assert all(row["accepted"] == list(range(7)) for row in rounds[1:])
     assert metrics["summary"]["final-accuracy"] > 0.2  # chance is 0.1
+
+
+@pytest.mark.collective
+@pytest.mark.slow
+def test_collective_transport_in_simulation(tmp_path):
+    """transport="collective" under the Ray simulation: one Ray actor per node (num_cpus covers
+    all nodes, so the ranks run concurrently; fewer actors than nodes would deadlock the
+    rendezvous until collective-timeout), group members return identical tensors."""
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    out = tmp_path / "out"
+    overrides = {
+        "model": "tiny", "batch-size": 16, "local-steps": 2, "lr": 0.05, "momentum": 0.0,
+        "train-examples": 480, "test-examples": 64, "num-server-rounds": 2, "min-nodes": 3,
+        "sim-budgets-mb": "12.5,13.7,18", "transport": "collective", "collective-timeout": 60.0,
+        "out-dir": str(out),
+    }
+    run_simulation(
+        make_server_app(overrides), client_app, num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": 3, "include_dashboard": False}},
+    )
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for row in rounds[1:]:
+        assert row["transport"] == "collective" and row["accepted"] == [0, 1, 2], row.get("events")
+    final = torch.load(out / "final_model.pt")
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
