@@ -109,9 +109,9 @@ class Setup:
     data_root: str = ""
     train_examples: int = 4200
     test_examples: int = 500
-    pretrain_steps: int = 120
+    pretrain_steps: int = 160
     pretrain_batch_size: int = 64
-    pretrain_lr: float = 0.05
+    pretrain_lr: float = 0.01  # 0.05 diverges for MobileNetV2 from scratch at batch 64
     pretrain_classes: int = 6  # pre-train on classes 0..pretrain_classes-1, fine-tune on all
     probe_steps: int = 5
     probe_workers: int = 2
@@ -594,8 +594,10 @@ def run_collective(phases: Sequence[Mapping[str, Any]], setup: Setup, checkpoint
     started = time.perf_counter()
     outcomes = launch_local(_collective_rank, setup.num_devices, (job,), deadline_s=setup.collective_timeout_s * 4,
                             threads_per_rank=1)
-    failed = [f"rank {o.rank}: {(o.error or '').strip().splitlines()[0] if o.error else o.exitcode}"
-              for o in outcomes if not o.ok]
+    # A rank that reported its result but was slow to exit is killed by the launcher after 30 s
+    # (exit code -9); its result is complete, so only a missing result or an error is a failure.
+    failed = [f"rank {o.rank}: {(o.error or '').strip().splitlines()[0] if o.error else f'exit code {o.exitcode}'}"
+              for o in outcomes if o.error is not None or o.result is None]
     if failed:
         raise RuntimeError("the collective run failed: " + "; ".join(failed))
     seconds = time.perf_counter() - started

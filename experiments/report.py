@@ -207,11 +207,23 @@ def _shortfalls(results: Mapping[str, Any]) -> list[str]:
             "contract), a fixed cost of every method; the paper's figure is for the exchange among devices."
         )
     acc = 100 * s_ds["accuracy_delta"]
-    lines.append(
-        f"- **Accuracy:** DSparse ends {acc:+.1f} points from the full update after {results['setup']['steps']} steps "
-        f"(the paper: {paper['accuracy']}). The run is short and the held-out split has "
-        f"{results['setup']['test_examples']} examples, so differences of a point or two are within noise."
-    )
+    steps, test_examples = results["setup"]["steps"], results["setup"]["test_examples"]
+    if acc >= -2.0:
+        lines.append(
+            f"- **Accuracy:** DSparse ends {acc:+.1f} points from the full update after {steps} steps (the paper: "
+            f"{paper['accuracy']}). The held-out split has {test_examples} examples, so a point or two is within noise."
+        )
+    else:
+        units = [d["num_units"] for d in methods["dsparse"]["devices"]]
+        share = 100 * sum(units) / (len(units) * facts["unit_count"])
+        lines.append(
+            f"- **Accuracy: DSparse ends {acc:+.1f} points below the full update after {steps} steps** (the paper: "
+            f"{paper['accuracy']}); uniform sparse ends {100 * summary['uniform']['accuracy_delta']:+.1f} points and "
+            f"DSparse with K local steps {100 * summary['dsparse_k']['accuracy_delta']:+.1f}. A DSparse device trains "
+            f"{share:.0f}% of the units on average, so each step moves fewer parameters and fine-tuning converges more "
+            f"slowly; this run stops after {steps} steps, early in fine-tuning, where that shows most. Whether the gap "
+            "closes with more steps is not measured here (run with a larger --steps)."
+        )
     return lines
 
 
