@@ -208,10 +208,15 @@ def _shortfalls(results: Mapping[str, Any]) -> list[str]:
         )
     acc = 100 * s_ds["accuracy_delta"]
     steps, test_examples = results["setup"]["steps"], results["setup"]["test_examples"]
-    if acc >= -2.0:
+    if abs(acc) <= 2.0:
         lines.append(
             f"- **Accuracy:** DSparse ends {acc:+.1f} points from the full update after {steps} steps (the paper: "
             f"{paper['accuracy']}). The held-out split has {test_examples} examples, so a point or two is within noise."
+        )
+    elif acc > 2.0:
+        lines.append(
+            f"- **Accuracy:** kept: DSparse ends {acc:+.1f} points above the full update after {steps} steps (the "
+            f"paper: {paper['accuracy']}); a run this short ({test_examples} held-out examples) says little more."
         )
     else:
         units = [d["num_units"] for d in methods["dsparse"]["devices"]]
