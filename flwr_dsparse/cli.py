@@ -20,6 +20,7 @@ from .models import MODELS, build_model
 from .plan import Plan
 from .planner import DeviceSpec, make_plan, parse_budgets
 from .scoring import SCORERS, get_scorer
+from .units import compress_unit_names
 
 __all__ = ["main", "build_cli_plan", "format_plan", "parse_input_shape"]
 
@@ -77,21 +78,6 @@ def build_cli_plan(
     return make_plan(devices, cost, scores, allow_inference_only=allow_inference_only, meta=meta)
 
 
-def _compress(units: Sequence[str], all_units: Sequence[str]) -> str:
-    """``features.3 … features.18, classifier`` style: consecutive runs collapse."""
-    if not units:
-        return "(inference only)"
-    positions = [all_units.index(u) for u in units]
-    runs: list[list[int]] = []
-    for position in positions:
-        if runs and position == runs[-1][-1] + 1:
-            runs[-1].append(position)
-        else:
-            runs.append([position])
-    parts = [all_units[r[0]] if len(r) == 1 else f"{all_units[r[0]]}…{all_units[r[-1]]}" for r in runs]
-    return ", ".join(parts)
-
-
 def format_plan(plan: Plan) -> str:
     """The readable plan table: devices with memory by part, then groups."""
     lines = [
@@ -105,16 +91,16 @@ def format_plan(plan: Plan) -> str:
             f"{p.reserve:7.1f} {p.total:7.1f}" if p else " " * 52
         )
         step = f"{d.predicted_step_s:7.3f}" if d.predicted_step_s is not None else " " * 7
-        lines.append(f"{d.id:>6} {d.budget_mb:7.0f} {numbers} {step}  {_compress(d.units, plan.unit_names)}")
+        lines.append(f"{d.id:>6} {d.budget_mb:7.0f} {numbers} {step}  {compress_unit_names(d.units, plan.unit_names)}")
     lines.append("")
     lines.append(f"{'group':>5} {'members':18s} {'MB/exchange':>11} {'broadcast':24s} units")
     for index, g in enumerate(plan.groups):
         broadcast = f"{g.broadcast.root} -> {list(g.broadcast.receivers)}" if g.broadcast.receivers else "-"
         lines.append(
             f"{index:>5} {str(list(g.members)):18s} {g.allreduce.bytes / 2**20:11.2f} {broadcast:24s} "
-            f"{_compress(g.units, plan.unit_names)}"
+            f"{compress_unit_names(g.units, plan.unit_names)}"
         )
-    lines.append(f"frozen for everyone: {_compress(plan.frozen_units, plan.unit_names) if plan.frozen_units else '-'}")
+    lines.append(f"frozen for everyone: {compress_unit_names(plan.frozen_units, plan.unit_names) if plan.frozen_units else '-'}")
     return "\n".join(lines)
 
 

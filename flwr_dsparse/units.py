@@ -12,7 +12,7 @@ from typing import Sequence
 
 from torch import nn
 
-__all__ = ["Unit", "model_units", "unit_tensor_names", "validate_unit_names"]
+__all__ = ["Unit", "compress_unit_names", "model_units", "unit_tensor_names", "validate_unit_names"]
 
 
 @dataclass(frozen=True)
@@ -130,3 +130,23 @@ def unit_tensor_names(units: Sequence[Unit], selection: Sequence[str], *, buffer
         if unit.name in chosen:
             names.extend(unit.tensor_names if buffers else unit.param_names)
     return names
+
+
+def compress_unit_names(selected: Sequence[str], all_units: Sequence[str], *, short: bool = False) -> str:
+    """A selection for people: consecutive runs collapse (``features.3…features.18, classifier``).
+
+    ``short=True`` also writes ``features.N`` as ``fN``; a selection of every unit reads ``all``.
+    """
+    if not selected:
+        return "(inference only)"
+    if short and list(selected) == list(all_units):
+        return "all"
+    positions = [list(all_units).index(name) for name in selected]
+    runs: list[list[int]] = []
+    for position in positions:
+        if runs and position == runs[-1][-1] + 1:
+            runs[-1].append(position)
+        else:
+            runs.append([position])
+    names = [name.replace("features.", "f") for name in all_units] if short else list(all_units)
+    return ", ".join(names[r[0]] if len(r) == 1 else f"{names[r[0]]}…{names[r[-1]]}" for r in runs)
