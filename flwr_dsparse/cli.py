@@ -17,12 +17,11 @@ import torch
 
 from .costs import CostModel
 from .models import MODELS, build_model
-from .plan import Plan
+from .plan import Plan, format_plan
 from .planner import DeviceSpec, make_plan, parse_budgets
 from .scoring import SCORERS, get_scorer
-from .units import compress_unit_names
 
-__all__ = ["main", "build_cli_plan", "format_plan", "parse_input_shape"]
+__all__ = ["main", "build_cli_plan", "parse_input_shape"]
 
 #: Modules that add a subcommand through ``add_cli(subparsers)``.
 _EXTENSIONS = ("flwr_dsparse.collective", "flwr_dsparse.deploy", "experiments.compare")
@@ -76,32 +75,6 @@ def build_cli_plan(
         "momentum": momentum, "reserve_mb": reserve_mb, "seed": seed,
     }
     return make_plan(devices, cost, scores, allow_inference_only=allow_inference_only, meta=meta)
-
-
-def format_plan(plan: Plan) -> str:
-    """The readable plan table: devices with memory by part, then groups."""
-    lines = [
-        f"{'device':>6} {'budget':>7} {'weights':>8} {'grads':>6} {'optim':>6} {'activ':>7} {'work':>6} "
-        f"{'reserve':>7} {'total':>7} {'step s':>7}  trains",
-    ]
-    for d in plan.devices:
-        p = d.predicted_mb
-        numbers = (
-            f"{p.weights:8.1f} {p.grads:6.1f} {p.optimizer:6.1f} {p.activations:7.1f} {p.workspace:6.1f} "
-            f"{p.reserve:7.1f} {p.total:7.1f}" if p else " " * 52
-        )
-        step = f"{d.predicted_step_s:7.3f}" if d.predicted_step_s is not None else " " * 7
-        lines.append(f"{d.id:>6} {d.budget_mb:7.0f} {numbers} {step}  {compress_unit_names(d.units, plan.unit_names)}")
-    lines.append("")
-    lines.append(f"{'group':>5} {'members':18s} {'MB/exchange':>11} {'broadcast':24s} units")
-    for index, g in enumerate(plan.groups):
-        broadcast = f"{g.broadcast.root} -> {list(g.broadcast.receivers)}" if g.broadcast.receivers else "-"
-        lines.append(
-            f"{index:>5} {str(list(g.members)):18s} {g.allreduce.bytes / 2**20:11.2f} {broadcast:24s} "
-            f"{compress_unit_names(g.units, plan.unit_names)}"
-        )
-    lines.append(f"frozen for everyone: {compress_unit_names(plan.frozen_units, plan.unit_names) if plan.frozen_units else '-'}")
-    return "\n".join(lines)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

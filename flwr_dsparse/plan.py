@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .units import Unit, validate_unit_names
+from .units import Unit, compress_unit_names, validate_unit_names
 
 __all__ = [
     "MemoryEstimate",
@@ -28,6 +28,7 @@ __all__ = [
     "BroadcastTask",
     "Group",
     "Plan",
+    "format_plan",
     "plan_from_selections",
 ]
 
@@ -317,3 +318,38 @@ def plan_from_selections(
         )
     frozen = tuple(name for name in unit_names if not members_of_unit[name])
     return Plan(tuple(unit_names), tuple(devices), tuple(groups), frozen, dict(meta or {}))
+
+
+def format_plan(plan: Plan, sources: Mapping[int, str] | None = None) -> str:
+    """The ``dsparse plan`` table: a summary line, one row per device, then the groups.
+
+    ``sources`` maps a device id to where its budget came from (``node-config memory-mb``,
+    ``sim-budgets-mb``, ``psutil …``); when given, the table has a ``budget source`` column.
+    """
+    source_header = f" {'budget source':<24}" if sources is not None else ""
+    lines = [
+        f"dsparse plan {plan.digest()[:12]}: {len(plan.devices)} devices, {len(plan.groups)} groups, "
+        f"{len(plan.frozen_units)} units frozen for all",
+        f"{'device':>6} {'budget':>7}{source_header} {'weights':>8} {'grads':>6} {'optim':>6} {'activ':>7} "
+        f"{'work':>6} {'reserve':>7} {'total':>7} {'step s':>7}  trains",
+    ]
+    for d in plan.devices:
+        p = d.predicted_mb
+        numbers = (
+            f"{p.weights:8.1f} {p.grads:6.1f} {p.optimizer:6.1f} {p.activations:7.1f} {p.workspace:6.1f} "
+            f"{p.reserve:7.1f} {p.total:7.1f}" if p else " " * 52
+        )
+        step = f"{d.predicted_step_s:7.3f}" if d.predicted_step_s is not None else " " * 7
+        source = f" {(sources or {}).get(d.id) or '-':<24}" if sources is not None else ""
+        lines.append(f"{d.id:>6} {d.budget_mb:7.1f}{source} {numbers} {step}  {compress_unit_names(d.units, plan.unit_names)}")
+    lines.append("")
+    lines.append(f"{'group':>5} {'members':18s} {'MB/exchange':>11} {'broadcast':24s} units")
+    for index, g in enumerate(plan.groups):
+        broadcast = f"{g.broadcast.root} -> {list(g.broadcast.receivers)}" if g.broadcast.receivers else "-"
+        lines.append(
+            f"{index:>5} {str(list(g.members)):18s} {g.allreduce.bytes / MB:11.2f} {broadcast:24s} "
+            f"{compress_unit_names(g.units, plan.unit_names)}"
+        )
+    frozen = compress_unit_names(plan.frozen_units, plan.unit_names) if plan.frozen_units else "-"
+    lines.append(f"frozen for everyone: {frozen}")
+    return "\n".join(lines)

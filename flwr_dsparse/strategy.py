@@ -61,7 +61,7 @@ from .exchange import (
     tensor_specs,
 )
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .plan import Plan
+from .plan import Plan, format_plan
 from .records import from_array_record, record_nbytes, tensor_nbytes, to_array_record
 
 __all__ = [
@@ -70,7 +70,6 @@ __all__ = [
     "PlanFn",
     "RoundFailed",
     "device_tensors",
-    "format_plan_table",
     "read_device_report",
 ]
 
@@ -138,34 +137,6 @@ def read_device_report(message: Message) -> DeviceReport:
 def device_tensors(plan: Plan, device: int) -> list[str]:
     """Parameters and buffers that ``device`` trains (BatchNorm statistics travel with their unit)."""
     return [name for group in plan.groups_of(device) for name in group.tensors]
-
-
-def format_plan_table(plan: Plan, sources: Mapping[int, str] | None = None) -> str:
-    """The ``dsparse plan`` table: one row per device, then the groups.
-
-    ``sources`` maps a device id to where its budget came from (``node-config memory-mb``,
-    ``sim-budgets-mb``, ``psutil …``); without it the column shows ``-``.
-    """
-    sources = sources or {}
-    lines = [
-        f"dsparse plan {plan.digest()[:12]}: {len(plan.devices)} devices, {len(plan.groups)} groups, "
-        f"{len(plan.frozen_units)} units frozen for all",
-        f"{'device':>6} {'budget MB':>10} {'pred MB':>8} {'batch':>5} {'units':>5}  {'budget source':<24} selection",
-    ]
-    for device in plan.devices:
-        predicted = f"{device.predicted_mb.total:.1f}" if device.predicted_mb else "-"
-        selection = ",".join(name.replace("features.", "f") for name in device.units) or "(inference only)"
-        source = sources.get(device.id) or "-"
-        lines.append(
-            f"{device.id:>6} {device.budget_mb:>10.1f} {predicted:>8} {device.batch_size:>5} "
-            f"{len(device.units):>5}  {source:<24} {selection}"
-        )
-    for index, group in enumerate(plan.groups):
-        lines.append(
-            f"group {index}: members {list(group.members)} units {list(group.units)} "
-            f"fused {group.allreduce.bytes / 2**20:.2f} MiB"
-        )
-    return "\n".join(lines)
 
 
 class DSparse(Strategy):
@@ -332,7 +303,7 @@ class DSparse(Strategy):
         return sorted(reports, key=lambda r: r.device)
 
     def _log_plan(self, plan: Plan) -> None:
-        for line in format_plan_table(plan, {r.device: r.budget_source for r in self.reports}).splitlines():
+        for line in format_plan(plan, {r.device: r.budget_source for r in self.reports}).splitlines():
             log(INFO, "%s", line)
 
     def _make_plan(self, reports: Sequence[DeviceReport]) -> Plan:

@@ -289,11 +289,11 @@ def test_reply_from_unknown_node_is_rejected():
 
 
 def test_plan_table_shows_each_budget_source():
-    from flwr_dsparse.strategy import format_plan_table
+    from flwr_dsparse.plan import format_plan
 
     model = build_model("tiny", seed=0)
     strategy = make_strategy(model, {0: ["classifier"], 1: ["features.4", "classifier"]})
-    table = format_plan_table(strategy.plan, {0: "node-config memory-mb", 1: "sim-budgets-mb"})
+    table = format_plan(strategy.plan, {0: "node-config memory-mb", 1: "sim-budgets-mb"})
     rows = {line.split()[0]: line for line in table.splitlines()[2:4]}
     assert "budget source" in table.splitlines()[1]
     assert "node-config memory-mb" in rows["0"] and "sim-budgets-mb" in rows["1"]
