@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from flwr_dsparse.units import compress_unit_names
+
 __all__ = ["render_report", "write_csv", "CSV_COLUMNS"]
 
 CSV_COLUMNS = [
@@ -120,22 +122,6 @@ def _methods_table(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _compress(units: list[str], all_units: list[str]) -> str:
-    if not units:
-        return "(inference only)"
-    if units == all_units:
-        return "all"
-    positions = [all_units.index(u) for u in units]
-    runs: list[list[int]] = []
-    for position in positions:
-        if runs and position == runs[-1][-1] + 1:
-            runs[-1].append(position)
-        else:
-            runs.append([position])
-    short = [name.replace("features.", "f") for name in all_units]
-    return ", ".join(short[r[0]] if len(r) == 1 else f"{short[r[0]]}–{short[r[-1]]}" for r in runs)
-
-
 def _device_tables(results: Mapping[str, Any]) -> list[str]:
     all_units = results["plan"]["unit_names"]
     lines: list[str] = []
@@ -145,7 +131,7 @@ def _device_tables(results: Mapping[str, Any]) -> list[str]:
                   "|---|---|---|---|---|---|---|---|"]
         for d in method["devices"]:
             lines.append(
-                f"| {d['device']} | {d['budget_mb']:g} | {_compress(d['units'], all_units)} ({d['num_units']}) "
+                f"| {d['device']} | {d['budget_mb']:g} | {compress_unit_names(d['units'], all_units, short=True)} ({d['num_units']}) "
                 f"| {d['predicted_mb']:.1f} | {d['measured_mb']:.1f} | {d['step_s']:.3f} "
                 f"| {d['bytes_up_per_step'] / KIB:.0f} | {d['bytes_down_per_step'] / KIB:.0f} |"
             )
