@@ -692,33 +692,30 @@ def _json_from(output: str) -> dict[str, Any]:
     return json.loads(output[start:])
 
 
-def list_nodes(connection: str, env: Mapping[str, str], *, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """``flwr supernode ls <connection> --format json``: the SuperLink's nodes and their status."""
-    result = _flwr(["supernode", "ls", connection, "--format", "json"], env, timeout)
+def _flwr_json(args: list[str], env: Mapping[str, str], timeout: float, *, what: str) -> dict[str, Any]:
+    """Run ``flwr <args> --format json`` and return its reply; a failure raises naming ``what``."""
+    result = _flwr([*args, "--format", "json"], env, timeout)
     try:
         data = _json_from(result.stdout)
-    except ValueError:
+    except ValueError:  # no JSON at all: report what flwr printed instead
         data = {"success": False}
     if result.returncode != 0 or not data.get("success", False):
         raise RuntimeError(
-            f"`flwr supernode ls {connection}` failed (exit {result.returncode}): "
+            f"{what} failed (exit {result.returncode}): "
             f"{(data.get('error-message') or result.stderr or result.stdout)[-800:]}"
         )
+    return data
+
+
+def list_nodes(connection: str, env: Mapping[str, str], *, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """``flwr supernode ls <connection> --format json``: the SuperLink's nodes and their status."""
+    data = _flwr_json(["supernode", "ls", connection], env, timeout, what=f"`flwr supernode ls {connection}`")
     return list(data.get("nodes", []))
 
 
 def register_node(connection: str, public_key: str, env: Mapping[str, str], *, timeout: float = 60.0) -> int:
     """``flwr supernode register <key> <connection>``; returns the new node id."""
-    result = _flwr(["supernode", "register", public_key, connection, "--format", "json"], env, timeout)
-    try:
-        data = _json_from(result.stdout)
-    except ValueError:
-        data = {"success": False}
-    if result.returncode != 0 or not data.get("success", False):
-        raise RuntimeError(
-            f"registering {public_key} failed (exit {result.returncode}): "
-            f"{(data.get('error-message') or result.stderr or result.stdout)[-800:]}"
-        )
+    data = _flwr_json(["supernode", "register", public_key, connection], env, timeout, what=f"registering {public_key}")
     return int(data["node-id"])
 
 
