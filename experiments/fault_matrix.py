@@ -11,7 +11,9 @@ the real ClientApp handlers (``client.app.query`` / ``client.app.train``) with o
 It exists because Flower's simulation has a fixed node set (no node can join, leave or
 die), and a Ray start per fault would take minutes on a small machine. What it does not
 exercise is the transport: tests/test_faults.py also runs faults through
-``flwr.simulation.run_simulation`` and kills a real server process.
+``flwr.simulation.run_simulation`` and kills a real server process, and
+:func:`run_supernode_kill` (``--deployment``, about 2.5 min per transport) kills a real
+SuperNode of a loopback deployment mid-round.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import math
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -28,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
 
-__all__ = ["LocalGrid", "Fault", "SCENARIOS", "run_scenario", "main", "SMALL_JOB"]
+__all__ = ["LocalGrid", "Fault", "SCENARIOS", "run_scenario", "run_supernode_kill", "main", "SMALL_JOB"]
 
 # Tiny model, 3 nodes, 4 rounds: seconds per scenario.
 SMALL_JOB: dict[str, Any] = {
@@ -283,25 +286,217 @@ def run_scenario(scenario: Scenario, out_dir: Path, **extra: Any) -> dict[str, A
     return row
 
 
+def run_restart_resume(work_dir: Path) -> dict[str, Any]:
+    """The server stops after round 2 and a new one resumes: is the final model bit-identical?
+
+    In-process (fresh node Contexts, as after a restart); the kill -9 of a real Ray
+    simulation is ``tests/test_faults.py::test_kill_9_mid_run_then_resume_is_bit_identical``.
+    """
+    whole, part = Path(work_dir) / "whole", Path(work_dir) / "part"
+    reference = run_scenario(Scenario("none"), whole)
+    first = run_scenario(Scenario("none"), part, **{"num-server-rounds": 2})
+    resumed = run_scenario(Scenario("none"), part, resume=True)
+    a, b = torch.load(whole / "final_model.pt"), torch.load(part / "final_model.pt")
+    differing = [name for name in a if not torch.equal(a[name], b[name])]
+    rounds = [r["round"] for r in json.loads((part / "metrics.json").read_text())["rounds"]]
+    ok = reference["ok"] and first["ok"] and resumed["ok"] and not differing and rounds == list(range(5))
+    return {"fault": "server restarted, resume=true", "ok": ok,
+            "outcome": f"resumed at round 3; final model {'bit-identical' if not differing else f'{len(differing)} tensors differ'}",
+            "rounds-lost": 0 if rounds == list(range(5)) else 4, "corrupt-applied": len(differing)}
+
+
+def run_corrupt_checkpoint(work_dir: Path) -> dict[str, Any]:
+    """resume=true from a truncated checkpoint: refused before training, with a message."""
+    run_scenario(Scenario("none"), Path(work_dir), **{"num-server-rounds": 1})
+    checkpoint = Path(work_dir) / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
+    row = run_scenario(Scenario("none", expect_stop="truncated or corrupt"), Path(work_dir), resume=True)
+    outcome = "refused before training: truncated or corrupt" if row["ok"] else row["outcome"]
+    return {"fault": "corrupt checkpoint, resume=true", "ok": row["ok"], "outcome": outcome,
+            "stopped": row["stopped"], "rounds-lost": 0, "corrupt-applied": 0 if row["ok"] else 1}
+
+
+# -- the deployment case: a real SuperNode killed mid-round ----------------------------------------
+# TinyNet at batch 16 (see tests/test_deployment.py): nested selections, and device 2 alone
+# affords its earliest units, so a group of its own loses its only trainer.
+KILL_BUDGETS_MB = (11.0, 12.5, 13.7)
+KILL_JOB: dict[str, Any] = {
+    "model": "tiny", "batch-size": 16, "local-steps": 100, "lr": 0.05, "train-examples": 600,
+    "test-examples": 200, "method": "dsparse", "num-server-rounds": 3, "min-nodes": 3,
+    "collective-timeout": 20.0,
+    # Long enough for the SuperLink to declare the dead node offline (two missed 30 s
+    # heartbeats), after which it answers the node's message with an error itself.
+    "round-timeout": 150.0,
+}
+
+
+def _clientapps(record: Any) -> set[int]:
+    """The ClientApp processes a SuperNode runs right now (one per message it is handling)."""
+    import psutil
+
+    try:
+        children = psutil.Process(record.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for child in children:
+        try:
+            if any("flwr-clientapp" in part for part in child.cmdline()):
+                found.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _peer_connections(pids: set[int], node_port: int) -> int:
+    """Established TCP connections of ``pids`` to anything but their SuperNode: the
+    collective's store and its gloo pairs, once the ClientApp has joined the process groups."""
+    import psutil
+
+    count = 0
+    for pid in pids:
+        try:
+            connections = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        count += sum(1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port != node_port)
+    return count
+
+
+def _checkpoint_round(path: Path) -> int:
+    from flwr_dsparse.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return int(load_checkpoint(path)["round"]) if path.is_file() else 0
+    except CheckpointError:
+        return 0
+
+
+def run_supernode_kill(work_dir: Path, *, transport: str = "collective", victim: int = 2,
+                       deployment: Any = None, timeout: float = 540.0) -> dict[str, Any]:
+    """kill -9 one SuperNode (and its ClientApp) during round 2 of a 3-node loopback deployment.
+
+    Starts a SuperLink and three SuperNodes with :data:`KILL_BUDGETS_MB` (unless
+    ``deployment`` is given: then the caller owns it), runs :data:`KILL_JOB` with
+    ``transport``, waits for round 1's checkpoint and for the victim's round-2 ClientApp,
+    kills the victim's whole process tree with SIGKILL, and lets the run finish. Returns
+    the matrix row plus ``history`` (metrics.json's rounds), ``plan`` and ``before`` (the
+    global model after round 1).
+
+    ``corrupt-applied`` counts tensors that only the victim trains but that changed after
+    round 1 (it was dead, so nothing may have moved them) and non-finite final tensors.
+    """
+    import shutil
+    import threading
+
+    from flwr_dsparse.checkpoint import load_checkpoint
+    from flwr_dsparse.deploy import run_app, start_deployment, stop_deployment, stop_processes
+    from flwr_dsparse.plan import Plan
+
+    repo = Path(__file__).resolve().parents[1]
+    work_dir = Path(work_dir)
+    out = work_dir / f"kill-{transport}"
+    owned = deployment is None
+    if owned:
+        deployment = start_deployment(len(KILL_BUDGETS_MB), memory_mb=list(KILL_BUDGETS_MB), port=None,
+                                      home=work_dir / "flwr-home", state_dir=work_dir / f"state-{transport}",
+                                      timeout=120.0)
+    row: dict[str, Any] = {"fault": f"SuperNode killed mid-round ({transport})"}
+    try:
+        record = next(node for node in deployment.supernodes if node.node_config["partition-id"] == victim)
+        run_config = {**KILL_JOB, "transport": transport, "out-dir": str(out)}
+        finished: dict[str, Any] = {}
+        runner = threading.Thread(daemon=True, target=lambda: finished.update(
+            result=run_app(deployment, repo, run_config, timeout=timeout, log=work_dir / f"kill-{transport}.log")))
+        runner.start()
+
+        # Round 1 complete (its checkpoint is written), then the victim's round-2 ClientApp appears.
+        checkpoint, after_round_1 = out / "checkpoint.pt", work_dir / f"after-round-1-{transport}.pt"
+        deadline = time.monotonic() + timeout
+        while _checkpoint_round(checkpoint) < 1:
+            if not runner.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"round 1 never completed; see {work_dir / f'kill-{transport}.log'}")
+            time.sleep(0.1)
+        shutil.copy(checkpoint, after_round_1)
+        stale = _clientapps(record)  # round 1's ClientApp, maybe still exiting
+        while not (current := _clientapps(record) - stale):
+            if not runner.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the victim never got its round-2 message")
+            time.sleep(0.05)
+        if transport == "collective":
+            # Mid-collective: wait until it is connected to the store and both peers.
+            while _peer_connections(current, record.port) < len(KILL_BUDGETS_MB):
+                if not runner.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError("the victim never joined the round-2 collective")
+                time.sleep(0.02)
+        else:
+            time.sleep(3.0)  # into the round (imports, then the local steps)
+        if _checkpoint_round(checkpoint) != 1 or _checkpoint_round(after_round_1) != 1:
+            raise RuntimeError("round 2 ended before the victim was killed; raise local-steps")
+        stop_processes([record], hard=True)
+        row["killed-during-round"] = 2
+
+        runner.join(timeout=timeout)
+        if runner.is_alive():
+            raise RuntimeError(f"the run hung after SuperNode {victim} was killed")
+        result = finished["result"]
+        row["returncode"] = result.returncode
+        row["output-tail"] = (result.stdout + result.stderr)[-3000:]
+    finally:
+        if owned:
+            stop_deployment(deployment)
+
+    metrics_path = out / "metrics.json"
+    history = json.loads(metrics_path.read_text())["rounds"] if metrics_path.is_file() else []
+    history = [r for r in history if "devices" in r]
+    saved = load_checkpoint(after_round_1)
+    plan = Plan.from_json(saved["plan"])
+    before = saved["global"]
+    only_victim = [n for group in plan.groups if list(group.members) == [victim] for n in group.tensors]
+    corrupt = 0
+    final_path = out / "final_model.pt"
+    if final_path.is_file():
+        final = torch.load(final_path)
+        corrupt += sum(1 for n in only_victim if not torch.equal(final[n], before[n]))
+        corrupt += sum(1 for t in final.values() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        row["final"] = final
+    done = len(history)
+    row["ok"] = result.returncode == 0 and done == KILL_JOB["num-server-rounds"]
+    row["outcome"] = (f"completed {done}/{KILL_JOB['num-server-rounds']} rounds, missing {history[1]['missing']} in round 2"
+                      if done >= 2 else f"failed: exit {result.returncode}")
+    row["rounds-lost"] = KILL_JOB["num-server-rounds"] - done
+    row["corrupt-applied"] = corrupt
+    row.update(history=history, plan=plan, before=before, only_victim=only_victim)
+    return row
+
+
 def format_matrix(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'fault':<36} {'outcome':<44} {'rounds lost':>11} {'corrupt applied':>15}"]
+    lines = [f"{'fault':<40} {'outcome':<48} {'rounds lost':>11} {'corrupt applied':>15}"]
     for row in rows:
-        lines.append(f"{row['fault']:<36} {row['outcome'][:44]:<44} {row['rounds-lost']:>11} {row['corrupt-applied']:>15}")
+        lines.append(f"{row['fault']:<40} {row['outcome'][:48]:<48} {row['rounds-lost']:>11} {row['corrupt-applied']:>15}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--deployment", action="store_true",
+                        help="also kill a real SuperNode mid-round in a loopback deployment, per transport (~2.5 min each)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, scenario in enumerate(SCENARIOS):
             rows.append(run_scenario(scenario, Path(tmp) / str(index)))
+        rows.append(run_restart_resume(Path(tmp) / "restart"))
+        rows.append(run_corrupt_checkpoint(Path(tmp) / "corrupt"))
+        if args.deployment:
+            for transport in ("server", "collective"):
+                rows.append(run_supernode_kill(Path(tmp) / f"deploy-{transport}", transport=transport))
     print(format_matrix(rows))
     if args.json:
-        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "history"} for r in rows], indent=2, default=str))
+        kept = ("fault", "outcome", "ok", "rounds-lost", "corrupt-applied", "stopped", "rejected", "missing", "events")
+        args.json.write_text(json.dumps([{k: r[k] for k in kept if k in r} for r in rows], indent=2, default=str))
     return 0 if all(row["ok"] and row["corrupt-applied"] == 0 for row in rows) else 1
 
 

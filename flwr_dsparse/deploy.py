@@ -595,12 +595,14 @@ def _wait_gone(processes: list, timeout: float) -> list:
         time.sleep(0.1)
 
 
-def stop_processes(records: Sequence[ProcessRecord], *, grace: float = 5.0) -> list[int]:
+def stop_processes(records: Sequence[ProcessRecord], *, grace: float = 5.0, hard: bool = False) -> list[int]:
     """Stop ``records`` and every process they started, by id; return the ids signalled.
 
     Descendants are collected first (SuperExec runs in a session of its own, and ServerApp
     and ClientApp processes hang below it), then everything gets SIGTERM, and what is still
-    alive after ``grace`` seconds gets SIGKILL.
+    alive after ``grace`` seconds gets SIGKILL. ``hard=True`` skips the SIGTERM: a kill -9
+    of the whole tree at once, as when a device loses power (nothing gets to say goodbye
+    to the SuperLink).
     """
     import psutil
 
@@ -617,15 +619,16 @@ def stop_processes(records: Sequence[ProcessRecord], *, grace: float = 5.0) -> l
             groups.add(os.getpgid(record.pid))
         except (psutil.NoSuchProcess, ProcessLookupError):
             continue
+    first = signal.SIGKILL if hard else signal.SIGTERM
     for group in groups:
         if group != os.getpgrp():  # never signal our own group
             try:
-                os.killpg(group, signal.SIGTERM)
+                os.killpg(group, first)
             except (ProcessLookupError, PermissionError):
                 pass
     for process in targets.values():
         try:
-            process.terminate()
+            process.send_signal(first)
         except psutil.NoSuchProcess:
             pass
     alive = _wait_gone(list(targets.values()), grace)

@@ -71,6 +71,8 @@ __all__ = [
     "RoundFailed",
     "device_tensors",
     "read_device_report",
+    "reply_node",
+    "sent_message_ids",
 ]
 
 ARRAYS_KEY = "arrays"
@@ -114,9 +116,29 @@ class DeviceReport:
 PlanFn = Callable[[Sequence[DeviceReport]], Plan]
 
 
-def read_device_report(message: Message) -> DeviceReport:
-    """Parse a query reply; raise ``ValueError`` naming the node if it is malformed or an error."""
-    node = message.metadata.src_node_id
+def reply_node(reply: Message, sent: Mapping[str, int]) -> int:
+    """The node a reply is about: the destination of the message it answers.
+
+    ``sent`` maps the message ids of what was sent (set by the Grid when it pushed them) to
+    their destination nodes. The SuperLink answers a message to a node that went offline
+    itself (a ``NODE_UNAVAILABLE`` error whose source is the SuperLink), so the source id
+    alone would blame the wrong node. Without a match (messages never pushed through a
+    Grid, as in unit tests) the source id is used.
+    """
+    return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def sent_message_ids(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id to destination node, for the messages a Grid has pushed (see :func:`reply_node`)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def read_device_report(message: Message, node: int | None = None) -> DeviceReport:
+    """Parse a query reply; raise ``ValueError`` naming the node if it is malformed or an error.
+
+    ``node`` is the node the reply is about (:func:`reply_node`); default its source.
+    """
+    node = message.metadata.src_node_id if node is None else node
     if message.has_error():
         raise ValueError(f"node {node} could not answer the memory query: {message.error.reason}")
     try:
@@ -289,13 +311,14 @@ class DSparse(Strategy):
         content = RecordDict({CONFIG_KEY: ConfigRecord(dict(self.query_config))})
         messages = [Message(content, dst_node_id=node, message_type=MessageType.QUERY, group_id="0") for node in nodes]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        answered = {reply.metadata.src_node_id for reply in replies}
+        sent = sent_message_ids(messages)
+        answered = {reply_node(reply, sent) for reply in replies}
         if strict and not answered >= set(nodes):
             raise TimeoutError(f"nodes {sorted(set(nodes) - answered)} did not answer the memory query within {timeout:.0f} s")
         reports = []
         for reply in replies:
             try:
-                reports.append(read_device_report(reply))
+                reports.append(read_device_report(reply, reply_node(reply, sent)))
             except ValueError as error:
                 if strict:
                     raise  # an unanswerable query (no budget) stops the run: training without a plan is meaningless
@@ -527,8 +550,9 @@ class DSparse(Strategy):
             self.versions.mark_held(device, send)
             self._sent_selection[device] = plan_device.units
             bytes_down[device] = tensor_nbytes(payload)
+        # The messages themselves: the Grid sets their ids when it pushes them (see reply_node).
         self._round = {"round": server_round, "started": started, "bytes-down": bytes_down, "sent": set(bytes_down),
-                       "state-down": state_down}
+                       "state-down": state_down, "messages": messages}
         log(INFO, "configure_train: %d nodes, %.2f MiB down in total", len(messages), sum(bytes_down.values()) / 2**20)
         return messages
 
@@ -611,18 +635,20 @@ class DSparse(Strategy):
         """Grouped example-weighted mean over accepted replies; returns the full global model."""
         if self.plan is None or self.versions is None:
             raise RuntimeError("aggregate_train before configure_train")
-        replies = list(replies)
+        this_round = self._round.get("round") == server_round
+        # (popped: the messages hold the round's whole download, no need to keep it longer)
+        sent_ids = sent_message_ids(self._round.pop("messages", [])) if this_round else {}
+        by_node = [(reply_node(m, sent_ids), m) for m in replies]
         # Sort by device id so sums and logs do not depend on arrival order.
-        replies.sort(key=lambda m: (self.node_to_device.get(m.metadata.src_node_id, 1 << 62), m.metadata.src_node_id))
-        per_node = Counter(m.metadata.src_node_id for m in replies)
+        by_node.sort(key=lambda item: (self.node_to_device.get(item[0], 1 << 62), item[0]))
+        per_node = Counter(node for node, _ in by_node)
         updates: dict[int, Update] = {}
         devices: dict[int, dict[str, Any]] = {}
         rejected: Counter[str] = Counter()
         failed: set[int] = set()
         replied: set[int] = set()
         states: dict[int, dict[str, torch.Tensor] | None] = {}
-        for message in replies:
-            node = message.metadata.src_node_id
+        for node, message in by_node:
             device = self.node_to_device.get(node)
             if device is None:
                 rejected["unknown-node"] += 1
@@ -655,7 +681,7 @@ class DSparse(Strategy):
             if state is not None:
                 row["bytes-up-state"] = record_nbytes(message.content[STATE_KEY])
 
-        sent = self._round.get("sent", set()) if self._round.get("round") == server_round else set()
+        sent = self._round.get("sent", set()) if this_round else set()
         no_reply = sorted(sent - replied - failed)
         if self._round_transport == "collective":
             trouble = self._collective_trouble(updates, sorted(failed) + no_reply, devices)
@@ -692,7 +718,7 @@ class DSparse(Strategy):
         for device in sent:
             if device not in devices:
                 devices[device] = {"status": "missing", "error": "no reply before the timeout"}
-        bytes_down = self._round.get("bytes-down", {}) if self._round.get("round") == server_round else {}
+        bytes_down = self._round.get("bytes-down", {}) if this_round else {}
         for device, row in devices.items():
             row["bytes-down"] = bytes_down.get(device, 0)
             row.setdefault("bytes-up", 0)

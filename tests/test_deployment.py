@@ -203,6 +203,59 @@ def test_three_budgets_end_to_end(deployments: Callable[..., Deployment], tmp_pa
         )
 
 
+@pytest.mark.deployment
+@pytest.mark.faults
+def test_supernode_killed_mid_round_collective_falls_back_and_replans(
+    deployments: Callable[..., Deployment], tmp_path: Path
+) -> None:
+    """kill -9 of a SuperNode (and its ClientApp) during round 2 of a collective-transport run.
+
+    What a user relies on: the surviving ranks get the collective timeout error instead of
+    hanging; the round is redone with the server-side transport and completes with the
+    replies that arrived; the dead device is recorded as missing; the group only it
+    trained keeps its tensors; the next round re-plans without it and goes back to the
+    collective; the run ends with every round and no NaN.
+    """
+    _check_app_config()
+    from experiments.fault_matrix import KILL_BUDGETS_MB, run_supernode_kill
+    from flwr_dsparse.models import build_model
+    from flwr_dsparse.units import model_units, unit_tensor_names
+
+    deployment = deployments(3, memory_mb=list(KILL_BUDGETS_MB))
+    row = run_supernode_kill(tmp_path, transport="collective", victim=2, deployment=deployment)
+    assert row["returncode"] == 0, row["output-tail"]
+    assert not _alive(deployment.supernodes[2])
+    assert row["ok"] and row["rounds-lost"] == 0 and row["corrupt-applied"] == 0, row["outcome"]
+    one, two, three = row["history"]
+    assert [one["round"], two["round"], three["round"]] == [1, 2, 3]
+    assert one["transport"] == "collective" and one["accepted"] == [0, 1, 2]
+
+    # Round 2: the collective failed (the survivors' replies carry the collective error, not
+    # a hang), and the server-side transport redid the round with the survivors.
+    fallback = [event for event in two["events"] if event["event"] == "collective-fallback"]
+    assert fallback and "failed the collective round" in fallback[0]["reason"], two["events"]
+    # (a CollectiveError naming the group and the timeout, seconds after the kill)
+    assert re.search(r"CollectiveError.*failed (on|for) rank [01].*timeout", fallback[0]["reason"]), fallback[0]["reason"]
+    assert two["transport"] == "server" and two["accepted"] == [0, 1] and two["missing"] == [2], two
+    assert two["attempts"] == 2
+
+    # Round 3: re-planned without device 2, back on the collective with ranks 0 and 1.
+    replan = [event for event in three["events"] if event["event"] == "replan"]
+    assert replan and "devices [2] left" in replan[0]["reason"], three["events"]
+    assert sorted(three["devices"]) == ["0", "1"] and three["accepted"] == [0, 1]
+    assert three["transport"] == "collective"
+
+    # What only device 2 trained is exactly as after round 1 (corrupt-applied counts any
+    # change there); the survivors' units moved.
+    final, before = row["final"], row["before"]
+    assert row["only_victim"], "the budgets should give device 2 units of its own"
+    assert all(torch.equal(final[name], before[name]) for name in row["only_victim"])
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+    survivor_units = sorted({u for d in (0, 1) for u in row["plan"].device(d).units})
+    moved = unit_tensor_names(model_units(build_model("tiny", seed=0)), survivor_units)
+    assert any(not torch.equal(final[n], before[n]) for n in moved if before[n].is_floating_point())
+
+
 # ----------------------------------------------------------------------------- helpers (no processes)
 
 

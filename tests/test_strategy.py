@@ -297,3 +297,24 @@ def test_plan_table_shows_each_budget_source():
     rows = {line.split()[0]: line for line in table.splitlines()[2:4]}
     assert "budget source" in table.splitlines()[1]
     assert "node-config memory-mb" in rows["0"] and "sim-budgets-mb" in rows["1"]
+
+
+def test_superlink_error_for_an_offline_node_counts_that_node_as_missing():
+    """The SuperLink answers a message to a node that went offline itself, from its own node
+    id: the reply must be matched to the message it answers, not to its sender."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    model = build_model("tiny", seed=0)
+    state = model.state_dict()
+    strategy = make_strategy(model, {0: ["classifier"], 1: ["features.4"]})
+    messages, sent = _round_one(strategy, state)
+    for index, message in enumerate(messages.values()):  # what a Grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = f"pushed-{index}"
+    offline = create_message_error_unavailable_res_message(messages[1].metadata, "node_unavail")
+    assert offline.metadata.src_node_id != messages[1].metadata.dst_node_id
+    arrays, metrics = strategy.aggregate_train(1, [reply(messages[0], sent[0], 5, 1), offline])
+    assert metrics["num-missing"] == 1 and metrics["num-rejected"] == 0, dict(metrics)
+    row = strategy.history[-1]["devices"]["1"]
+    assert row["status"] == "missing" and "unavailable" in row["error"].lower(), row
+    for name in device_tensors(strategy.plan, 1):
+        assert torch.equal(from_array_record(arrays)[name], state[name])
