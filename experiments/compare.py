@@ -65,6 +65,7 @@ from flwr_dsparse.planner import DeviceSpec, make_plan, parse_budgets
 from flwr_dsparse.scoring import SCORERS, get_scorer
 from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
 from flwr_dsparse.units import model_units
+from flwr_dsparse.weights import load_weights, pretrain
 
 __all__ = ["Setup", "DEFAULT", "QUICK", "METHODS", "PAPER", "run_compare", "add_cli", "main"]
 
@@ -250,62 +251,34 @@ def _checkpoint_key(setup: Setup) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def load_weights(path: Path, model_name: str) -> dict[str, torch.Tensor]:
-    """A user's state dict, checked against the model's tensors."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"--weights {path}: cannot read a torch state dict ({error})") from error
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    expected = build_model(model_name, seed=0).state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"--weights {path} does not fit --model {model_name}: {len(missing)} tensors missing (e.g. {missing[:2]}), "
-            f"{len(extra)} unexpected (e.g. {extra[:2]}); save model.state_dict() of a {model_name} with 10 classes"
-        )
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"--weights {path}: {name} has shape {tuple(state[name].shape)}, "
-                             f"the model expects {tuple(tensor.shape)}")
-    return {name: state[name].to(tensor.dtype) for name, tensor in expected.items()}
+def pretrain_checkpoint(setup: Setup, train: Split, progress: Progress) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every unit trained centrally on the first ``pretrain_classes`` classes (:func:`flwr_dsparse.weights.pretrain`)."""
+    every = max(1, setup.pretrain_steps // 5)
 
+    def report(step: int, loss: float) -> None:
+        if step % every == 0:
+            progress.say(f"  pre-training step {step}/{setup.pretrain_steps}, loss {loss:.3f}")
 
-def pretrain(setup: Setup, train: Split, test: Split, progress: Progress) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train every unit centrally on the examples of the first ``pretrain_classes`` classes."""
-    model = build_model(setup.model, seed=setup.seed)
-    indices = (train.y < setup.pretrain_classes).nonzero().squeeze(1).numpy()
-    batches = batch_iterator(train, indices, setup.pretrain_batch_size, seed=setup.seed + 99)
-    trainer = SparseTrainer(model, [unit.name for unit in model_units(model)],
-                            optimizer_factory=make_optimizer_factory("sgd", lr=setup.pretrain_lr, momentum=setup.momentum))
-    losses = []
-    try:
-        for step in range(1, setup.pretrain_steps + 1):
-            losses.append(trainer.step(*next(batches)).loss)
-            if step % max(1, setup.pretrain_steps // 5) == 0:
-                progress.say(f"  pre-training step {step}/{setup.pretrain_steps}, loss {losses[-1]:.3f}")
-    finally:
-        trainer.close()
-    return model.state_dict(), {"steps": setup.pretrain_steps, "classes": list(range(setup.pretrain_classes)),
-                                "examples": int(len(indices)), "final_loss": losses[-1]}
+    state, info = pretrain(setup.model, train, steps=setup.pretrain_steps, batch_size=setup.pretrain_batch_size,
+                           lr=setup.pretrain_lr, momentum=setup.momentum, classes=setup.pretrain_classes,
+                           seed=setup.seed, on_step=report)
+    return state, {"steps": info.steps, "classes": info.classes, "examples": info.examples, "final_loss": info.final_loss}
 
 
 def starting_checkpoint(setup: Setup, out: Path, weights: Path | None, train: Split, test: Split,
                         progress: Progress) -> tuple[Path, dict[str, torch.Tensor], dict]:
     """The checkpoint every method fine-tunes from: the user's, the cached one, or a new pre-training."""
     if weights is not None:
-        state = load_weights(weights, setup.model)
+        state = load_weights(weights, setup.model, key="--weights")
         return weights, state, {"source": f"--weights {weights}"}
     path = out / f"pretrained_{setup.model}_{_checkpoint_key(setup)}.pt"
     info_path = path.with_suffix(".json")
     if path.exists() and info_path.exists():
         progress.say(f"using the cached starting checkpoint {path}")
         info = json.loads(info_path.read_text())
-        return path, load_weights(path, setup.model), {**info, "source": f"cached pre-training ({path.name})"}
+        return path, load_weights(path, setup.model, key="cached checkpoint"), {**info, "source": f"cached pre-training ({path.name})"}
     with progress.stage(f"pre-training {setup.model} on classes 0..{setup.pretrain_classes - 1}"):
-        state, info = pretrain(setup, train, test, progress)
+        state, info = pretrain_checkpoint(setup, train, progress)
     torch.save(state, path)
     info_path.write_text(json.dumps(info, indent=2))
     return path, state, {**info, "source": f"pre-trained in this run ({path.name})"}

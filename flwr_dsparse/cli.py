@@ -24,7 +24,7 @@ from .scoring import SCORERS, get_scorer
 __all__ = ["main", "build_cli_plan", "parse_input_shape"]
 
 #: Modules that add a subcommand through ``add_cli(subparsers)``.
-_EXTENSIONS = ("flwr_dsparse.collective", "flwr_dsparse.deploy", "experiments.compare")
+_EXTENSIONS = ("flwr_dsparse.collective", "flwr_dsparse.deploy", "flwr_dsparse.weights", "experiments.compare")
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:

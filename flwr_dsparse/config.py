@@ -38,10 +38,11 @@ class JobConfig:
     num_server_rounds: int = 20
     local_steps: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     seed: int = 0
     model: str = "mobilenet_v2"
+    initial_weights: str = ""
     dataset: str = "synthetic"
     data_root: str = ""
     train_examples: int = 0

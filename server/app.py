@@ -24,6 +24,7 @@ from flwr.supercore import log
 from flwr_dsparse.config import JobConfig, load_config
 from flwr_dsparse.data import load_dataset
 from flwr_dsparse.models import build_model
+from flwr_dsparse.weights import load_weights
 from flwr_dsparse.plan import Plan
 from flwr_dsparse.records import from_array_record, record_nbytes, tensor_nbytes, to_array_record
 from flwr_dsparse.strategy import DeviceReport, DSparse, PlanFn
@@ -200,6 +201,10 @@ def run_job(grid: Grid, config: JobConfig, *, plan_fn: PlanFn | None = None) -> 
 def _run_job(grid: Grid, config: JobConfig, plan_fn: PlanFn | None) -> dict[str, Any]:
     started = time.perf_counter()
     model = build_model(config.model, seed=config.seed)
+    if config.initial_weights:
+        # Checked (names, shapes, finite) before any node is contacted; the path is the
+        # server's: the nodes get the weights from the server in round 1.
+        model.load_state_dict(load_weights(config.initial_weights, config.model))
     initial = to_array_record(model.state_dict())
     train, test = load_dataset(
         config.dataset,

@@ -156,7 +156,10 @@ def test_prediction_matches_fresh_subprocess_peak_rss(label: str, selection: str
     cost = CostModel(build_model("mobilenet_v2"), (3, 32, 32), time_batches=None)
     names = cost.unit_names
     chosen = names if selection is None else names[-9:]
-    measured = measure_training_rss("mobilenet_v2", chosen, batch_size=128, steps=3)["increase_mb"]
+    # 8 steps, not 3: glibc's adaptive mmap threshold keeps a growing share of freed blocks for
+    # the first steps, so a 3-step peak ranged 78-94 MB here for the last 8 blocks; from about
+    # 8 steps on it is the steady-state peak that a long run (and a budget) must hold (90-102 MB).
+    measured = measure_training_rss("mobilenet_v2", chosen, batch_size=128, steps=8)["increase_mb"]
     estimate = cost.predict(chosen, 128)
     predicted = estimate.total - estimate.weights - estimate.reserve
     assert predicted == pytest.approx(measured, rel=0.25), (label, predicted, measured)
