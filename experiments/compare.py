@@ -115,7 +115,9 @@ class Setup:
     pretrain_lr: float = 0.01  # 0.05 diverges for MobileNetV2 from scratch at batch 64
     pretrain_classes: int = 6  # pre-train on classes 0..pretrain_classes-1, fine-tune on all
     probe_steps: int = 5
-    probe_workers: int = 2
+    # One probe at a time: the probes also time each selection alone, and two probes on two
+    # cores would share the memory bus with whichever other probe happened to run beside them.
+    probe_workers: int = 1
     baseline_steps: int = 6  # steps of the full-model collective run (timing baseline of method 5)
     num_cpus: int = 2  # Ray's CPUs for the simulation
     collective_timeout_s: float = 300.0
@@ -603,6 +605,8 @@ def _device_rows(plan: Plan, memory: Mapping[tuple[str, ...], dict]) -> list[dic
             # What training adds on top of the loaded model, the part a selection changes.
             "predicted_training_mb": (predicted.total - predicted.weights - predicted.reserve) if predicted else float("nan"),
             "measured_mb": memory[tuple(device.units)]["increase_mb"],
+            # The same probe's median step, alone on one thread: free of the simulation's co-scheduling.
+            "isolated_step_s": memory[tuple(device.units)]["step_s"],
         })
     return rows
 
@@ -644,6 +648,7 @@ def flower_measures(method: str, run: Mapping[str, Any], plan: Plan, memory: Map
         "rounds": len(history),
         "devices": devices,
         "cluster_step_s": _median([c / local_steps for c in per_round_compute]),
+        "isolated_cluster_step_s": max(d["isolated_step_s"] for d in devices),
         "mean_device_step_s": _mean([d["step_s"] for d in devices]),
         "aggregation_s_per_step": _median(aggregate_train) / local_steps,
         "aggregation_s_per_round": _median(aggregate_train),
@@ -701,6 +706,7 @@ def collective_measures(run: Mapping[str, Any], baseline: Mapping[str, Any], pla
         "rounds": run["steps"],
         "devices": devices,
         "cluster_step_s": _median(cluster),
+        "isolated_cluster_step_s": max(d["isolated_step_s"] for d in devices),
         "mean_device_step_s": _mean([d["step_s"] for d in devices]),
         "aggregation_s_per_step": _median(aggregation),
         "aggregation_s_per_round": _median(aggregation),
@@ -740,6 +746,8 @@ def summarise(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             "predicted_saving_pct": 100 * (1 - mean_of(name, "predicted_mb") / mean_of("fedavg", "predicted_mb")),
             "measured_saving_pct": 100 * (1 - mean_of(name, "measured_mb") / mean_of("fedavg", "measured_mb")),
             "cluster_step_ratio": method["cluster_step_s"] / full["cluster_step_s"],
+            "isolated_cluster_step_ratio": max(d["isolated_step_s"] for d in method["devices"])
+            / max(d["isolated_step_s"] for d in full["devices"]),
             "mean_step_ratio": method["mean_device_step_s"] / full["mean_device_step_s"],
             "aggregation_ratio": method["aggregation_s_per_step"] / full["aggregation_s_per_step"],
             "bytes_ratio": (method["bytes_up_per_step"] + method["bytes_down_per_step"])
@@ -755,7 +763,7 @@ def summarise(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     }
     dsparse = methods.get("dsparse")
     if dsparse is not None:
-        slowest = max(dsparse["devices"], key=lambda d: d["step_s"])
+        slowest = max(dsparse["devices"], key=lambda d: d["isolated_step_s"])
         budgets = [d["budget_mb"] for d in full["devices"]]
         unit_count = len(full["devices"][0]["units"])
         summary["facts"] = {
@@ -772,7 +780,7 @@ def summarise(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             "slowest_device_units": slowest["num_units"],
             "slowest_device_first_unit": slowest["units"][0] if slowest["units"] else "-",
             "unit_count": unit_count,
-            "slowest_device_step_over_full_pct": 100 * slowest["step_s"] / full["cluster_step_s"],
+            "slowest_device_step_over_full_pct": 100 * slowest["isolated_step_s"] / full["isolated_cluster_step_s"],
         }
     collective = methods.get("collective")
     if collective is not None:

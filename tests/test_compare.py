@@ -14,8 +14,9 @@ import pytest
 from experiments.compare import METHODS, QUICK, main
 from experiments.report import render_report
 
-DEVICE_MEASURES = ("budget_mb", "predicted_mb", "measured_mb", "step_s", "bytes_up_per_step", "bytes_down_per_step")
-METHOD_MEASURES = ("cluster_step_s", "mean_device_step_s", "aggregation_s_per_step", "bytes_up_per_step",
+DEVICE_MEASURES = ("budget_mb", "predicted_mb", "measured_mb", "step_s", "isolated_step_s", "bytes_up_per_step",
+                   "bytes_down_per_step")
+METHOD_MEASURES = ("cluster_step_s", "isolated_cluster_step_s", "mean_device_step_s", "aggregation_s_per_step", "bytes_up_per_step",
                    "bytes_down_per_step", "final_accuracy", "curve")
 PLOTS = ("memory_per_device.png", "accuracy_steps.png", "accuracy_time.png", "aggregation_bytes.png")
 
@@ -55,7 +56,7 @@ def test_every_method_has_every_measure(quick_run):
         assert all(b["cluster_s"] > a["cluster_s"] for a, b in zip(curve, curve[1:])), name
         assert method["accepted_every_round"], name
     for name in METHODS:
-        assert set(results["summary"][name]) >= {"mean_measured_mb", "measured_saving_pct", "cluster_step_ratio",
+        assert set(results["summary"][name]) >= {"mean_measured_mb", "measured_saving_pct", "cluster_step_ratio", "isolated_cluster_step_ratio",
                                                   "aggregation_ratio", "bytes_ratio", "accuracy_delta"}
 
 
