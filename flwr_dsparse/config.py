@@ -62,6 +62,7 @@ class JobConfig:
     resume: bool = False
     transport: str = "server"
     collective_addr: str = "127.0.0.1"
+    collective_port: int = 0
     collective_timeout: float = 60.0
 
     @property
@@ -157,6 +158,10 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
         value = getattr(config, key.replace("-", "_"))
         if value < 0:
             raise ValueError(f"{key} must be >= 0, got {value!r}")
+    if not 0 <= config.collective_port <= 65535:
+        raise ValueError(
+            f"collective-port must be 0 (a free port each round) or a TCP port 1..65535, got {config.collective_port}"
+        )
     if config.momentum >= 1:
         raise ValueError(f"momentum must be below 1, got {config.momentum}; use e.g. momentum=0.9")
     if config.method == "fedavg" and (config.resume or config.transport != "server"):

@@ -85,7 +85,7 @@ _HEADER_ALLOWANCE = 1024
 # Run-config keys that may differ between a run and its resume (they do not change the model).
 RESUMABLE_KEYS = frozenset(
     {"resume", "num-server-rounds", "round-timeout", "out-dir", "min-nodes", "min-replies", "round-retries",
-     "checkpoint", "test-examples", "collective-timeout", "collective-addr"}
+     "checkpoint", "test-examples", "collective-timeout", "collective-addr", "collective-port"}
 )
 
 

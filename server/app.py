@@ -233,6 +233,8 @@ def _run_job(grid: Grid, config: JobConfig, plan_fn: PlanFn | None) -> dict[str,
             fingerprint=config.to_run_config(),
             transport=config.transport,
             collective_addr=config.collective_addr,
+            # A fixed port for a real LAN (open on rank 0's machine); 0: a free port here, per round.
+            collective_port_fn=(lambda: config.collective_port) if config.collective_port else None,
         )
         del train
         result = strategy.start(

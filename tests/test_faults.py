@@ -157,6 +157,7 @@ class _NoTraining:
         ("min-replies", 0, ["min-replies", "> 0"]),
         ("transport", "mpi", ["transport", "server, collective"]),
         ("round-retries", -1, ["round-retries", ">= 0"]),
+        ("collective-port", 70000, ["collective-port", "1..65535"]),
     ],
 )
 def test_config_errors_name_the_key_before_training(key, value, words):

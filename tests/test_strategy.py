@@ -318,3 +318,24 @@ def test_superlink_error_for_an_offline_node_counts_that_node_as_missing():
     assert row["status"] == "missing" and "unavailable" in row["error"].lower(), row
     for name in device_tensors(strategy.plan, 1):
         assert torch.equal(from_array_record(arrays)[name], state[name])
+
+
+def test_collective_round_messages_carry_the_configured_rendezvous():
+    """transport="collective": every node learns the plan, its rank (= device id) and one
+    rendezvous, the fixed port from collective_port_fn (the collective-port key)."""
+    from flwr_dsparse.plan import Plan
+
+    model = build_model("tiny", seed=0)
+    state = model.state_dict()
+    selections = {0: ["classifier"], 1: ["features.4", "classifier"]}
+    plan = plan_from_selections(model_units(model), selections, {n: tensor_nbytes({n: t}) for n, t in state.items()})
+    strategy = DSparse(plan_fn=lambda reports: plan, transport="collective", collective_addr="10.0.0.5",
+                       collective_port_fn=lambda: 29512)
+    strategy.set_plan(plan, {NODE_OFFSET + d: d for d in selections})
+    strategy._round_transport = "collective"  # what _train_round sets at the start of a round
+    messages = by_device(strategy.configure_train(1, to_array_record(state), ConfigRecord(), None))
+    for device, message in messages.items():
+        config = message.content["config"]
+        assert config["round-transport"] == "collective" and config["rank"] == device
+        assert (config["collective-addr"], config["collective-port"], config["world-size"]) == ("10.0.0.5", 29512, 2)
+        assert Plan.from_json(config["plan"]).digest() == plan.digest()
