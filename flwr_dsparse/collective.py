@@ -576,14 +576,19 @@ def launch_local(
     start_method: str = "spawn",
     deadline_s: float | None = None,
     threads_per_rank: int = 1,
+    exit_grace_s: float = 30.0,
 ) -> list[RankOutcome]:
     """Start ``world_size`` ranks on this machine and collect each one's outcome.
 
     Each rank runs ``worker(rank, world_size, master_addr, master_port, *args)``. Unlike
     ``torch.multiprocessing.spawn`` it does not kill the other ranks when one fails: the caller
     sees every rank's own error (a dead peer's neighbours report a :class:`CollectiveError`).
-    Ranks still running after ``deadline_s`` are killed and reported as such.
+    Ranks still running after ``deadline_s`` are killed and reported as such. A rank that
+    reported but has not exited ``exit_grace_s`` seconds later is killed too (its outcome is
+    kept): interpreter shutdown can take seconds on a loaded machine, but never forever.
     """
+    if exit_grace_s < 0:
+        raise ValueError(f"exit_grace_s must be >= 0, got {exit_grace_s}")
     if world_size < 1:
         raise ValueError(f"world-size must be >= 1, got {world_size}")
     port = master_port or free_port(master_addr)
@@ -620,7 +625,7 @@ def launch_local(
         for rank, process in enumerate(processes):
             # A rank that reported is only exiting (interpreter shutdown can take seconds on a
             # loaded machine); one that did not report by the deadline is stuck.
-            process.join(timeout=30.0 if rank in reports else 0.5)
+            process.join(timeout=exit_grace_s if rank in reports else 0.5)
             if process.is_alive():
                 process.kill()
                 killed.add(rank)
