@@ -92,20 +92,9 @@ def train_selection(
     """
     trainer = SparseTrainer(model, selection, optimizer_factory=make_optimizer_factory("sgd", lr=lr, momentum=momentum))
     try:
-        names = {id(param): name for name, param in model.named_parameters()}
-        if trainer.optimizer is not None and momentum > 0 and momentum_state:
-            for param in trainer.trainable_parameters():
-                saved = momentum_state.get(names[id(param)])
-                if saved is not None and saved.shape == param.shape:
-                    trainer.optimizer.state[param]["momentum_buffer"] = saved.clone()
+        trainer.load_momentum_state(momentum_state or {})
         results = trainer.train(batches)
-        state: dict[str, torch.Tensor] = {}
-        if trainer.optimizer is not None:
-            for param in trainer.trainable_parameters():
-                buffer = trainer.optimizer.state.get(param, {}).get("momentum_buffer")
-                if buffer is not None:
-                    state[names[id(param)]] = buffer.detach().clone()
-        return results, state
+        return results, trainer.momentum_state()
     finally:
         trainer.close()
 
@@ -199,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
         momentum_state = from_array_record(context.state[MOMENTUM_KEY]) if MOMENTUM_KEY in context.state else {}
     batches = _round_batches(config, split, indices, partition, server_round)
     if record.get("round-transport") == "collective":
-        results, momentum_state = _collective_round(config, record, model, units, batches), {}
+        results, momentum_state = _collective_round(config, record, model, units, batches, momentum_state)
     else:
         results, momentum_state = train_selection(
             model, selection, batches, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state
@@ -230,12 +219,15 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _collective_round(config: JobConfig, record: ConfigRecord, model: torch.nn.Module, units, batches) -> list[StepResult]:
+def _collective_round(
+    config: JobConfig, record: ConfigRecord, model: torch.nn.Module, units, batches, momentum_state: Mapping[str, torch.Tensor]
+) -> tuple[list[StepResult], dict[str, torch.Tensor]]:
     """The round's K steps as per-step synchronous AllReduce/Broadcast among the nodes.
 
     The server sent every node the whole global model it lacks, so all ranks start equal
-    (no initial broadcast). Momentum restarts every round: the collective builds its own
-    optimizer (documented limitation).
+    (no initial broadcast). The node's momentum carries over as with the server transport;
+    the members average it first, so they stay bit-identical even after a round that the
+    server-side transport redid (:func:`flwr_dsparse.collective.sync_momentum`).
     """
     from flwr_dsparse.collective import run_collective_round
     from flwr_dsparse.plan import Plan
@@ -244,7 +236,8 @@ def _collective_round(config: JobConfig, record: ConfigRecord, model: torch.nn.M
         Plan.from_json(str(record["plan"])), int(record["rank"]), int(record["world-size"]),
         str(record["collective-addr"]), int(record["collective-port"]), model, batches, config.local_steps,
         make_optimizer_factory("sgd", lr=config.lr, momentum=config.momentum), config.collective_timeout,
-        units=units, sync_start=False,
+        units=units, sync_start=False, momentum_state=momentum_state,
     )
     seconds = [c + a for c, a in zip(result.compute_seconds, result.aggregation_seconds)]
-    return [StepResult(loss, len(batch[1]), s, peak_rss_mb(), 0.0) for loss, batch, s in zip(result.losses, batches, seconds)]
+    steps = [StepResult(loss, len(batch[1]), s, peak_rss_mb(), 0.0) for loss, batch, s in zip(result.losses, batches, seconds)]
+    return steps, result.momentum_state

@@ -115,9 +115,10 @@ class Setup:
     pretrain_lr: float = 0.01  # 0.05 diverges for MobileNetV2 from scratch at batch 64
     pretrain_classes: int = 6  # pre-train on classes 0..pretrain_classes-1, fine-tune on all
     probe_steps: int = 5
-    # One probe at a time: the probes also time each selection alone, and two probes on two
-    # cores would share the memory bus with whichever other probe happened to run beside them.
-    probe_workers: int = 1
+    probe_workers: int = 2
+    # Each distinct selection timed alone: this many interleaved passes of timing_steps steps.
+    timing_rounds: int = 5
+    timing_steps: int = 3
     baseline_steps: int = 6  # steps of the full-model collective run (timing baseline of method 5)
     num_cpus: int = 2  # Ray's CPUs for the simulation
     collective_timeout_s: float = 300.0
@@ -135,7 +136,7 @@ class Setup:
         if self.num_devices < 2:
             raise ValueError(f"--budgets gives {self.num_devices} device(s); the comparison needs at least 2")
         for name in ("batch_size", "steps", "local_steps", "eval_every", "train_examples", "test_examples",
-                     "probe_steps", "probe_workers", "num_cpus", "baseline_steps"):
+                     "probe_steps", "probe_workers", "timing_rounds", "timing_steps", "num_cpus", "baseline_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.steps % self.local_steps:
@@ -198,6 +199,7 @@ QUICK = Setup(
     pretrain_steps=30,
     pretrain_lr=0.1,
     probe_steps=3,
+    timing_rounds=2,
     baseline_steps=2,
 )
 
@@ -342,6 +344,44 @@ def measure_memory(setup: Setup, plans: Mapping[str, Plan], progress: Progress) 
             progress.say(f"  memory probe {done}/{len(selections)}: {len(selection)} units, "
                          f"+{measured['increase_mb']:.1f} MB peak RSS")
     return results
+
+
+def time_selections(setup: Setup, plans: Mapping[str, Plan], state: Mapping[str, torch.Tensor], train: Split,
+                    progress: Progress) -> dict[tuple[str, ...], float]:
+    """Median step time of every distinct selection, alone on one thread in this process.
+
+    The simulation times two devices at once on two cores, so a device's step there depends on
+    which device runs beside it. Here nothing else trains, and the selections take turns:
+    ``timing_rounds`` passes over all of them, ``timing_steps`` timed steps each, after two
+    warm-up steps, so that a slow spell of the machine (a shared VM) falls on every selection
+    alike instead of on whichever was being timed.
+    """
+    selections = sorted({tuple(d.units) for plan in plans.values() for d in plan.devices}, key=len)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    batch = next(batch_iterator(train, None, setup.batch_size, seed=setup.seed + 7))
+    trainers = {}
+    try:
+        for selection in selections:
+            model = build_model(setup.model, seed=setup.seed)
+            model.load_state_dict(state)
+            trainer = SparseTrainer(model, list(selection),
+                                    optimizer_factory=make_optimizer_factory("sgd", lr=setup.lr, momentum=setup.momentum))
+            for _ in range(2):
+                trainer.step(*batch)  # one-time allocations and kernel set-up
+            trainers[selection] = trainer
+        seconds: dict[tuple[str, ...], list[float]] = {selection: [] for selection in selections}
+        for _ in range(setup.timing_rounds):
+            for selection, trainer in trainers.items():
+                seconds[selection] += [trainer.step(*batch).seconds for _ in range(setup.timing_steps)]
+    finally:
+        for trainer in trainers.values():
+            trainer.close()
+        torch.set_num_threads(threads)
+    medians = {selection: statistics.median(values) for selection, values in seconds.items()}
+    for selection in selections:
+        progress.say(f"  {len(selection)} units: {medians[selection]:.3f} s per step alone")
+    return medians
 
 
 # --------------------------------------------------------------------------- Flower simulation (methods 1-4)
@@ -605,8 +645,8 @@ def _device_rows(plan: Plan, memory: Mapping[tuple[str, ...], dict]) -> list[dic
             # What training adds on top of the loaded model, the part a selection changes.
             "predicted_training_mb": (predicted.total - predicted.weights - predicted.reserve) if predicted else float("nan"),
             "measured_mb": memory[tuple(device.units)]["increase_mb"],
-            # The same probe's median step, alone on one thread: free of the simulation's co-scheduling.
-            "isolated_step_s": memory[tuple(device.units)]["step_s"],
+            # The selection's step timed alone (time_selections): free of the simulation's co-scheduling.
+            "isolated_step_s": memory[tuple(device.units)]["step_s_alone"],
         })
     return rows
 
@@ -843,6 +883,10 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
                      f"predicted {device.predicted_mb.total:.1f} MB")
     with progress.stage("measuring memory (fresh subprocess per selection)"):
         memory = measure_memory(setup, {m: method_plans[m] for m in methods}, progress)
+    with progress.stage("timing each selection alone (one thread, interleaved)"):
+        for selection, seconds in time_selections(setup, {m: method_plans[m] for m in methods}, state, train,
+                                                  progress).items():
+            memory[selection]["step_s_alone"] = seconds
 
     runs: dict[str, dict[str, Any]] = {}
     for method in methods:

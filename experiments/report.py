@@ -311,8 +311,9 @@ def render_report(results: Mapping[str, Any]) -> str:
         "selection. It excludes the loaded weights, which every method holds.",
         "- **Step time:** the median over rounds of each device's forward, backward and optimizer step, as the "
         "ClientApp reports it (method 5: each rank's compute time). The cluster step is the slowest device's. "
-        "*Alone:* the memory probe's median step after the first, one selection at a time on one thread in a fresh "
-        "process, so no other device shares the CPU; the headline batch-time ratio uses it.",
+        f"*Alone:* each distinct selection timed on one thread with nothing else training, the selections taking "
+        f"turns ({setup['timing_rounds']} passes of {setup['timing_steps']} steps after two warm-up steps; the median), "
+        "so no other device shares the CPU; the headline batch-time ratio uses it.",
         "- **Aggregation time:** methods 1-4: the server's whole `aggregate_train` call per round, divided by the "
         "local steps of a round; method 5: per step, the all-reduce and broadcast time of the rank that waited least.",
         "- **Bytes:** methods 1-4: payload bytes of the arrays each device received and sent per round (from round 2 "

@@ -63,6 +63,7 @@ __all__ = [
     "check_plan_digest",
     "build_group_comms",
     "averaged_tensors",
+    "sync_momentum",
     "synced_tensors",
     "allreduce_mean",
     "broadcast_from_root",
@@ -410,6 +411,9 @@ class CollectiveResult:
         Bytes this rank handed to collectives over the whole round (not counting the initial sync).
     plan_digest : str
         The digest every rank agreed on.
+    momentum_state : dict[str, torch.Tensor]
+        SGD momentum buffers of this rank's selection after the round, by parameter name
+        (empty without momentum); hand them to the next round to carry momentum over.
     """
 
     rank: int
@@ -419,6 +423,7 @@ class CollectiveResult:
     aggregation_seconds: list[float] = field(default_factory=list)
     payload_bytes: int = 0
     plan_digest: str = ""
+    momentum_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def run_collective_steps(
@@ -473,7 +478,30 @@ def run_collective_steps(
     state = dict(model.named_parameters())
     state.update(model.named_buffers())
     result.tensors = {name: state[name].detach().clone() for comm in member_comms for name in comm.group.tensors}
+    result.momentum_state = trainer.momentum_state()
     return result
+
+
+def sync_momentum(trainer: SparseTrainer, comms: Sequence[GroupComm], momentum_state: Mapping[str, torch.Tensor],
+                  *, fused: bool = True) -> int:
+    """Load ``momentum_state`` and average each group's buffers over its members; returns payload bytes.
+
+    Members apply the same averaged gradient every step, so their momentum buffers stay equal
+    once they start equal. They may not start equal: a round the server-side transport redid
+    leaves each device with momentum of its own gradients, and a device new to a selection has
+    none (zero, which SGD's first step with dampening 0 assumes anyway). One average per
+    group at the round's start makes them equal again, so the members stay bit-identical.
+    """
+    trainer.load_momentum_state(momentum_state, zeros_for_missing=True)
+    if trainer.optimizer is None or not trainer.momentum_state():
+        return 0  # no momentum to carry (plain SGD, Adam, or nothing selected)
+    params = dict(trainer.model.named_parameters())
+    moved = 0
+    for comm in comms:
+        if comm.is_member:
+            buffers = [trainer.optimizer.state[params[name]]["momentum_buffer"] for name in comm.group.params]
+            moved += allreduce_mean(comm, buffers, fused=fused)
+    return moved
 
 
 def run_collective_round(
@@ -493,13 +521,17 @@ def run_collective_round(
     loss_fn: LossFn | None = None,
     sync_start: bool = True,
     rendezvous: Rendezvous | None = None,
+    momentum_state: Mapping[str, torch.Tensor] | None = None,
 ) -> CollectiveResult:
     """One round of ``steps`` per-step synchronous steps among the plan's devices (the client's hook).
 
     Joins the rendezvous, checks the plan digest, builds the groups, optionally gives every rank
     rank 0's model (``sync_start``), trains rank ``rank``'s selection of ``plan`` with per-step
     AllReduce and Broadcast, and leaves the process group if it created it. ``model`` is updated in
-    place. Call it once per round; it can be called again in the same process.
+    place. Call it once per round; it can be called again in the same process. With
+    ``momentum_state`` (the previous round's ``result.momentum_state``; ``{}`` for none yet)
+    the SGD momentum carries over, averaged over each group's members first
+    (:func:`sync_momentum`); without it every round starts with fresh momentum.
 
     Raises
     ------
@@ -517,6 +549,8 @@ def run_collective_round(
         comms = init_collective(rendezvous, plan, timeout_s=timeout_s)
         if sync_start:
             sync_from_rank0(model, rendezvous.rank, rendezvous.world_size, timeout_s=timeout_s)
+        if momentum_state is not None:
+            sync_momentum(trainer, comms, momentum_state, fused=fused)
         result = run_collective_steps(trainer, comms, batches, steps, rank=rendezvous.rank, fused=fused)
         result.plan_digest = plan.digest()
         # Rank 0 serves the store; the barrier keeps it up until every rank is done with it.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Iterable
@@ -124,9 +123,7 @@ def measure_training_rss(
     an in-process high-water mark carries whatever ran before.
 
     ``selection=None`` trains every unit; ``no_grad_forward=True`` measures a
-    plain inference forward instead. The reply also has ``step_s``: the median time of
-    the steps after the first, on one thread in a process of its own, so selections
-    can be timed against each other without another trainer sharing the CPU.
+    plain inference forward instead.
     """
     import json
     import subprocess
@@ -182,16 +179,10 @@ def _probe_main(request_json: str) -> None:
         model(inputs[:1])
     baseline = current_rss_mb()
     reset_peak_rss()
-    seconds = []
     for _ in range(request["steps"]):
-        started = time.perf_counter()
         trainer.step(inputs, targets)
-        seconds.append(time.perf_counter() - started)
     increase = peak_rss_mb() - baseline
-    # The first step pays one-time allocations; the rest are the steady-state step time.
-    steady = sorted(seconds[1:] or seconds)
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "increase_mb": increase,
-                      "step_s": steady[len(steady) // 2]}))
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "increase_mb": increase}))
 
 
 if __name__ == "__main__":

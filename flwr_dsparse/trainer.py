@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -142,6 +142,50 @@ class SparseTrainer:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    # -- optimizer state ------------------------------------------------------------------------------
+    def _sgd_momentum(self) -> bool:
+        return isinstance(self.optimizer, torch.optim.SGD) and any(
+            group["momentum"] > 0 for group in self.optimizer.param_groups)
+
+    def momentum_state(self) -> dict[str, torch.Tensor]:
+        """The SGD momentum buffers of the selected parameters, by parameter name (copies).
+
+        The optimizer is rebuilt whenever the selection changes or a round starts, while
+        momentum must carry over: this and :meth:`load_momentum_state` carry it. Empty for
+        other optimizers and for SGD without momentum.
+        """
+        if not self._sgd_momentum():
+            return {}
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        state = {}
+        for param in self.trainable_parameters():
+            buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")  # type: ignore[union-attr]
+            if buffer is not None:
+                state[names[id(param)]] = buffer.detach().clone()
+        return state
+
+    def load_momentum_state(self, state: Mapping[str, torch.Tensor], *, zeros_for_missing: bool = False) -> None:
+        """Restore buffers saved by :meth:`momentum_state`.
+
+        Names outside the selection and buffers of another shape are ignored (the
+        selection may have changed). ``zeros_for_missing`` gives every selected parameter
+        a buffer, zero where none was saved: with dampening 0 a zero buffer is what SGD's
+        first step assumes anyway, and it lets ranks average buffers of equal layout.
+        """
+        if not self._sgd_momentum():
+            return
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            saved = state.get(name)
+            if saved is not None and tuple(saved.shape) == tuple(param.shape):
+                buffer = saved.detach().clone().to(param.dtype)
+            elif zeros_for_missing:
+                buffer = torch.zeros_like(param, memory_format=torch.preserve_format).detach()
+            else:
+                continue
+            self.optimizer.state[param]["momentum_buffer"] = buffer  # type: ignore[union-attr]
 
     # -- modes ----------------------------------------------------------------------------------------
     def train_mode(self) -> None:

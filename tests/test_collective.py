@@ -84,6 +84,21 @@ def train_rank(rank, world_size, master_addr, master_port, plan_json, model_name
     return {"state": model.state_dict(), "tensors": result.tensors, "payload_bytes": result.payload_bytes}
 
 
+def momentum_rank(rank, world_size, master_addr, master_port, plan_json, rounds, carry, initial=None):
+    """2*STEPS momentum-SGD steps split into ``rounds`` rounds; ``carry`` hands each round's
+    momentum to the next (as the ClientApp does), ``initial`` gives each rank its own start."""
+    plan = Plan.from_json(plan_json)
+    model = make_model("tiny")
+    batches = iter(rank_batches(rank, 2 * STEPS))
+    state = initial[rank] if initial is not None else ({} if carry else None)
+    for _ in range(rounds):
+        result = run_collective_round(plan, rank, world_size, master_addr, master_port, model, batches,
+                                      2 * STEPS // rounds, make_optimizer_factory("sgd", lr=LR, momentum=0.9),
+                                      TIMEOUT_S, momentum_state=state)
+        state = result.momentum_state if carry else None
+    return {"state": model.state_dict(), "tensors": result.tensors, "momentum": result.momentum_state}
+
+
 def faulty_rank(rank, world_size, master_addr, master_port, plan_json, fault, timeout_s):
     """Rank 2 dies (or stalls) before its second step; the others report how they failed."""
 
@@ -361,3 +376,40 @@ def test_bench_namespace_is_deleted_also_on_failure():
             assert namespace.name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
             raise RuntimeError("boom")
     assert namespace.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+TWO_RANKS = {0: ["features.3", "features.4", "classifier"], 1: ["features.4", "classifier"]}
+
+
+def test_momentum_carries_over_rounds_bit_identically():
+    """Two collective rounds with the momentum handed over equal one round of all the steps,
+    exactly; without the hand-over they differ (momentum restarts)."""
+    plan = make_plan("tiny", TWO_RANKS).to_json()
+    launch = lambda rounds, carry: launch_local(momentum_rank, 2, (plan, rounds, carry), start_method=START_METHOD,
+                                                deadline_s=DEADLINE_S)
+    whole, split, restarted = launch(1, True), launch(2, True), launch(2, False)
+    for outcomes in (whole, split, restarted):
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    for a, b in zip(whole, split):
+        assert all(torch.equal(a.result["state"][n], b.result["state"][n]) for n in a.result["state"])
+        assert a.result["momentum"].keys() == b.result["momentum"].keys() and a.result["momentum"]
+        assert all(torch.equal(a.result["momentum"][n], b.result["momentum"][n]) for n in a.result["momentum"])
+    differs = [n for n, t in whole[0].result["state"].items() if not torch.equal(t, restarted[0].result["state"][n])]
+    assert differs, "restarting momentum every round should change the result"
+
+
+def test_members_with_different_momentum_are_averaged_to_stay_identical():
+    """After a round the server-side transport redid, each member's momentum is its own; the
+    collective averages it per group first, so the members still end bit-identical."""
+    plan = make_plan("tiny", TWO_RANKS)
+    model = make_model("tiny")
+    shared = [n for g in plan.groups if len(g.members) == 2 for n in g.params]
+    initial = {rank: {n: torch.full_like(dict(model.named_parameters())[n], 0.01 * (rank + 1)) for n in shared}
+               for rank in (0, 1)}
+    outcomes = launch_local(momentum_rank, 2, (plan.to_json(), 1, True, initial), start_method=START_METHOD,
+                            deadline_s=DEADLINE_S)
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    first, second = outcomes[0].result, outcomes[1].result
+    shared_tensors = [n for g in plan.groups if len(g.members) == 2 for n in g.tensors]
+    assert all(torch.equal(first["tensors"][n], second["tensors"][n]) for n in shared_tensors)
+    assert all(torch.equal(first["momentum"][n], second["momentum"][n]) for n in shared)
