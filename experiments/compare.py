@@ -119,6 +119,7 @@ class Setup:
     # Each distinct selection timed alone: this many interleaved passes of timing_steps steps.
     timing_rounds: int = 5
     timing_steps: int = 3
+    max_step_fraction: float = 1.0  # the planner's step-time cap (1: memory only, the paper's planner)
     baseline_steps: int = 6  # steps of the full-model collective run (timing baseline of method 5)
     num_cpus: int = 2  # Ray's CPUs for the simulation
     collective_timeout_s: float = 300.0
@@ -307,13 +308,17 @@ def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) ->
     model = build_model(setup.model, seed=setup.seed)
     model.load_state_dict(state)
     torch.set_num_threads(1)  # the memory probes use one thread; profile the same way
-    # Step time is measured in the runs themselves, so the cost model profiles memory only.
-    cost = CostModel(model, (3, 32, 32), optimizer="sgd", momentum=setup.momentum, time_batches=None)
+    # Step time is measured in the runs themselves, so the cost model profiles memory only,
+    # unless the planner caps step time (then it needs the step-time calibration).
+    capped = setup.max_step_fraction < 1
+    cost = CostModel(model, (3, 32, 32), optimizer="sgd", momentum=setup.momentum,
+                     **({} if capped else {"time_batches": None}))
     calibration = min(64, len(train))
     scores = get_scorer(setup.scorer)(model, cost.units, train.x[:calibration], train.y[:calibration])
     devices = [DeviceSpec(device, budget, setup.batch_size) for device, budget in enumerate(setup.budgets_mb)]
     meta = {"model": setup.model, "scorer": setup.scorer, "input_shape": [3, 32, 32], "source": "experiments.compare"}
-    dsparse = make_plan(devices, cost, scores, meta={**meta, "method": "dsparse"})
+    dsparse = make_plan(devices, cost, scores, max_step_fraction=setup.max_step_fraction,
+                        meta={**meta, "method": "dsparse", "max_step_fraction": setup.max_step_fraction})
     smallest = min(dsparse.devices, key=lambda d: d.budget_mb)
     all_units = cost.unit_names
 
@@ -949,6 +954,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="default synthetic (embedded); cifar10 reads --data-root")
     parser.add_argument("--data-root", default=None, help="folder that holds cifar-10-batches-py")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs for the simulation (default 2)")
+    parser.add_argument("--max-step-fraction", type=float, default=None,
+                        help="DSparse planner's step-time cap, a fraction of a full update's step (default 1: memory only)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (fedavg is required)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.set_defaults(func=_cli_main)
@@ -958,7 +965,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def setup_from_args(args: argparse.Namespace) -> Setup:
     setup = QUICK if args.quick else DEFAULT
     changes: dict[str, Any] = {}
-    for name in ("model", "steps", "local_steps", "batch_size", "dataset", "data_root", "num_cpus"):
+    for name in ("model", "steps", "local_steps", "batch_size", "dataset", "data_root", "num_cpus", "max_step_fraction"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value

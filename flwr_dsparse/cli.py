@@ -53,6 +53,7 @@ def build_cli_plan(
     momentum: float = 0.0,
     reserve_mb: float = 0.0,
     allow_inference_only: bool = False,
+    max_step_fraction: float = 1.0,
     seed: int = 0,
     progress: bool = True,
 ) -> Plan:
@@ -72,9 +73,10 @@ def build_cli_plan(
     devices = [DeviceSpec(index, budget, batch_size) for index, budget in enumerate(budgets)]
     meta = {
         "model": model_name, "input_shape": list(input_shape), "scorer": scorer, "optimizer": optimizer,
-        "momentum": momentum, "reserve_mb": reserve_mb, "seed": seed,
+        "momentum": momentum, "reserve_mb": reserve_mb, "seed": seed, "max_step_fraction": max_step_fraction,
     }
-    return make_plan(devices, cost, scores, allow_inference_only=allow_inference_only, meta=meta)
+    return make_plan(devices, cost, scores, allow_inference_only=allow_inference_only,
+                     max_step_fraction=max_step_fraction, meta=meta)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -82,6 +84,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         model_name=args.model, input_shape=parse_input_shape(args.input), batch_size=args.batch_size,
         budgets=parse_budgets(args.budgets, field="--budgets"), scorer=args.scorer, optimizer=args.optimizer,
         momentum=args.momentum, reserve_mb=args.reserve_mb, allow_inference_only=args.allow_inference_only,
+        max_step_fraction=args.max_step_fraction,
         seed=args.seed, progress=not args.json,
     )
     if args.out:
@@ -133,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     plan.add_argument("--momentum", type=float, default=0.0)
     plan.add_argument("--reserve-mb", type=float, default=0.0, help="fixed runtime reserve added to every device")
+    plan.add_argument("--max-step-fraction", type=float, default=1.0,
+                      help="cap every device's predicted step at this fraction of a full update's (default 1: memory only)")
     plan.add_argument("--allow-inference-only", action="store_true",
                       help="devices below the cheapest selection train nothing instead of failing")
     plan.add_argument("--out", help="also write the plan JSON to this file")

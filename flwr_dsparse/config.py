@@ -53,6 +53,7 @@ class JobConfig:
     sim_budgets_mb: str = "30,40,50,60,75,95,130"
     memory_reserve_mb: float = 0.0
     allow_inference_only: bool = False
+    max_step_fraction: float = 1.0
     min_nodes: int = 2
     round_timeout: float = 600.0
     out_dir: str = "outputs"
@@ -158,6 +159,11 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
         value = getattr(config, key.replace("-", "_"))
         if value < 0:
             raise ValueError(f"{key} must be >= 0, got {value!r}")
+    if not 0 < config.max_step_fraction <= 1:
+        raise ValueError(
+            f"max-step-fraction must be in (0, 1], got {config.max_step_fraction}; 1 plans by memory only, "
+            "0.6 caps every device's predicted step at 60% of a full update's"
+        )
     if not 0 <= config.collective_port <= 65535:
         raise ValueError(
             f"collective-port must be 0 (a free port each round) or a TCP port 1..65535, got {config.collective_port}"

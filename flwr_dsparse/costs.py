@@ -417,6 +417,27 @@ class CostModel:
             reserve=self.reserve_mb,
         )
 
+    def step_time_terms(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The additive structure of :meth:`step_time`, in seconds, for the planner.
+
+        Returns ``(base, increments)``: a selection whose earliest unit is ``e`` takes
+        ``base[e] + Σ_{j in selection, j>e} increments[j]`` seconds per step. ``base[e]``
+        is the forward (no_grad before ``e``), the trained backward of ``e`` and the
+        pass-through backward of every later unit; ``increments[j]`` is what training unit
+        ``j`` adds to passing through it.
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be > 0, got {batch_size}")
+        costs = self.unit_costs
+        at = UnitCost.at
+        n = len(costs)
+        inference = np.array([at(c.forward_inference_s, batch_size) for c in costs])
+        forward = np.array([at(c.forward_s, batch_size) for c in costs])
+        trained = np.array([at(c.backward_trained_s, batch_size) for c in costs])
+        frozen = np.array([at(c.backward_frozen_s, batch_size) for c in costs])
+        base = np.array([inference[:e].sum() + forward[e:].sum() + trained[e] + frozen[e + 1 :].sum() for e in range(n)])
+        return base, trained - frozen
+
     def step_time(self, selection: Sequence[str], batch_size: int) -> float:
         """Predicted seconds of one training step (forward, backward, optimizer step)."""
         indices = self._indices(selection)

@@ -77,12 +77,22 @@ def _subset_sums(weights: np.ndarray) -> np.ndarray:
     return sums
 
 
-def best_selection(base: np.ndarray, increments: np.ndarray, scores: Sequence[float], budget_mb: float) -> tuple[tuple[int, ...], float, float] | None:
-    """The exact best selection under ``budget_mb``.
+def best_selection(
+    base: np.ndarray,
+    increments: np.ndarray,
+    scores: Sequence[float],
+    budget_mb: float,
+    *,
+    time_terms: tuple[np.ndarray, np.ndarray] | None = None,
+    max_step_s: float | None = None,
+) -> tuple[tuple[int, ...], float, float] | None:
+    """The exact best selection under ``budget_mb`` (and, optionally, ``max_step_s``).
 
     Returns ``(unit indices, total score, predicted MB)``, or ``None`` if no
     non-empty selection fits. Ties go to the cheaper selection, then to the
-    later earliest unit, so the answer is deterministic.
+    later earliest unit, so the answer is deterministic. ``time_terms`` is
+    :meth:`CostModel.step_time_terms` at the device's batch size; with
+    ``max_step_s`` a selection must also be predicted to step within it.
     """
     count = len(base)
     values = np.asarray(scores, dtype=float)
@@ -97,6 +107,9 @@ def best_selection(base: np.ndarray, increments: np.ndarray, scores: Sequence[fl
         memory = base[first] + _subset_sums(increments[first, later])
         value = values[first] + _subset_sums(values[later])
         fits = memory <= budget_mb + _SLACK_MB
+        if max_step_s is not None and time_terms is not None:
+            time_base, time_increments = time_terms
+            fits &= time_base[first] + _subset_sums(time_increments[later]) <= max_step_s * (1 + 1e-9)
         if not fits.any():
             continue
         candidates = np.flatnonzero(fits)
@@ -125,9 +138,15 @@ def make_plan(
     scores: Sequence[float],
     *,
     allow_inference_only: bool = False,
+    max_step_fraction: float = 1.0,
     meta: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Plan every device: the highest-scoring selection that fits its budget.
+
+    A synchronous step waits for the slowest device, and a device that can afford the
+    whole model is as slow as a full update. ``max_step_fraction`` below 1 also caps
+    every device's predicted step time at that fraction of the full update's (at its
+    batch size), trading what the large devices train for the cluster's step time.
 
     Parameters
     ----------
@@ -140,6 +159,9 @@ def make_plan(
     allow_inference_only : bool
         If true, a device whose budget is below the cheapest selection trains
         nothing (it still receives broadcasts) instead of raising.
+    max_step_fraction : float
+        In (0, 1]; 1 is memory only (the paper's planner). Needs a cost model with
+        step-time calibration.
     meta : Mapping, optional
         Provenance stored in the plan.
 
@@ -155,14 +177,29 @@ def make_plan(
         raise ValueError(f"got {len(scores)} scores for {len(names)} units; give one score per unit ({', '.join(names)})")
     if not all(math.isfinite(float(s)) for s in scores):
         raise ValueError(f"scores must be finite numbers, got {list(scores)}")
+    if not 0 < max_step_fraction <= 1:
+        raise ValueError(f"max-step-fraction must be in (0, 1], got {max_step_fraction}; 1 plans by memory only")
+    capped = max_step_fraction < 1
+    if capped and cost_model.step_time(names, 1) <= 0:
+        raise ValueError("max-step-fraction < 1 needs a cost model calibrated for step time (time_batches)")
     terms: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
     selections, estimates, step_seconds, totals = {}, {}, {}, {}
     for device in sorted(devices, key=lambda d: d.id):
         if device.batch_size not in terms:
             terms[device.batch_size] = cost_model.selection_terms(device.batch_size)
         base, increments, _ = terms[device.batch_size]
-        found = best_selection(base, increments, scores, device.budget_mb)
-        if found is None:
+        cap = max_step_fraction * cost_model.step_time(names, device.batch_size) if capped else None
+        time_terms = cost_model.step_time_terms(device.batch_size) if capped else None
+        found = best_selection(base, increments, scores, device.budget_mb, time_terms=time_terms, max_step_s=cap)
+        if found is None and capped and best_selection(base, increments, scores, device.budget_mb) is not None:
+            if not allow_inference_only:
+                raise ValueError(
+                    f"no selection of device {device.id} fits both its budget {device.budget_mb:g} MB and "
+                    f"max-step-fraction={max_step_fraction:g} ({cap:.3f} s per step at batch {device.batch_size}); "
+                    "raise max-step-fraction (or allow inference-only devices)"
+                )
+            indices, total_score = (), 0.0
+        elif found is None:
             cheapest, first = _cheapest_mb(base, increments)
             if not allow_inference_only:
                 raise ValueError(

@@ -48,8 +48,10 @@ def planner_plan_fn(model: torch.nn.Module, config: JobConfig, calibration: tupl
         cost_model = CostModel(model, tuple(calibration[0].shape[1:]), optimizer="sgd", momentum=config.momentum)
         scores = get_scorer(config.scorer)(model, units, calibration[0], calibration[1])
         devices = [DeviceSpec(report.device, report.budget_mb, report.batch_size) for report in reports]
-        meta = {"model": config.model, "scorer": config.scorer, "input_shape": list(calibration[0].shape[1:])}
-        return make_plan(devices, cost_model, scores, allow_inference_only=config.allow_inference_only, meta=meta)
+        meta = {"model": config.model, "scorer": config.scorer, "input_shape": list(calibration[0].shape[1:]),
+                "max_step_fraction": config.max_step_fraction}
+        return make_plan(devices, cost_model, scores, allow_inference_only=config.allow_inference_only,
+                         max_step_fraction=config.max_step_fraction, meta=meta)
 
     return plan_fn
 

@@ -313,3 +313,53 @@ def test_cli_reports_bad_budgets_with_exit_code_2(capsys: pytest.CaptureFixture[
 
 def test_best_selection_returns_none_when_nothing_fits() -> None:
     assert best_selection(np.array([5.0, 6.0]), np.zeros((2, 2)), [1.0, 1.0], 4.0) is None
+
+
+# -- step-time cap ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def timed_tiny_cost() -> CostModel:
+    return CostModel(build_model("tiny"), (3, 32, 32), time_batches=(4, 8))
+
+
+def test_step_time_terms_agree_with_step_time(timed_tiny_cost: CostModel) -> None:
+    base, increments = timed_tiny_cost.step_time_terms(16)
+    names = timed_tiny_cost.unit_names
+    for indices in [(0,), (1, 3), (2, 3, 4, 5), (0, 1, 2, 3, 4, 5), (5,), (0, 5)]:
+        expected = base[indices[0]] + sum(increments[j] for j in indices[1:])
+        assert timed_tiny_cost.step_time([names[i] for i in indices], 16) == pytest.approx(expected, rel=1e-9)
+
+
+def test_step_cap_is_the_exact_best_under_both_limits(timed_tiny_cost: CostModel) -> None:
+    """Brute force over every selection: the capped planner picks the best score among those
+    that fit the budget and the step cap; an ample budget no longer means the whole model."""
+    cost = timed_tiny_cost
+    names = cost.unit_names
+    scores = [1.0, 0.5, 2.0, 0.7, 1.5, 3.0]
+    full_s = cost.step_time(names, 16)
+    budget = cost.predict(names, 16).total + 5  # the whole model fits
+    uncapped = make_plan([DeviceSpec(0, budget, 16)], cost, scores)
+    assert list(uncapped.device(0).units) == names
+    capped = make_plan([DeviceSpec(0, budget, 16)], cost, scores, max_step_fraction=0.6)
+    chosen = list(capped.device(0).units)
+    assert cost.step_time(chosen, 16) <= 0.6 * full_s * (1 + 1e-9) and chosen != names
+    best = max(
+        (sum(scores[i] for i in combo), [names[i] for i in combo])
+        for size in range(1, len(names) + 1) for combo in itertools.combinations(range(len(names)), size)
+        if cost.step_time([names[i] for i in combo], 16) <= 0.6 * full_s * (1 + 1e-9)
+        and cost.predict([names[i] for i in combo], 16).total <= budget
+    )
+    assert sum(scores[names.index(u)] for u in chosen) == pytest.approx(best[0])
+    assert capped.device(0).predicted_step_s == pytest.approx(cost.step_time(chosen, 16))
+
+
+def test_step_cap_errors_name_the_fix(timed_tiny_cost: CostModel, tiny_cost: CostModel) -> None:
+    names = timed_tiny_cost.unit_names
+    budget = timed_tiny_cost.predict(names, 16).total + 5
+    with pytest.raises(ValueError, match="max-step-fraction must be in"):
+        make_plan([DeviceSpec(0, budget, 16)], timed_tiny_cost, [1.0] * len(names), max_step_fraction=0)
+    with pytest.raises(ValueError, match="raise max-step-fraction"):
+        make_plan([DeviceSpec(0, budget, 16)], timed_tiny_cost, [1.0] * len(names), max_step_fraction=1e-6)
+    with pytest.raises(ValueError, match="calibrated for step time"):
+        make_plan([DeviceSpec(0, budget, 16)], tiny_cost, [1.0] * len(names), max_step_fraction=0.5)
