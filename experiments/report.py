@@ -212,10 +212,12 @@ def _shortfalls(results: Mapping[str, Any]) -> list[str]:
     else:
         units = [d["num_units"] for d in methods["dsparse"]["devices"]]
         share = 100 * sum(units) / (len(units) * facts["unit_count"])
+        # Only the methods this run has (``--methods`` may leave some out).
+        others = [f"{label} {100 * summary[name]['accuracy_delta']:+.1f}" for name, label in
+                  (("uniform", "uniform sparse ends"), ("dsparse_k", "DSparse with K local steps")) if name in summary]
         lines.append(
             f"- **Accuracy: DSparse ends {acc:+.1f} points below the full update after {steps} steps** (the paper: "
-            f"{paper['accuracy']}); uniform sparse ends {100 * summary['uniform']['accuracy_delta']:+.1f} points and "
-            f"DSparse with K local steps {100 * summary['dsparse_k']['accuracy_delta']:+.1f}. A DSparse device trains "
+            f"{paper['accuracy']}){'; ' + ', '.join(others) + ' points' if others else ''}. A DSparse device trains "
             f"{share:.0f}% of the units on average, so each step moves fewer parameters and fine-tuning converges more "
             f"slowly; this run stops after {steps} steps, early in fine-tuning, where that shows most. Whether the gap "
             "closes with more steps is not measured here (run with a larger --steps)."
