@@ -23,16 +23,8 @@ from experiments.fault_matrix import SCENARIOS, SMALL_JOB, LocalGrid, run_scenar
 from flwr_dsparse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from flwr_dsparse.config import load_config
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _final(out: Path) -> dict[str, torch.Tensor]:

@@ -15,12 +15,7 @@ from flwr_dsparse.models import build_model
 from flwr_dsparse.weights import load_weights, pretrain
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_load_weights_round_trips_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
