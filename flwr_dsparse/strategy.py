@@ -569,7 +569,7 @@ class DSparse(Strategy):
         if self.collective_port_fn is not None:
             port = self.collective_port_fn()
         else:
-            from .collective import free_port
+            from .ports import free_port
 
             port = free_port(self.collective_addr)
         return {"round-transport": "collective", "plan": self.plan.to_json(), "world-size": len(self.plan.devices),

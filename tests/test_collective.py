@@ -15,11 +15,11 @@ from flwr_dsparse.collective import (
     CollectiveError,
     PlanMismatchError,
     Rendezvous,
-    add_cli,
     check_plan_ranks,
     launch_local,
     run_collective_round,
 )
+from flwr_dsparse.cli.collective import add_cli
 from flwr_dsparse.models import build_model
 from flwr_dsparse.plan import Plan, plan_from_selections
 from flwr_dsparse.trainer import make_optimizer_factory
@@ -341,12 +341,12 @@ def test_cli_registers_collective_subcommand(tmp_path):
 
 
 def test_cli_rank_path_trains_every_device_of_a_plan_file(tmp_path):
-    from flwr_dsparse.collective import _CliJob, _cli_rank
+    from flwr_dsparse.cli.collective import CliJob, cli_rank
 
     plan = make_plan("tiny", OVERLAPPING)
-    job = _CliJob(plan.to_json(), "tiny", steps=2, batch_size=8, optimizer="sgd", lr=0.05, momentum=0.9, seed=0,
+    job = CliJob(plan.to_json(), "tiny", steps=2, batch_size=8, optimizer="sgd", lr=0.05, momentum=0.9, seed=0,
                   timeout_s=TIMEOUT_S, fused=True, out=str(tmp_path / "rank{rank}.pt"))
-    outcomes = launch_local(_cli_rank, 3, (job,), start_method=START_METHOD, deadline_s=DEADLINE_S)
+    outcomes = launch_local(cli_rank, 3, (job,), start_method=START_METHOD, deadline_s=DEADLINE_S)
     assert_ok(outcomes)
     states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(3)]
     for state in states[1:]:  # momentum too: identical optimizer steps keep the members identical

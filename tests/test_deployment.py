@@ -17,11 +17,11 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 
+from flwr_dsparse.ports import free_port
 from flwr_dsparse.deploy import (
     Deployment,
     ProcessRecord,
-    _alive,
-    free_port,
+    process_alive,
     list_nodes,
     make_certificates,
     make_node_keys,
@@ -80,7 +80,7 @@ def deployments(tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
         stop_processes(loose)
         for deployment in started:
             stop_deployment(deployment)
-        survivors = [r.pid for d in started for r in d.processes if _alive(r)] + [r.pid for r in loose if _alive(r)]
+        survivors = [r.pid for d in started for r in d.processes if process_alive(r)] + [r.pid for r in loose if process_alive(r)]
         assert not survivors, f"processes survived teardown: {survivors}"
 
 
@@ -97,9 +97,9 @@ def _run(deployment: Deployment, run_config: dict[str, Any], out: Path, timeout:
 def _refused(record: ProcessRecord, timeout: float = 60.0) -> str:
     """Wait for a SuperNode that should be turned away to give up; return its log."""
     deadline = time.monotonic() + timeout
-    while _alive(record) and time.monotonic() < deadline:
+    while process_alive(record) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _alive(record), f"{record.role} is still trying after {timeout:.0f} s"
+    assert not process_alive(record), f"{record.role} is still trying after {timeout:.0f} s"
     return Path(record.log).read_text(errors="replace")
 
 
@@ -224,7 +224,7 @@ def test_supernode_killed_mid_round_collective_falls_back_and_replans(
     deployment = deployments(3, memory_mb=list(KILL_BUDGETS_MB))
     row = run_supernode_kill(tmp_path, transport="collective", victim=2, deployment=deployment)
     assert row["returncode"] == 0, row["output-tail"]
-    assert not _alive(deployment.supernodes[2])
+    assert not process_alive(deployment.supernodes[2])
     assert row["ok"] and row["rounds-lost"] == 0 and row["corrupt-applied"] == 0, row["outcome"]
     one, two, three = row["history"]
     assert [one["round"], two["round"], three["round"]] == [1, 2, 3]
@@ -330,19 +330,19 @@ def test_stop_processes_kills_the_whole_tree(tmp_path: Path) -> None:
 
     import psutil
 
-    from flwr_dsparse.deploy import _spawn
+    from flwr_dsparse.deploy import spawn_process
 
     script = (
         "import subprocess, sys, time\n"
         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
         "time.sleep(120)\n"
     )
-    record = _spawn("parent", [sys.executable, "-c", script], tmp_path / "parent.log", {}, 0)
+    record = spawn_process("parent", [sys.executable, "-c", script], tmp_path / "parent.log", {}, 0)
     deadline = time.monotonic() + 20
     while not psutil.Process(record.pid).children() and time.monotonic() < deadline:
         time.sleep(0.1)
     child = psutil.Process(record.pid).children()[0]
     signalled = stop_processes([record], grace=5)
     assert record.pid in signalled and child.pid in signalled
-    assert not _alive(record)
+    assert not process_alive(record)
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE

@@ -1,8 +1,9 @@
-"""The ``dsparse`` command line.
+"""The ``dsparse`` command line: the entry point, ``plan``, ``profile`` and ``compare``.
 
-``plan`` and ``profile`` live here; other rooms register their own
-subcommands through an ``add_cli(subparsers)`` function (see ``_EXTENSIONS``),
-so this file only wires them.
+Other command families register their own subcommands through an
+``add_cli(subparsers)`` function (see ``_EXTENSIONS``), so this file only wires them.
+``compare`` runs the repository's ``experiments.compare`` in a child process: the
+experiments are users of the library, not part of it, so the library never imports them.
 """
 
 from __future__ import annotations
@@ -10,21 +11,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from .costs import CostModel
-from .models import MODELS, build_model
-from .plan import Plan, format_plan
-from .planner import DeviceSpec, make_plan, parse_budgets
-from .scoring import SCORERS, get_scorer
+from ..costs import CostModel
+from ..models import MODELS, build_model
+from ..plan import Plan, format_plan
+from ..planner import DeviceSpec, make_plan, parse_budgets
+from ..scoring import SCORERS, get_scorer
 
 __all__ = ["main", "build_cli_plan", "parse_input_shape"]
 
 #: Modules that add a subcommand through ``add_cli(subparsers)``.
-_EXTENSIONS = ("flwr_dsparse.collective", "flwr_dsparse.deploy", "flwr_dsparse.weights", "experiments.compare")
+_EXTENSIONS = ("flwr_dsparse.cli.collective", "flwr_dsparse.cli.deploy", "flwr_dsparse.weights")
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -118,6 +121,28 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_experiments_root(start: Path | None = None) -> Path:
+    """The repository folder that holds ``experiments/compare.py``.
+
+    Looked for from ``start`` (default: the working directory) upwards, then beside this
+    package (an editable install from a clone).
+    """
+    here = (start or Path.cwd()).resolve()
+    candidates = [here, *here.parents, Path(__file__).resolve().parents[2]]
+    for folder in candidates:
+        if (folder / "experiments" / "compare.py").is_file():
+            return folder
+    raise ValueError(
+        f"no experiments/compare.py in {here} or its parents; `dsparse compare` runs the repository's "
+        "experiments: run it from a clone of flwr-dsparse (or `python -m experiments.compare` there)"
+    )
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    root = find_experiments_root()
+    return subprocess.call([sys.executable, "-m", "experiments.compare", *args.compare_args], cwd=root)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsparse", description="DSparse: memory-fitted sparse update for Flower")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -147,14 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(profile, 64)
     profile.set_defaults(func=_cmd_profile)
 
+    compare = commands.add_parser(
+        "compare", add_help=False,
+        help="the paper's comparison (python -m experiments.compare in the repository; --help there)",
+    )
+    compare.add_argument("compare_args", nargs=argparse.REMAINDER)
+    compare.set_defaults(func=_cmd_compare)
+
     for module_name in _EXTENSIONS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:  # a real missing dependency must not be hidden
-                raise
-            continue
-        module.add_cli(commands)
+        importlib.import_module(module_name).add_cli(commands)
     return parser
 
 
