@@ -57,7 +57,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from flwr_dsparse.costs import CostModel
-from flwr_dsparse.data import Split, batch_iterator, load_dataset, partition_indices
+from flwr_dsparse.data import DATASETS, Split, batch_iterator, default_dataset, load_dataset, partition_indices
 from flwr_dsparse.memory import measure_training_rss
 from flwr_dsparse.models import MODELS, build_model
 from flwr_dsparse.plan import Plan, plan_from_selections
@@ -950,9 +950,11 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="local steps per device, every method (default 40)")
     parser.add_argument("--local-steps", type=int, default=None, help="K of method 4 (default 4)")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--dataset", default=None, choices=("synthetic", "cifar10"),
-                        help="default synthetic (embedded); cifar10 reads --data-root")
-    parser.add_argument("--data-root", default=None, help="folder that holds cifar-10-batches-py")
+    parser.add_argument("--dataset", default=None, choices=DATASETS,
+                        help="default fashion-mnist where Debian's dataset-fashion-mnist is installed, else synthetic "
+                        "(embedded); cifar10 reads --data-root")
+    parser.add_argument("--data-root", default=None,
+                        help="folder that holds cifar-10-batches-py, or Fashion-MNIST's four IDX files")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs for the simulation (default 2)")
     parser.add_argument("--max-step-fraction", type=float, default=None,
                         help="DSparse planner's step-time cap, a fraction of a full update's step (default 1: memory only)")
@@ -965,6 +967,10 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def setup_from_args(args: argparse.Namespace) -> Setup:
     setup = QUICK if args.quick else DEFAULT
     changes: dict[str, Any] = {}
+    if args.dataset is None and args.data_root is None:
+        # Real images where Debian's package is installed, else the embedded set; the first line says which.
+        changes["dataset"], changes["data_root"], note = default_dataset()
+        print(f"[compare] {note}", file=sys.stderr, flush=True)
     for name in ("model", "steps", "local_steps", "batch_size", "dataset", "data_root", "num_cpus", "max_step_fraction"):
         value = getattr(args, name)
         if value is not None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from .data import DATASETS
 from .models import MODELS
 from .planner import parse_budgets
 
 __all__ = ["JobConfig", "load_config", "parse_budgets_mb", "METHODS", "DATASETS", "PARTITIONINGS", "SCORERS", "TRANSPORTS"]
 
 METHODS = ("dsparse", "fedavg")
-DATASETS = ("synthetic", "cifar10")
 PARTITIONINGS = ("iid", "dirichlet")
 SCORERS = ("gradient", "depth")
 TRANSPORTS = ("server", "collective")

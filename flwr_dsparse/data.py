@@ -1,6 +1,6 @@
 """Datasets, partitions and batches, the same way in simulation and deployment.
 
-Two datasets, one normalization:
+Three datasets, all as normalized ``N x 3 x 32 x 32`` float images with 10 classes:
 
 * ``"synthetic"``: the embedded default. A deterministic CIFAR-shaped 10-class set that the
   project generates from a seed, with no download. Each class has a smooth random prototype
@@ -8,6 +8,12 @@ Two datasets, one normalization:
   covered in noise, so a small CNN has to learn shift-invariant features to classify it (it
   is learnable, but not separable in one step).
 * ``"cifar10"``: CIFAR-10 from a local ``cifar-10-batches-py`` folder, read with torchvision.
+* ``"fashion-mnist"``: Fashion-MNIST (60 000 train, 10 000 test, 28 x 28 grey) from its four
+  IDX files, gzipped or not: in ``data-root`` (or torchvision's ``FashionMNIST/raw`` under it),
+  else where Debian's package ``dataset-fashion-mnist`` puts them. Each image is padded to
+  32 x 32 and repeated to 3 channels, normalized with Fashion-MNIST's own mean and std.
+
+Synthetic and CIFAR-10 share CIFAR-10's channel statistics.
 
 Partitions come from flwr-datasets partitioners over the labels, so simulation and a real
 SuperNode with the same ``partition-id`` see the same examples. This module never imports
@@ -16,9 +22,15 @@ SuperNode with the same ``partition-id`` see the same examples. This module neve
 
 from __future__ import annotations
 
+import gzip
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import count as count_from
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,14 +40,23 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DATASETS",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_PACKAGE",
+    "FASHION_MNIST_STD",
     "PARTITION_METHODS",
     "Split",
     "batch_iterator",
+    "batches_at",
+    "default_dataset",
+    "fashion_mnist_default_dir",
+    "find_fashion_mnist",
     "load_cifar10",
     "load_dataset",
+    "load_fashion_mnist",
     "make_synthetic",
     "normalize",
     "partition_indices",
+    "read_idx_ubyte",
 ]
 
 # CIFAR-10's per-channel statistics, applied to both datasets so a model or a learning rate
@@ -44,7 +65,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
-DATASETS = ("synthetic", "cifar10")
+DATASETS = ("synthetic", "cifar10", "fashion-mnist")
 PARTITION_METHODS = ("iid", "dirichlet")
 
 # Sizes of the embedded dataset when none are given: large enough to learn from, small
@@ -61,8 +82,9 @@ class Split:
     Attributes
     ----------
     x : torch.Tensor
-        ``float32`` images of shape ``N x 3 x 32 x 32``, normalized with CIFAR-10's
-        per-channel mean and standard deviation.
+        ``float32`` images of shape ``N x 3 x 32 x 32``, normalized with the dataset's
+        statistics (CIFAR-10's for synthetic and CIFAR-10). For Fashion-MNIST the three
+        channels are one grey plane, expanded (a view: a third of the memory).
     y : torch.Tensor
         ``int64`` labels of shape ``N``, in ``0 .. 9``.
     """
@@ -233,6 +255,185 @@ def load_cifar10(root: str | Path | None, *, verify_checksums: bool = False) -> 
     return splits[0], splits[1]
 
 
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+# Pixel statistics of the 60 000 training images (in [0, 1], over the 28 x 28 pixels).
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+#: Where Debian's ``dataset-fashion-mnist`` installs the four gzipped IDX files.
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: Overrides the default folder (the Debian one) when ``data-root`` is empty.
+FASHION_MNIST_DIR_ENV = "DSPARSE_FASHION_MNIST_DIR"
+FASHION_MNIST_FILES = {
+    "train-images": "train-images-idx3-ubyte",
+    "train-labels": "train-labels-idx1-ubyte",
+    "test-images": "t10k-images-idx3-ubyte",
+    "test-labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_SIDE = 28
+GZIP_MAGIC = b"\x1f\x8b"
+IDX_UBYTE = 0x08
+
+
+def fashion_mnist_default_dir() -> Path:
+    """The folder read when ``data-root`` is empty: ``$DSPARSE_FASHION_MNIST_DIR``, else Debian's."""
+    return Path(os.environ.get(FASHION_MNIST_DIR_ENV) or FASHION_MNIST_DEBIAN_DIR)
+
+
+def find_fashion_mnist(root: str | Path | None = None) -> dict[str, Path]:
+    """The four Fashion-MNIST IDX files, by role (``train-images`` …), each gzipped or not.
+
+    With ``root``: ``root`` itself, then torchvision's layout ``root/FashionMNIST/raw``.
+    Without: :func:`fashion_mnist_default_dir`. The first folder that holds all four wins.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the folders searched, the files missing, the package and ``data-root``.
+    """
+    if root:
+        base = Path(root).expanduser()
+        folders = [base, base / "FashionMNIST" / "raw"]
+    else:
+        folders = [fashion_mnist_default_dir()]
+    missing_by_folder = []
+    for folder in folders:
+        found: dict[str, Path] = {}
+        for role, name in FASHION_MNIST_FILES.items():
+            for candidate in (folder / f"{name}.gz", folder / name):
+                if candidate.is_file():
+                    found[role] = candidate
+                    break
+        if len(found) == len(FASHION_MNIST_FILES):
+            return found
+        missing = [f"{FASHION_MNIST_FILES[role]}[.gz]" for role in FASHION_MNIST_FILES if role not in found]
+        missing_by_folder.append(f"{folder} (missing {', '.join(missing)})")
+    where = f"data-root {str(root)!r}" if root else f"the default folder {folders[0]}"
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found in {where}: looked in {'; '.join(missing_by_folder)}. Install Debian's package "
+        f"{FASHION_MNIST_PACKAGE} (as root: apt-get update && apt-get install -y {FASHION_MNIST_PACKAGE}; "
+        f"scripts/setup.sh does it), which puts the files in {FASHION_MNIST_DEBIAN_DIR}, or set run_config "
+        f"'data-root' to a folder holding the four IDX files (or torchvision's FashionMNIST/raw under it)"
+    )
+
+
+def default_dataset() -> tuple[str, str, str]:
+    """The dataset a job uses when none is named: ``(name, data_root, one-line note)``.
+
+    Fashion-MNIST where its files are in :func:`fashion_mnist_default_dir` (real images),
+    else the embedded synthetic set, with a warning that says why and how to get the files.
+    Used by ``scripts/run.sh`` and ``experiments.compare``; the app's own default stays
+    ``"synthetic"``, so ``flwr run .`` never needs a file.
+    """
+    folder = fashion_mnist_default_dir()
+    try:
+        files = find_fashion_mnist()
+    except FileNotFoundError:
+        return "synthetic", "", (
+            f"warning: Fashion-MNIST not found in {folder} (install Debian's {FASHION_MNIST_PACKAGE} as root, "
+            f"or name a folder with data-root); using the embedded synthetic data instead"
+        )
+    return "fashion-mnist", str(folder), f"dataset: Fashion-MNIST (real images) from {files['train-images'].parent}"
+
+
+def read_idx_ubyte(path: str | Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (gzipped or not) as a read-only ``uint8`` array of ``ndim`` dimensions.
+
+    Cached per process by path, size and modification time: each file is read and
+    decompressed once. torchvision's reader (``read_sn3_pascalvincent_tensor``) takes
+    only an uncompressed path and checks with bare ``assert``; a truncated file there is a
+    reshape error. Here every defect is a ``ValueError`` that names the file.
+    """
+    path = Path(path)
+    stat = path.stat()
+    return _read_idx_ubyte(str(path.resolve()), stat.st_size, stat.st_mtime_ns, ndim)
+
+
+@lru_cache(maxsize=8)
+def _read_idx_ubyte(path: str, size: int, mtime_ns: int, ndim: int) -> np.ndarray:
+    del size, mtime_ns  # cache key only: a rewritten file is read again
+    data = Path(path).read_bytes()
+    fix = f"re-install it (apt-get install --reinstall -y {FASHION_MNIST_PACKAGE}) or download it again"
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as error:
+            raise ValueError(f"{path}: corrupt or truncated gzip file ({error}); {fix}") from None
+    header = 4 + 4 * ndim
+    expected_magic = bytes((0, 0, IDX_UBYTE, ndim))
+    if data[:4] != expected_magic:
+        raise ValueError(
+            f"{path} is not an IDX file of {ndim}-D unsigned bytes: magic 0x{data[:4].hex() or 'empty'}, "
+            f"expected 0x{expected_magic.hex()}; {fix}"
+        )
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated header ({len(data)} of {header} bytes); {fix}")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(data) - header != expected:
+        state = "truncated" if len(data) - header < expected else "longer than its header says"
+        raise ValueError(
+            f"{path}: {state}: the header gives shape {' x '.join(map(str, shape))} = {expected} bytes of data, "
+            f"the file holds {len(data) - header}; {fix}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, count=expected, offset=header).reshape(shape)
+
+
+def _fashion_mnist_split(files: dict[str, Path], part: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's images ``N x 28 x 28`` and labels ``N``, checked against each other."""
+    images = read_idx_ubyte(files[f"{part}-images"], 3)
+    labels = read_idx_ubyte(files[f"{part}-labels"], 1)
+    if images.shape[1:] != (FASHION_MNIST_SIDE, FASHION_MNIST_SIDE):
+        raise ValueError(
+            f"{files[f'{part}-images']}: images are {images.shape[1]} x {images.shape[2]}, "
+            f"Fashion-MNIST's are {FASHION_MNIST_SIDE} x {FASHION_MNIST_SIDE}"
+        )
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"Fashion-MNIST {part} split: {files[f'{part}-images']} holds {images.shape[0]} images but "
+            f"{files[f'{part}-labels']} holds {labels.shape[0]} labels; the files are from different releases"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"{files[f'{part}-images']} holds no images")
+    bad = np.flatnonzero(labels >= NUM_CLASSES)
+    if bad.size:
+        raise ValueError(
+            f"{files[f'{part}-labels']}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside "
+            f"0..{NUM_CLASSES - 1} ({bad.size} such labels); this is not a Fashion-MNIST label file"
+        )
+    return images, labels
+
+
+def _grey_split(images: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> Split:
+    """``images[rows]`` padded to 32 x 32, normalized, as a 3-channel view of one grey plane."""
+    # The border is background, black like the images' own edges: normalized 0. Written in
+    # place into one buffer, so the peak is the result plus the bytes (60 000 images: 0.3 GB).
+    plane = torch.full((rows.size, 1, *IMAGE_SHAPE[1:]), -FASHION_MNIST_MEAN / FASHION_MNIST_STD)
+    margin = (IMAGE_SHAPE[1] - FASHION_MNIST_SIDE) // 2
+    inner = plane[:, :, margin : margin + FASHION_MNIST_SIDE, margin : margin + FASHION_MNIST_SIDE]
+    inner.copy_(torch.from_numpy(images[rows]).unsqueeze(1)).div_(255.0).sub_(FASHION_MNIST_MEAN)
+    inner.div_(FASHION_MNIST_STD)
+    return Split(plane.expand(-1, 3, -1, -1), torch.from_numpy(labels[rows].astype(np.int64)))
+
+
+def load_fashion_mnist(
+    root: str | Path | None = None, *, num_train: int | None = None, num_test: int | None = None, seed: int = 0
+) -> tuple[Split, Split]:
+    """Fashion-MNIST as ``(train, test)`` splits from :func:`find_fashion_mnist`'s files.
+
+    ``num_train`` / ``num_test`` take a seeded random subset (``seed`` and ``seed + 1``, as
+    for CIFAR-10), chosen before the images are converted, so a small subset costs little.
+    """
+    files = find_fashion_mnist(root)
+    splits = []
+    for part, wanted, subset_seed in (("train", num_train, seed), ("test", num_test, seed + 1)):
+        images, labels = _fashion_mnist_split(files, part)
+        rows = _subset_rows(len(labels), wanted, subset_seed, f"num_{part}")
+        splits.append(_grey_split(images, labels, rows))
+    return splits[0], splits[1]
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -249,14 +450,16 @@ def load_dataset(
     Parameters
     ----------
     name : str
-        ``"synthetic"`` (embedded, generated from ``seed``) or ``"cifar10"`` (read from
-        ``root``).
+        ``"synthetic"`` (embedded, generated from ``seed``), ``"cifar10"`` (read from
+        ``root``) or ``"fashion-mnist"`` (read from ``root``, else from the Debian package's
+        folder, :func:`find_fashion_mnist`).
     root : str or Path, optional
-        For ``"cifar10"``: the folder that contains ``cifar-10-batches-py``.
+        For ``"cifar10"``: the folder that contains ``cifar-10-batches-py``. For
+        ``"fashion-mnist"``: the folder of the four IDX files (or of ``FashionMNIST/raw``).
     seed : int
-        Seed of the synthetic data; for CIFAR-10 it picks the subset when truncating.
+        Seed of the synthetic data; for the files it picks the subset when truncating.
     num_train, num_test : int, optional
-        Number of examples per split. Synthetic defaults to 10 000 / 2 000; CIFAR-10 to the
+        Number of examples per split. Synthetic defaults to 10 000 / 2 000; the files to the
         full splits, and a smaller number takes a seeded random subset.
     """
     if name not in DATASETS:
@@ -267,18 +470,27 @@ def load_dataset(
             SYNTHETIC_NUM_TEST if num_test is None else num_test,
             seed=seed,
         )
+    if name == "fashion-mnist":
+        return load_fashion_mnist(root, num_train=num_train, num_test=num_test, seed=seed)
     train, test = load_cifar10(root)
     return _subset(train, num_train, seed, "num_train"), _subset(test, num_test, seed + 1, "num_test")
+
+
+def _subset_rows(total: int, count: int | None, seed: int, what: str) -> np.ndarray:
+    """Sorted rows of a seeded random subset of ``count`` of ``total`` examples (all when ``None``)."""
+    if count is None or count == total:
+        return np.arange(total, dtype=np.int64)
+    _check_count(what, count)
+    if count > total:
+        raise ValueError(f"{what}={count} is more than the {total} examples available")
+    rows = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
+    return rows.sort().values.numpy()
 
 
 def _subset(split: Split, count: int | None, seed: int, what: str) -> Split:
     if count is None or count == len(split):
         return split
-    _check_count(what, count)
-    if count > len(split):
-        raise ValueError(f"{what}={count} is more than the {len(split)} examples available")
-    rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:count]
-    rows = rows.sort().values
+    rows = torch.from_numpy(_subset_rows(len(split), count, seed, what))
     return Split(split.x[rows].contiguous(), split.y[rows].contiguous())
 
 
@@ -373,10 +585,49 @@ def batch_iterator(
     """Yield ``(x, y)`` batches from ``split[indices]`` forever.
 
     Every epoch is a fresh permutation drawn from ``seed`` and the epoch number, so the
-    same arguments always yield the same stream, and a client that is rebuilt between
-    rounds can resume by skipping what it consumed. Batches do not cross epochs: the last
+    same arguments always yield the same stream. Batches do not cross epochs: the last
     batch of an epoch may be smaller. ``indices=None`` means the whole split.
+    :func:`batches_at` computes any stretch of this stream directly, without replaying it.
     """
+    rows = _stream_rows(split, indices, batch_size)
+    # Validation above runs at the call, not at the first next(): the generator is separate.
+    return _batches(split, rows, batch_size, seed)
+
+
+def batches_at(
+    split: Split,
+    indices: np.ndarray | Sequence[int] | None,
+    batch_size: int,
+    *,
+    seed: int,
+    start: int,
+    count: int = 1,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``start .. start + count - 1`` of :func:`batch_iterator`'s stream, computed directly.
+
+    Step ``s`` is batch ``s % b`` of epoch ``s // b`` (``b`` batches per epoch), so the cost
+    is one epoch permutation per epoch touched, whatever ``start`` is: a node rebuilt for
+    round ``r`` reads its ``K`` batches in O(K), not by skipping ``(r - 1) * K``. The
+    batches are bit-identical to the stream's.
+    """
+    rows = _stream_rows(split, indices, batch_size)
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start must be a step number >= 0, got {start!r}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"count must be a number of batches >= 0, got {count!r}")
+    per_epoch = -(-rows.numel() // batch_size)
+    batches = []
+    order, order_epoch = rows, -1
+    for step in range(start, start + count):
+        epoch, position = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = _epoch_order(rows, seed, epoch), epoch
+        batches.append(_batch(split, order, position, batch_size))
+    return batches
+
+
+def _stream_rows(split: Split, indices: np.ndarray | Sequence[int] | None, batch_size: int) -> torch.Tensor:
+    """The checked rows a stream draws from (``None``: the whole split)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"batch-size must be a positive integer, got {batch_size!r}")
     rows = (
@@ -390,18 +641,26 @@ def batch_iterator(
         raise ValueError(
             f"indices must lie in [0, {len(split)}), got values from {int(rows.min())} to {int(rows.max())}"
         )
-    # Validation above runs at the call, not at the first next(): the generator is separate.
-    return _batches(split, rows, batch_size, seed)
+    return rows
+
+
+def _epoch_order(rows: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """``rows`` in epoch ``epoch``'s order: a permutation from a generator seeded by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return rows[torch.randperm(rows.numel(), generator=generator)]
+
+
+def _batch(split: Split, order: torch.Tensor, position: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``position`` of an epoch ordered as ``order``."""
+    chunk = order[position * batch_size : (position + 1) * batch_size]
+    return split.x[chunk], split.y[chunk]
 
 
 def _batches(
     split: Split, rows: torch.Tensor, batch_size: int, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    epoch = 0
-    while True:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = rows[torch.randperm(rows.numel(), generator=generator)]
-        for start in range(0, order.numel(), batch_size):
-            chunk = order[start : start + batch_size]
-            yield split.x[chunk], split.y[chunk]
-        epoch += 1
+    per_epoch = -(-rows.numel() // batch_size)
+    for epoch in count_from():
+        order = _epoch_order(rows, seed, epoch)
+        for position in range(per_epoch):
+            yield _batch(split, order, position, batch_size)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .data import Split, batch_iterator, load_dataset
+from .data import DATASETS, Split, batch_iterator, load_dataset
 from .models import MODELS, build_model
 from .trainer import SparseTrainer, make_optimizer_factory
 from .units import model_units
@@ -149,9 +149,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     temp = out.with_name(f".{out.name}.tmp")
     torch.save(state, temp)
     temp.replace(out)  # never a half-written file at ``out``
-    out.with_suffix(".json").write_text(json.dumps({**asdict(info), "dataset": args.dataset}, indent=2))
-    print(f"pre-trained {args.model} on classes 0..{args.classes - 1} ({info.steps} steps, final loss "
-          f"{info.final_loss:.3f}): {out}")
+    out.with_suffix(".json").write_text(
+        json.dumps({**asdict(info), "dataset": args.dataset, "data_root": args.data_root}, indent=2)
+    )
+    print(f"pre-trained {args.model} on classes 0..{args.classes - 1} of {args.dataset} ({info.steps} steps, "
+          f"final loss {info.final_loss:.3f}): {out}")
     return 0
 
 
@@ -163,8 +165,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", choices=sorted(MODELS), default="mobilenet_v2")
     parser.add_argument("--out", required=True, help="where to write the state dict (.pt; a .json beside it says how)")
-    parser.add_argument("--dataset", default="synthetic", help="synthetic (embedded) or cifar10 (with --data-root)")
-    parser.add_argument("--data-root", default="")
+    parser.add_argument("--dataset", default="synthetic", choices=DATASETS,
+                        help="synthetic (embedded), fashion-mnist (Debian's package or --data-root), "
+                        "cifar10 (with --data-root); pre-trains on its first --classes classes")
+    parser.add_argument("--data-root", default="", help="folder of the dataset's files (see the run-config key)")
     parser.add_argument("--train-examples", type=int, default=0, help="0 = the dataset's default size")
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=64)

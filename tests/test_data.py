@@ -17,6 +17,7 @@ from flwr_dsparse.data import (
     CIFAR10_STD,
     Split,
     batch_iterator,
+    batches_at,
     load_dataset,
     normalize,
     partition_indices,
@@ -179,7 +180,7 @@ def test_cifar10_without_root_is_a_clear_error() -> None:
 
 
 def test_unknown_dataset_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'.*synthetic, cifar10"):
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'.*synthetic, cifar10, fashion-mnist"):
         load_dataset("mnist")
 
 
@@ -304,3 +305,43 @@ def test_batch_iterator_argument_errors() -> None:
         batch_iterator(train, np.array([], dtype=np.int64), 4, seed=0)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 20\)"):
         batch_iterator(train, np.array([3, 20]), 4, seed=0)
+
+
+@pytest.mark.parametrize(("size", "batch"), [(37, 8), (40, 8), (5, 16)], ids=["ragged", "even", "one-batch-epochs"])
+def test_batches_at_equals_the_stream_bit_for_bit(size: int, batch: int) -> None:
+    train, _ = load_dataset("synthetic", num_train=60, num_test=10)
+    indices = np.arange(3, 3 + size)
+    steps = 250  # many epochs: 5, 5 and 1 batches per epoch
+    stream = list(islice(batch_iterator(train, indices, batch, seed=11), steps))
+    direct = batches_at(train, indices, batch, seed=11, start=0, count=steps)
+    assert len(direct) == steps
+    for (xs, ys), (xd, yd) in zip(stream, direct):
+        assert torch.equal(xs, xd) and torch.equal(ys, yd)
+    for start, count in ((0, 1), (4, 3), (123, 7), (249, 1)):  # windows that start and end mid-epoch
+        window = batches_at(train, indices, batch, seed=11, start=start, count=count)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(window, stream[start:]))
+    assert batches_at(train, indices, batch, seed=11, start=10, count=0) == []
+
+
+def test_client_round_batches_are_the_rounds_stretch_of_the_node_stream() -> None:
+    from client.app import _round_batches
+    from flwr_dsparse.config import load_config
+
+    train, _ = load_dataset("synthetic", num_train=60, num_test=10)
+    config = load_config({"local-steps": 3, "batch-size": 8, "seed": 2})
+    indices = np.arange(10, 45)
+    stream = list(islice(batch_iterator(train, indices, 8, seed=2 * 10_007 + 4), 30))
+    for server_round in (1, 2, 7, 10):
+        got = _round_batches(config, train, indices, 4, server_round)
+        want = stream[(server_round - 1) * 3 : server_round * 3]
+        assert len(got) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+
+
+def test_batches_at_argument_errors() -> None:
+    train, _ = load_dataset("synthetic", num_train=20, num_test=10)
+    with pytest.raises(ValueError, match="start must be a step number >= 0, got -1"):
+        batches_at(train, None, 4, seed=0, start=-1)
+    with pytest.raises(ValueError, match="count must be a number of batches >= 0"):
+        batches_at(train, None, 4, seed=0, start=0, count=-2)
+    with pytest.raises(ValueError, match="batch-size must be a positive integer"):
+        batches_at(train, None, 0, seed=0, start=0)
