@@ -11,7 +11,6 @@ the server sends only the tensors it lacks.
 
 from __future__ import annotations
 
-import itertools
 from logging import INFO
 from functools import lru_cache
 from typing import Any, Mapping
@@ -23,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from flwr_dsparse.config import JobConfig, load_config
-from flwr_dsparse.data import Split, batch_iterator, load_dataset, partition_indices
+from flwr_dsparse.data import Split, batches_at, load_dataset, partition_indices
 from flwr_dsparse.memory import peak_rss_mb
 from flwr_dsparse.models import build_model
 from flwr_dsparse.records import from_array_record, tensor_nbytes, to_array_record
@@ -125,11 +124,11 @@ def _node_data(config: JobConfig, node_config: Mapping[str, Any]) -> tuple[Split
 
 
 def _round_batches(config: JobConfig, split: Split, indices: np.ndarray, partition: int, server_round: int) -> list:
-    # The same deterministic stream for DSparse and FedAvg: round r uses the K batches
-    # after the (r-1)*K already consumed, so a node rebuilt between rounds resumes exactly.
-    stream = batch_iterator(split, indices, config.batch_size, seed=config.seed * 10_007 + partition)
-    skip = (server_round - 1) * config.local_steps
-    return list(itertools.islice(stream, skip, skip + config.local_steps))
+    # The same deterministic stream for DSparse and FedAvg: round r uses steps (r-1)*K .. r*K-1
+    # of the node's stream, computed directly (O(K), not a replay of the (r-1)*K before them),
+    # so a node rebuilt between rounds resumes exactly.
+    return batches_at(split, indices, config.batch_size, seed=config.seed * 10_007 + partition,
+                      start=(server_round - 1) * config.local_steps, count=config.local_steps)
 
 
 def _job(message: Message) -> tuple[JobConfig, ConfigRecord]:
