@@ -307,6 +307,9 @@ def find_fashion_mnist(root: str | Path | None = None) -> dict[str, Path]:
                     break
         if len(found) == len(FASHION_MNIST_FILES):
             return found
+        if not folder.is_dir():
+            missing_by_folder.append(f"{folder} (no such folder)")
+            continue
         missing = [f"{FASHION_MNIST_FILES[role]}[.gz]" for role in FASHION_MNIST_FILES if role not in found]
         missing_by_folder.append(f"{folder} (missing {', '.join(missing)})")
     where = f"data-root {str(root)!r}" if root else f"the default folder {folders[0]}"

@@ -30,7 +30,7 @@ if fashion_present; then
 elif [ "$fashion_dir" != "$fashion_debian_dir" ]; then
   echo "[setup] Fashion-MNIST: not in $fashion_dir (DSPARSE_FASHION_MNIST_DIR; apt installs only to" \
     "$fashion_debian_dir); jobs fall back to synthetic data" >&2
-elif [ "$(id -u)" != 0 ]; then
+elif [ "$EUID" != 0 ]; then
   echo "[setup] Fashion-MNIST: not installed and not root, skipped (as root: apt-get install -y" \
     "dataset-fashion-mnist); jobs fall back to synthetic data" >&2
 elif ! command -v apt-get >/dev/null 2>&1; then
@@ -42,8 +42,8 @@ else
       >"$apt_log" 2>&1 && fashion_present; then
     echo "[setup] Fashion-MNIST: installed dataset-fashion-mnist with apt-get into $fashion_dir" >&2
   else
-    echo "[setup] Fashion-MNIST: apt-get install dataset-fashion-mnist failed (see $apt_log);" \
-      "jobs fall back to synthetic data" >&2
+    echo "[setup] Fashion-MNIST: apt-get install dataset-fashion-mnist failed or left $fashion_dir empty" \
+      "(see $apt_log); jobs fall back to synthetic data" >&2
   fi
 fi
 

@@ -24,7 +24,6 @@ from flwr_dsparse.data import (
 )
 from flwr_dsparse.models import build_model
 
-
 # ----------------------------------------------------------------------------- synthetic
 
 
@@ -202,7 +201,7 @@ def test_partitions_cover_every_example_once_and_are_deterministic(method: str) 
     assert len(parts) == 7
     assert all(p.dtype == np.int64 and len(p) > 0 for p in parts)
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(700))
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
 def test_iid_partitions_are_equal_and_shuffled() -> None:
@@ -289,10 +288,10 @@ def test_batch_iterator_is_deterministic_and_labels_match() -> None:
     a = list(islice(batch_iterator(train, None, 16, seed=5), 6))
     b = list(islice(batch_iterator(train, None, 16, seed=5), 6))
     c = list(islice(batch_iterator(train, None, 16, seed=6), 1))
-    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True))
     assert not torch.equal(a[0][1], c[0][1]) or not torch.equal(a[0][0], c[0][0])
     for x, y in a:
-        for image, label in zip(x, y):
+        for image, label in zip(x, y, strict=True):
             row = torch.nonzero((train.x == image).flatten(1).all(1)).flatten()[0]
             assert train.y[row] == label
 
@@ -307,6 +306,12 @@ def test_batch_iterator_argument_errors() -> None:
         batch_iterator(train, np.array([3, 20]), 4, seed=0)
 
 
+def _same_batches(a: list, b: list) -> bool:
+    """Equal length, and every ``(x, y)`` bit-identical."""
+    pairs = zip(a, b, strict=False)
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in pairs)
+
+
 @pytest.mark.parametrize(("size", "batch"), [(37, 8), (40, 8), (5, 16)], ids=["ragged", "even", "one-batch-epochs"])
 def test_batches_at_equals_the_stream_bit_for_bit(size: int, batch: int) -> None:
     train, _ = load_dataset("synthetic", num_train=60, num_test=10)
@@ -315,11 +320,11 @@ def test_batches_at_equals_the_stream_bit_for_bit(size: int, batch: int) -> None
     stream = list(islice(batch_iterator(train, indices, batch, seed=11), steps))
     direct = batches_at(train, indices, batch, seed=11, start=0, count=steps)
     assert len(direct) == steps
-    for (xs, ys), (xd, yd) in zip(stream, direct):
+    for (xs, ys), (xd, yd) in zip(stream, direct, strict=True):
         assert torch.equal(xs, xd) and torch.equal(ys, yd)
     for start, count in ((0, 1), (4, 3), (123, 7), (249, 1)):  # windows that start and end mid-epoch
         window = batches_at(train, indices, batch, seed=11, start=start, count=count)
-        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(window, stream[start:]))
+        assert _same_batches(window, stream[start : start + count])
     assert batches_at(train, indices, batch, seed=11, start=10, count=0) == []
 
 
@@ -334,7 +339,7 @@ def test_client_round_batches_are_the_rounds_stretch_of_the_node_stream() -> Non
     for server_round in (1, 2, 7, 10):
         got = _round_batches(config, train, indices, 4, server_round)
         want = stream[(server_round - 1) * 3 : server_round * 3]
-        assert len(got) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+        assert len(got) == 3 and _same_batches(got, want)
 
 
 def test_batches_at_argument_errors() -> None:

@@ -164,7 +164,8 @@ def test_wrong_magic_is_a_clear_error(tmp_path: Path) -> None:
     arrays = _write_fashion(tmp_path)
     # A label file (1-D) where the image file (3-D) should be.
     _write(tmp_path / NAMES["train-images"], _idx_bytes(arrays["train-labels"]), True)
-    with pytest.raises(ValueError, match="is not an IDX file of 3-D unsigned bytes: magic 0x00000801, expected 0x00000803"):
+    expected = "is not an IDX file of 3-D unsigned bytes: magic 0x00000801, expected 0x00000803"
+    with pytest.raises(ValueError, match=expected):
         load_dataset("fashion-mnist", root=tmp_path)
 
 
