@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from .data import DATASETS
 from .models import MODELS
-from .planner import parse_budgets
+from .planner import OBJECTIVES, parse_budgets
 
 __all__ = ["JobConfig", "load_config", "parse_budgets_mb", "METHODS", "DATASETS", "PARTITIONINGS", "SCORERS", "TRANSPORTS"]
 
@@ -54,6 +54,7 @@ class JobConfig:
     memory_reserve_mb: float = 0.0
     allow_inference_only: bool = False
     max_step_fraction: float = 1.0
+    plan_objective: str = "balanced"
     min_nodes: int = 2
     round_timeout: float = 600.0
     out_dir: str = "outputs"
@@ -152,6 +153,7 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
     _one_of("scorer", config.scorer, SCORERS)
     _one_of("partitioning", config.partitioning, PARTITIONINGS)
     _one_of("transport", config.transport, TRANSPORTS)
+    _one_of("plan-objective", config.plan_objective, OBJECTIVES)
     positive = ("num-server-rounds", "local-steps", "batch-size", "lr", "dirichlet-alpha", "round-timeout", "min-nodes")
     for key in positive + ("min-replies", "collective-timeout"):
         _positive(key, values.get(key, getattr(config, key.replace("-", "_"))))
@@ -161,7 +163,7 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
             raise ValueError(f"{key} must be >= 0, got {value!r}")
     if not 0 < config.max_step_fraction <= 1:
         raise ValueError(
-            f"max-step-fraction must be in (0, 1], got {config.max_step_fraction}; 1 plans by memory only, "
+            f"max-step-fraction must be in (0, 1], got {config.max_step_fraction}; 1 sets no cap by hand, "
             "0.6 caps every device's predicted step at 60% of a full update's"
         )
     if not 0 <= config.collective_port <= 65535:

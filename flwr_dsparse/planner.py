@@ -6,24 +6,55 @@ to predicted memory ≤ budget. The coupling is in the earliest trained unit
 cost is additive (:meth:`CostModel.selection_terms`), so the search enumerates
 every ``e`` and, for each, every subset of the later units, exactly, with a
 vectorised subset-sum. Units are few (MobileNetV2 has 20: 2²⁰ subsets in all).
+
+Two objectives:
+
+* ``"criticality"`` (the paper's planner): every device trains its most critical
+  selection that fits its memory, however long its step takes.
+* ``"balanced"`` (the default): a synchronous step waits for the slowest device, so
+  the planner also chooses the cluster's step, the cap ``T`` on every device's
+  predicted step time, and then every device trains its most critical selection
+  that fits both its memory and ``T``. Minimising ``T`` alone is degenerate (every
+  device would train only its fastest unit, the classifier), so ``T`` is the knee of
+  the cluster's criticality against its step (:func:`balanced_step_cap`): the last
+  second of step that still buys criticality at the average rate between the
+  fastest plan and the memory-only one. At that ``T`` no plan has more criticality,
+  and no plan with as much criticality has a faster slowest device. The search is
+  exact: each device's (step time, criticality) Pareto frontier under its memory
+  budget, from the same subset enumeration, gives every candidate ``T``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .costs import CostModel
 from .plan import Plan, plan_from_selections
 
-__all__ = ["DeviceSpec", "MAX_SEARCH_UNITS", "best_selection", "make_plan", "parse_budgets", "validate_devices"]
+__all__ = [
+    "DeviceSpec",
+    "MAX_SEARCH_UNITS",
+    "OBJECTIVES",
+    "SelectionSpace",
+    "balanced_step_cap",
+    "best_selection",
+    "make_plan",
+    "parse_budgets",
+    "step_frontier",
+    "validate_devices",
+]
 
 #: Subset enumeration is exact up to this many units after the earliest (2²³ candidates).
 MAX_SEARCH_UNITS = 23
 _SLACK_MB = 1e-9  # float noise between the search's sums and predict()'s
+_SLACK_S = 1e-9  # relative float noise between the search's step-time sums and step_time()'s
+#: ``"balanced"``: the cluster's step cap chosen with criticality (default); ``"criticality"``: memory only.
+OBJECTIVES = ("balanced", "criticality")
 
 
 @dataclass(frozen=True)
@@ -44,7 +75,9 @@ def parse_budgets(text: str, *, field: str = "budgets") -> list[float]:
         try:
             value = float(item)
         except ValueError:
-            raise ValueError(f"{field}: item {position} ({item.strip()!r}) is not a number; give MB values such as '80,110,140'") from None
+            raise ValueError(
+                f"{field}: item {position} ({item.strip()!r}) is not a number; give MB values such as '80,110,140'"
+            ) from None
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"{field}: item {position} is {value}; every budget must be a positive number of MB")
         budgets.append(value)
@@ -66,7 +99,9 @@ def validate_devices(devices: Sequence[DeviceSpec]) -> None:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
             raise ValueError(f"budget_mb of device {device.id} is {budget!r}; it must be a positive number of MB")
         if isinstance(device.batch_size, bool) or not isinstance(device.batch_size, int) or device.batch_size <= 0:
-            raise ValueError(f"batch_size of device {device.id} is {device.batch_size!r}; it must be a positive integer")
+            raise ValueError(
+                f"batch_size of device {device.id} is {device.batch_size!r}; it must be a positive integer"
+            )
 
 
 def _subset_sums(weights: np.ndarray) -> np.ndarray:
@@ -104,12 +139,14 @@ def best_selection(
                 f"the model has {count} units; exact search supports at most {MAX_SEARCH_UNITS + 1}; "
                 "pass coarser unit names (e.g. whole stages)"
             )
+        if base[first] + np.minimum(increments[first, later], 0).sum() > budget_mb + _SLACK_MB:
+            continue  # nothing that starts here fits: skip its 2^k subsets
         memory = base[first] + _subset_sums(increments[first, later])
         value = values[first] + _subset_sums(values[later])
         fits = memory <= budget_mb + _SLACK_MB
         if max_step_s is not None and time_terms is not None:
             time_base, time_increments = time_terms
-            fits &= time_base[first] + _subset_sums(time_increments[later]) <= max_step_s * (1 + 1e-9)
+            fits &= time_base[first] + _subset_sums(time_increments[later]) <= max_step_s * (1 + _SLACK_S)
         if not fits.any():
             continue
         candidates = np.flatnonzero(fits)
@@ -125,6 +162,108 @@ def best_selection(
     return best[3], best[0], -best[1]
 
 
+class SelectionSpace:
+    """Every non-empty selection at one batch size: memory, step time and score, grouped by earliest unit.
+
+    Within a group the selections are sorted by step time, so a device's Pareto frontier is
+    one pass over the selections that fit its budget.
+    """
+
+    def __init__(self, base: np.ndarray, increments: np.ndarray, scores: Sequence[float],
+                 time_terms: tuple[np.ndarray, np.ndarray], max_budget_mb: float = math.inf) -> None:
+        count = len(base)
+        values = np.asarray(scores, dtype=float)
+        time_base, time_increments = time_terms
+        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (memory, seconds, score), sorted
+        for first in range(count):
+            later = np.arange(first + 1, count)
+            if len(later) > MAX_SEARCH_UNITS:
+                raise ValueError(
+                    f"the model has {count} units; exact search supports at most {MAX_SEARCH_UNITS + 1}; "
+                    "pass coarser unit names (e.g. whole stages)"
+                )
+            if base[first] + np.minimum(increments[first, later], 0).sum() > max_budget_mb + _SLACK_MB:
+                continue  # no device affords any selection that starts here: skip its 2^k subsets
+            memory = base[first] + _subset_sums(increments[first, later])
+            seconds = time_base[first] + _subset_sums(time_increments[later])
+            value = values[first] + _subset_sums(values[later])
+            order = np.argsort(seconds, kind="stable")
+            self.blocks.append((memory[order], seconds[order], value[order]))
+
+
+def _pareto(seconds: np.ndarray, value: np.ndarray, *, presorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The points of ``(seconds, value)``, sorted by seconds, that beat every faster point's value.
+
+    ``presorted``: the points are already in order of seconds (equal seconds may then both
+    stay, the better one last, which the final merge resolves).
+    """
+    if len(seconds) == 0:
+        return seconds, value
+    if not presorted:
+        order = np.lexsort((-value, seconds))
+        seconds, value = seconds[order], value[order]
+    best = np.maximum.accumulate(value)
+    keep = np.ones(len(value), dtype=bool)
+    keep[1:] = best[1:] > best[:-1]
+    return seconds[keep], value[keep]
+
+
+def step_frontier(
+    space: SelectionSpace, budget_mb: float, max_step_s: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One device's (step time, criticality) Pareto frontier under its memory budget.
+
+    Returns ``(seconds, scores)``, both strictly increasing: ``scores[k]`` is the most
+    criticality any selection that fits ``budget_mb`` reaches within ``seconds[k]`` per step.
+    Empty when nothing fits.
+    """
+    seconds_parts, value_parts = [], []
+    for memory, seconds, value in space.blocks:
+        fits = memory <= budget_mb + _SLACK_MB
+        if max_step_s is not None:
+            fits &= seconds <= max_step_s * (1 + _SLACK_S)
+        if fits.any():
+            block_seconds, block_value = _pareto(seconds[fits], value[fits], presorted=True)
+            seconds_parts.append(block_seconds)
+            value_parts.append(block_value)
+    if not seconds_parts:
+        return np.zeros(0), np.zeros(0)
+    return _pareto(np.concatenate(seconds_parts), np.concatenate(value_parts))
+
+
+def balanced_step_cap(frontiers: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The cluster's step cap ``T``: where one more second of step stops paying for itself.
+
+    ``frontiers`` are the devices' :func:`step_frontier` results (none empty). ``C(T)`` is
+    the cluster's criticality (the sum of every device's best within ``T``). Between the
+    fastest plan (``T_lo``: the slowest device's fastest selection) and the memory-only plan
+    (``T_hi``: every device's most critical selection), ``T`` maximises the criticality
+    gained minus the step time paid, each as a share of its whole range::
+
+        (C(T) - C(T_lo)) / (C(T_hi) - C(T_lo))  -  (T - T_lo) / (T_hi - T_lo)
+
+    that is, the last cap whose extra second still buys criticality at least at the average
+    rate between the two ends. Ties go to the larger ``T`` (more criticality), so a cluster
+    whose criticality only comes with the slowest step keeps the memory-only plan. Every
+    candidate is a frontier time, so the cluster's slowest predicted step is ``T`` itself.
+    """
+    if not frontiers or any(len(seconds) == 0 for seconds, _ in frontiers):
+        raise ValueError("balanced_step_cap needs one non-empty frontier per trainable device")
+    low = max(float(seconds[0]) for seconds, _ in frontiers)
+    high = max(float(seconds[-1]) for seconds, _ in frontiers)
+    candidates = np.unique(np.concatenate([seconds for seconds, _ in frontiers]))
+    candidates = candidates[(candidates >= low) & (candidates <= high)]
+    total = np.zeros(len(candidates))
+    for seconds, value in frontiers:
+        total += value[np.searchsorted(seconds, candidates, side="right") - 1]
+    gain, span = total[-1] - total[0], high - low
+    if gain <= 0 or span <= 0:
+        return float(candidates[-1] if gain > 0 else candidates[0])
+    utility = (total - total[0]) / gain - (candidates - low) / span
+    best = int(np.flatnonzero(utility >= utility.max() - 1e-12)[-1])
+    return float(candidates[best])
+
+
 def _cheapest_mb(base: np.ndarray, increments: np.ndarray) -> tuple[float, int]:
     """Memory of the cheapest non-empty selection, and its earliest unit."""
     options = [base[e] + np.minimum(increments[e, e + 1 :], 0).sum() for e in range(len(base))]
@@ -137,80 +276,112 @@ def make_plan(
     cost_model: CostModel,
     scores: Sequence[float],
     *,
+    objective: str = "balanced",
     allow_inference_only: bool = False,
     max_step_fraction: float = 1.0,
     meta: Mapping[str, Any] | None = None,
 ) -> Plan:
-    """Plan every device: the highest-scoring selection that fits its budget.
+    """Plan every device: the most critical selection that fits its budget and the cluster's step.
 
-    A synchronous step waits for the slowest device, and a device that can afford the
-    whole model is as slow as a full update. ``max_step_fraction`` below 1 also caps
-    every device's predicted step time at that fraction of the full update's (at its
-    batch size), trading what the large devices train for the cluster's step time.
+    A synchronous step waits for the slowest device. With ``objective="balanced"`` (the
+    default) the planner chooses the cluster's step cap ``T`` (:func:`balanced_step_cap`:
+    the knee of criticality against step time) and every device trains its most critical
+    selection that fits its memory and ``T``. ``objective="criticality"`` is the paper's
+    planner: memory only, so a device that affords much trains much, and is the straggler.
+    ``max_step_fraction`` below 1 also caps every device's predicted step time at that
+    fraction of the full update's (at its batch size), by hand, with either objective.
 
     Parameters
     ----------
     devices : Sequence[DeviceSpec]
         Ids, budgets (MB) and batch sizes.
     cost_model : CostModel
-        Predicts memory per selection.
+        Predicts memory and step time per selection.
     scores : Sequence[float]
         One criticality score per unit, in unit order.
+    objective : str
+        ``"balanced"`` or ``"criticality"`` (see above). ``"balanced"`` needs a cost model
+        with step-time calibration (``time_batches``, the default).
     allow_inference_only : bool
         If true, a device whose budget is below the cheapest selection trains
         nothing (it still receives broadcasts) instead of raising.
     max_step_fraction : float
-        In (0, 1]; 1 is memory only (the paper's planner). Needs a cost model with
+        In (0, 1]; 1 sets no cap by hand. Below 1 it needs a cost model with
         step-time calibration.
     meta : Mapping, optional
-        Provenance stored in the plan.
+        Provenance stored in the plan (the objective is added to it).
 
     Raises
     ------
     ValueError
-        For invalid devices or scores, and for a budget below the cheapest
+        For invalid devices, scores or objective, and for a budget below the cheapest
         trainable selection (unless ``allow_inference_only``).
     """
     validate_devices(devices)
     names = cost_model.unit_names
     if len(scores) != len(names):
-        raise ValueError(f"got {len(scores)} scores for {len(names)} units; give one score per unit ({', '.join(names)})")
+        raise ValueError(
+            f"got {len(scores)} scores for {len(names)} units; give one score per unit ({', '.join(names)})"
+        )
     if not all(math.isfinite(float(s)) for s in scores):
         raise ValueError(f"scores must be finite numbers, got {list(scores)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"objective {objective!r} is unknown; choose 'balanced' (the cluster's step chosen with criticality) "
+            "or 'criticality' (memory only, the paper's planner)"
+        )
     if not 0 < max_step_fraction <= 1:
-        raise ValueError(f"max-step-fraction must be in (0, 1], got {max_step_fraction}; 1 plans by memory only")
+        raise ValueError(f"max-step-fraction must be in (0, 1], got {max_step_fraction}; 1 sets no step cap by hand")
     capped = max_step_fraction < 1
-    if capped and cost_model.step_time(names, 1) <= 0:
-        raise ValueError("max-step-fraction < 1 needs a cost model calibrated for step time (time_batches)")
-    terms: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
-    selections, estimates, step_seconds, totals = {}, {}, {}, {}
-    for device in sorted(devices, key=lambda d: d.id):
-        if device.batch_size not in terms:
-            terms[device.batch_size] = cost_model.selection_terms(device.batch_size)
-        base, increments, _ = terms[device.batch_size]
-        cap = max_step_fraction * cost_model.step_time(names, device.batch_size) if capped else None
-        time_terms = cost_model.step_time_terms(device.batch_size) if capped else None
-        found = best_selection(base, increments, scores, device.budget_mb, time_terms=time_terms, max_step_s=cap)
-        if found is None and capped and best_selection(base, increments, scores, device.budget_mb) is not None:
-            if not allow_inference_only:
-                raise ValueError(
-                    f"no selection of device {device.id} fits both its budget {device.budget_mb:g} MB and "
-                    f"max-step-fraction={max_step_fraction:g} ({cap:.3f} s per step at batch {device.batch_size}); "
-                    "raise max-step-fraction (or allow inference-only devices)"
-                )
-            indices, total_score = (), 0.0
-        elif found is None:
-            cheapest, first = _cheapest_mb(base, increments)
-            if not allow_inference_only:
-                raise ValueError(
-                    f"budget {device.budget_mb:g} MB for device {device.id} is below the {cheapest:.1f} MB that the "
-                    f"smallest selection ({names[first]}) needs at batch {device.batch_size}; lower batch-size or "
-                    "raise memory-mb (or allow inference-only devices)"
-                )
-            indices: tuple[int, ...] = ()
-            total_score = 0.0
+    balanced = objective == "balanced"
+    if (capped or balanced) and cost_model.step_time(names, 1) <= 0:
+        needs = "objective='balanced'" if balanced else "max-step-fraction < 1"
+        raise ValueError(
+            f"{needs} needs a cost model calibrated for step time (time_batches); "
+            "plan by memory only with objective='criticality' and max-step-fraction=1"
+        )
+    memory_terms: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+    time_terms: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    spaces: dict[int, SelectionSpace] = {}
+    hand_caps: dict[int, float | None] = {}
+    found: dict[int, tuple[tuple[int, ...], float, float] | None] = {}
+    frontiers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    ordered = sorted(devices, key=lambda d: d.id)
+    for device in ordered:
+        batch = device.batch_size
+        if batch not in memory_terms:
+            memory_terms[batch] = cost_model.selection_terms(batch)
+            if capped or balanced:
+                time_terms[batch] = cost_model.step_time_terms(batch)
+        base, increments, _ = memory_terms[batch]
+        cap = max_step_fraction * cost_model.step_time(names, batch) if capped else None
+        hand_caps[device.id] = cap
+        if balanced:
+            if batch not in spaces:
+                largest = max(d.budget_mb for d in ordered if d.batch_size == batch)
+                spaces[batch] = SelectionSpace(base, increments, scores, time_terms[batch], largest)
+            frontier = step_frontier(spaces[batch], device.budget_mb, cap)
+            fits = len(frontier[0]) > 0
+            if fits:
+                frontiers[device.id] = frontier
         else:
-            indices, total_score, _ = found
+            found[device.id] = best_selection(base, increments, scores, device.budget_mb,
+                                              time_terms=time_terms.get(batch), max_step_s=cap)
+            fits = found[device.id] is not None
+        if not fits:
+            _untrainable(device, base, increments, scores, names, cap, max_step_fraction, allow_inference_only)
+            found[device.id] = None
+    if balanced and frontiers:
+        cluster_cap = balanced_step_cap(list(frontiers.values()))
+        for device in ordered:
+            if device.id in frontiers:
+                base, increments, _ = memory_terms[device.batch_size]
+                cap = min(cluster_cap, hand_caps[device.id] or math.inf)
+                found[device.id] = best_selection(base, increments, scores, device.budget_mb,
+                                                  time_terms=time_terms[device.batch_size], max_step_s=cap)
+    selections, estimates, step_seconds, totals = {}, {}, {}, {}
+    for device in ordered:
+        indices, total_score = (found[device.id] or ((), 0.0, 0.0))[:2]
         selection = [names[i] for i in indices]
         selections[device.id] = selection
         estimates[device.id] = cost_model.predict(selection, device.batch_size)
@@ -225,5 +396,24 @@ def make_plan(
         estimates=estimates,
         step_seconds=step_seconds,
         scores=totals,
-        meta=dict(meta or {}),
+        meta={**dict(meta or {}), "objective": objective},
+    )
+
+
+def _untrainable(device: DeviceSpec, base: np.ndarray, increments: np.ndarray, scores: Sequence[float],
+                 names: Sequence[str], cap: float | None, max_step_fraction: float, allow_inference_only: bool) -> None:
+    """A device that can train nothing: raise, naming why and the fix, unless inference-only is allowed."""
+    if allow_inference_only:
+        return
+    if cap is not None and best_selection(base, increments, scores, device.budget_mb) is not None:
+        raise ValueError(
+            f"no selection of device {device.id} fits both its budget {device.budget_mb:g} MB and "
+            f"max-step-fraction={max_step_fraction:g} ({cap:.3f} s per step at batch {device.batch_size}); "
+            "raise max-step-fraction (or allow inference-only devices)"
+        )
+    cheapest, first = _cheapest_mb(base, increments)
+    raise ValueError(
+        f"budget {device.budget_mb:g} MB for device {device.id} is below the {cheapest:.1f} MB that the "
+        f"smallest selection ({names[first]}) needs at batch {device.batch_size}; lower batch-size or "
+        "raise memory-mb (or allow inference-only devices)"
     )

@@ -50,7 +50,8 @@ def planner_plan_fn(model: torch.nn.Module, config: JobConfig, calibration: tupl
         devices = [DeviceSpec(report.device, report.budget_mb, report.batch_size) for report in reports]
         meta = {"model": config.model, "scorer": config.scorer, "input_shape": list(calibration[0].shape[1:]),
                 "max_step_fraction": config.max_step_fraction}
-        return make_plan(devices, cost_model, scores, allow_inference_only=config.allow_inference_only,
+        return make_plan(devices, cost_model, scores, objective=config.plan_objective,
+                         allow_inference_only=config.allow_inference_only,
                          max_step_fraction=config.max_step_fraction, meta=meta)
 
     return plan_fn

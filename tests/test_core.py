@@ -1,8 +1,7 @@
-"""Core: units, cost model, scorers, planner and groups (pure PyTorch, no Flower)."""
+"""Core: units, cost model, scorers and groups (pure PyTorch, no Flower; the planner: test_planner.py)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
@@ -14,8 +13,7 @@ from flwr_dsparse.cli import main as cli_main
 from flwr_dsparse.costs import CostModel
 from flwr_dsparse.memory import SavedTensorMeter, saved_tensors
 from flwr_dsparse.models import TinyNet, build_model
-from flwr_dsparse.plan import Plan, plan_from_selections
-from flwr_dsparse.planner import DeviceSpec, best_selection, make_plan, parse_budgets, validate_devices
+from flwr_dsparse.plan import plan_from_selections
 from flwr_dsparse.scoring import depth_scores, get_scorer, gradient_scores
 from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
 from flwr_dsparse.units import model_units
@@ -193,49 +191,7 @@ def test_get_scorer_accepts_callables_and_rejects_unknown_names() -> None:
         get_scorer("magic")
 
 
-# -- planner -----------------------------------------------------------------------------------------
-def brute_force(cost: CostModel, scores: list[float], budget: float, batch_size: int) -> float:
-    names = cost.unit_names
-    best = -1.0
-    for r in range(1, len(names) + 1):
-        for combo in itertools.combinations(range(len(names)), r):
-            if cost.predict([names[i] for i in combo], batch_size).total <= budget + 1e-9:
-                best = max(best, sum(scores[i] for i in combo))
-    return best
-
-
-def test_exact_search_equals_brute_force(tiny_cost: CostModel) -> None:
-    rng = np.random.default_rng(1)
-    base, _, _ = tiny_cost.selection_terms(32)
-    full = tiny_cost.predict(tiny_cost.unit_names, 32).total
-    for trial in range(6):
-        scores = list(rng.random(len(tiny_cost.unit_names)))
-        budget = float(rng.uniform(base.min(), full))
-        plan = make_plan([DeviceSpec(0, budget, 32)], tiny_cost, scores)
-        device = plan.device(0)
-        assert device.score == pytest.approx(brute_force(tiny_cost, scores, budget, 32), rel=1e-12)
-        assert device.predicted_mb.total <= budget + 1e-6
-
-
-def test_budgets_respected_and_score_monotone_in_budget(tiny_cost: CostModel) -> None:
-    scores = [0.3, 0.1, 0.5, 0.2, 0.4, 0.9]
-    budgets = list(np.linspace(tiny_cost.selection_terms(64)[0].min() + 0.01, 40, 25))
-    plan = make_plan([DeviceSpec(i, b, 64) for i, b in enumerate(budgets)], tiny_cost, scores)
-    previous = -1.0
-    for device, budget in zip(plan.devices, budgets):
-        assert device.predicted_mb.total <= budget + 1e-6
-        assert device.score >= previous - 1e-12
-        previous = device.score
-
-
-def test_plan_is_deterministic_and_round_trips_json(tiny_cost: CostModel) -> None:
-    devices = [DeviceSpec(i, b, 32) for i, b in enumerate([16.0, 20.0, 30.0])]
-    scores = depth_scores(None, tiny_cost.units)
-    first, second = make_plan(devices, tiny_cost, scores), make_plan(devices, tiny_cost, scores)
-    assert first.to_json() == second.to_json() and first.digest() == second.digest()
-    assert Plan.from_json(first.to_json()) == first
-
-
+# -- plans and the CLI (the planner's own tests: tests/test_planner.py) ------------------------------
 def test_groups_of_a_hand_made_three_device_plan(tiny_cost: CostModel) -> None:
     units = tiny_cost.units
     selections = {0: ["classifier"], 1: ["features.4", "classifier"], 2: ["features.3", "features.4", "classifier"]}
@@ -266,100 +222,7 @@ def test_plan_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str])
     assert "frozen_units" in data
 
 
-# -- bad input ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "text,message",
-    [("80,abc", r"item 1 \('abc'\) is not a number"), ("80,-5", "item 1 is -5.0"), ("", "empty"), ("80,0", "item 1 is 0.0"), ("nan", "item 0 is nan")],
-)
-def test_parse_budgets_rejects_bad_values(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse_budgets(text)
-
-
-@pytest.mark.parametrize(
-    "devices,message",
-    [
-        ([DeviceSpec(0, 10, 8), DeviceSpec(0, 20, 8)], "duplicate device id 0"),
-        ([DeviceSpec(0, -1, 8)], "budget_mb of device 0 is -1"),
-        ([DeviceSpec(0, "80", 8)], "budget_mb of device 0 is '80'"),
-        ([DeviceSpec(0, 80, 0)], "batch_size of device 0 is 0"),
-        ([DeviceSpec(-2, 80, 8)], "device id -2"),
-        ([], "no devices"),
-    ],
-)
-def test_invalid_devices_are_rejected_naming_the_field(devices: list[DeviceSpec], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        validate_devices(devices)
-
-
-def test_budget_below_cheapest_selection_names_device_budget_and_minimum(tiny_cost: CostModel) -> None:
-    scores = depth_scores(None, tiny_cost.units)
-    with pytest.raises(ValueError, match=r"budget 1 MB for device 3 is below the [\d.]+ MB .* at batch 32; lower batch-size or raise memory-mb"):
-        make_plan([DeviceSpec(3, 1.0, 32)], tiny_cost, scores)
-    plan = make_plan([DeviceSpec(3, 1.0, 32), DeviceSpec(4, 40.0, 32)], tiny_cost, scores, allow_inference_only=True)
-    assert plan.device(3).inference_only and not plan.device(4).inference_only
-    assert all(3 not in g.members and 3 in g.broadcast.receivers for g in plan.groups)
-
-
-def test_scores_must_match_units(tiny_cost: CostModel) -> None:
-    with pytest.raises(ValueError, match="got 2 scores for 6 units"):
-        make_plan([DeviceSpec(0, 40, 8)], tiny_cost, [1.0, 2.0])
-
-
 def test_cli_reports_bad_budgets_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["plan", "--model", "tiny", "--budgets", "80,x"]) == 2
     assert "--budgets: item 1 ('x') is not a number" in capsys.readouterr().err
 
-
-def test_best_selection_returns_none_when_nothing_fits() -> None:
-    assert best_selection(np.array([5.0, 6.0]), np.zeros((2, 2)), [1.0, 1.0], 4.0) is None
-
-
-# -- step-time cap ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def timed_tiny_cost() -> CostModel:
-    return CostModel(build_model("tiny"), (3, 32, 32), time_batches=(4, 8))
-
-
-def test_step_time_terms_agree_with_step_time(timed_tiny_cost: CostModel) -> None:
-    base, increments = timed_tiny_cost.step_time_terms(16)
-    names = timed_tiny_cost.unit_names
-    for indices in [(0,), (1, 3), (2, 3, 4, 5), (0, 1, 2, 3, 4, 5), (5,), (0, 5)]:
-        expected = base[indices[0]] + sum(increments[j] for j in indices[1:])
-        assert timed_tiny_cost.step_time([names[i] for i in indices], 16) == pytest.approx(expected, rel=1e-9)
-
-
-def test_step_cap_is_the_exact_best_under_both_limits(timed_tiny_cost: CostModel) -> None:
-    """Brute force over every selection: the capped planner picks the best score among those
-    that fit the budget and the step cap; an ample budget no longer means the whole model."""
-    cost = timed_tiny_cost
-    names = cost.unit_names
-    scores = [1.0, 0.5, 2.0, 0.7, 1.5, 3.0]
-    full_s = cost.step_time(names, 16)
-    budget = cost.predict(names, 16).total + 5  # the whole model fits
-    uncapped = make_plan([DeviceSpec(0, budget, 16)], cost, scores)
-    assert list(uncapped.device(0).units) == names
-    capped = make_plan([DeviceSpec(0, budget, 16)], cost, scores, max_step_fraction=0.6)
-    chosen = list(capped.device(0).units)
-    assert cost.step_time(chosen, 16) <= 0.6 * full_s * (1 + 1e-9) and chosen != names
-    best = max(
-        (sum(scores[i] for i in combo), [names[i] for i in combo])
-        for size in range(1, len(names) + 1) for combo in itertools.combinations(range(len(names)), size)
-        if cost.step_time([names[i] for i in combo], 16) <= 0.6 * full_s * (1 + 1e-9)
-        and cost.predict([names[i] for i in combo], 16).total <= budget
-    )
-    assert sum(scores[names.index(u)] for u in chosen) == pytest.approx(best[0])
-    assert capped.device(0).predicted_step_s == pytest.approx(cost.step_time(chosen, 16))
-
-
-def test_step_cap_errors_name_the_fix(timed_tiny_cost: CostModel, tiny_cost: CostModel) -> None:
-    names = timed_tiny_cost.unit_names
-    budget = timed_tiny_cost.predict(names, 16).total + 5
-    with pytest.raises(ValueError, match="max-step-fraction must be in"):
-        make_plan([DeviceSpec(0, budget, 16)], timed_tiny_cost, [1.0] * len(names), max_step_fraction=0)
-    with pytest.raises(ValueError, match="raise max-step-fraction"):
-        make_plan([DeviceSpec(0, budget, 16)], timed_tiny_cost, [1.0] * len(names), max_step_fraction=1e-6)
-    with pytest.raises(ValueError, match="calibrated for step time"):
-        make_plan([DeviceSpec(0, budget, 16)], tiny_cost, [1.0] * len(names), max_step_fraction=0.5)
