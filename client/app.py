@@ -17,11 +17,24 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from flwr_dsparse.config import JobConfig, load_config
+from flwr_dsparse.protocol import (
+    ARRAYS,
+    CONFIG,
+    OPTIMIZER,
+    STATE_META,
+    STATE_MOMENTUM,
+    STATE_REPLICA,
+    QueryReply,
+    TrainControl,
+    TrainReport,
+    read_train_message,
+    train_reply_content,
+)
 from flwr_dsparse.data import Split, batches_at, load_dataset, partition_indices
 from flwr_dsparse.memory import peak_rss_mb
 from flwr_dsparse.models import build_model
@@ -29,15 +42,9 @@ from flwr_dsparse.records import from_array_record, tensor_nbytes, to_array_reco
 from flwr_dsparse.trainer import SparseTrainer, StepResult, make_optimizer_factory
 from flwr_dsparse.units import model_units, unit_tensor_names
 
-__all__ = ["app", "train_selection", "node_budget_mb", "CONTROL_KEYS"]
+__all__ = ["app", "train_selection", "node_budget_mb"]
 
 MB = 1024 * 1024
-# Keys the server adds to the job config in train messages; they are not run_config keys.
-CONTROL_KEYS = ("server-round", "selection", "send-state", "round-transport", "plan", "rank", "world-size", "collective-port")
-STATE_KEY = "optimizer"
-REPLICA_KEY = "dsparse.replica"
-MOMENTUM_KEY = "dsparse.momentum"
-META_KEY = "dsparse.meta"
 
 app = ClientApp()
 
@@ -131,48 +138,46 @@ def _round_batches(config: JobConfig, split: Split, indices: np.ndarray, partiti
                       start=(server_round - 1) * config.local_steps, count=config.local_steps)
 
 
-def _job(message: Message) -> tuple[JobConfig, ConfigRecord]:
-    record = message.content["config"]
-    return load_config({k: v for k, v in record.items() if k not in CONTROL_KEYS}), record
+def _job(message: Message) -> tuple[JobConfig, TrainControl]:
+    job, control = read_train_message(message)
+    return load_config(job), control
 
 
 # -- handlers ---------------------------------------------------------------------------------------
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Round 0: report budget, batch size and number of training examples."""
-    config, _ = _job(msg)
+    config = load_config(dict(msg.content[CONFIG]))
     budget, source = node_budget_mb(context.node_config, config)
     _, indices, partition = _node_data(config, context.node_config)
     log(INFO, "device %d: memory budget %.1f MB from %s, batch size %d", partition, budget, source, config.batch_size)
-    metrics = MetricRecord(
-        {"partition-id": partition, "budget-mb": budget, "batch-size": config.batch_size, "num-examples": len(indices)}
-    )
-    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"budget-source": source})}), reply_to=msg)
+    reply = QueryReply(partition, budget, config.batch_size, len(indices), source)
+    return Message(reply.content(), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Apply the received tensors to the replica, train the selection, send it back."""
-    config, record = _job(msg)
-    server_round = int(record["server-round"])
+    config, control = _job(msg)
     split, indices, partition = _node_data(config, context.node_config)
     model = build_model(config.model, seed=config.seed)
     units = model_units(model)
-    received = from_array_record(msg.content["arrays"])
+    received = from_array_record(msg.content[ARRAYS])
     bytes_recv = tensor_nbytes(received)
 
     if config.method == "fedavg":
         state = received  # FedAvg sends the whole model every round
         selection = [unit.name for unit in units]
     else:
-        state = from_array_record(context.state[REPLICA_KEY]) if REPLICA_KEY in context.state else {}
+        state = from_array_record(context.state[STATE_REPLICA]) if STATE_REPLICA in context.state else {}
         state.update(received)
-        meta = context.state.get(META_KEY, ConfigRecord())
-        selection_text = str(record["selection"]) if "selection" in record else meta.get("selection")
-        if selection_text is None:
-            raise RuntimeError("no selection: this node has no saved selection and the server sent none")
-        selection = [name for name in str(selection_text).split(",") if name]
-        context.state[META_KEY] = ConfigRecord({"selection": ",".join(selection)})
+        meta = context.state.get(STATE_META, ConfigRecord())
+        selection = control.units
+        if selection is None:
+            if "selection" not in meta:
+                raise RuntimeError("no selection: this node has no saved selection and the server sent none")
+            selection = [name for name in str(meta["selection"]).split(",") if name]
+        context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection)})
     expected = model.state_dict()
     missing = [name for name in expected if name not in state]
     if missing:
@@ -180,46 +185,43 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"replica lacks {len(missing)} tensors (e.g. {missing[:2]}); the node lost its state")
     model.load_state_dict(state)
 
-    if STATE_KEY in msg.content.array_records:
+    if OPTIMIZER in msg.content.array_records:
         # The server's copy of this node's momentum (after a retry, a restart or a resume).
-        momentum_state = from_array_record(msg.content[STATE_KEY])
+        momentum_state = from_array_record(msg.content[OPTIMIZER])
     else:
-        momentum_state = from_array_record(context.state[MOMENTUM_KEY]) if MOMENTUM_KEY in context.state else {}
-    batches = _round_batches(config, split, indices, partition, server_round)
-    if record.get("round-transport") == "collective":
-        results, momentum_state = _collective_round(config, record, model, units, batches, momentum_state)
+        momentum_state = from_array_record(context.state[STATE_MOMENTUM]) if STATE_MOMENTUM in context.state else {}
+    batches = _round_batches(config, split, indices, partition, control.server_round)
+    if control.round_transport == "collective":
+        results, momentum_state = _collective_round(config, control, model, units, batches, momentum_state)
     else:
         results, momentum_state = train_selection(
             model, selection, batches, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state
         )
-    context.state[MOMENTUM_KEY] = to_array_record(momentum_state)
+    context.state[STATE_MOMENTUM] = to_array_record(momentum_state)
     trained = model.state_dict()
     if config.method != "fedavg":
-        context.state[REPLICA_KEY] = to_array_record(trained)
+        context.state[STATE_REPLICA] = to_array_record(trained)
     reply = {name: trained[name] for name in unit_tensor_names(units, selection)}
     examples = sum(r.examples for r in results)
-    metrics = MetricRecord(
-        {
-            "num-examples": examples,
-            "train-loss": sum(r.loss * r.examples for r in results) / max(examples, 1),
-            "step-seconds": sum(r.seconds for r in results) / max(len(results), 1),
-            "peak-rss-mb": peak_rss_mb(),
-            "bytes-recv": bytes_recv,
-            "bytes-sent": tensor_nbytes(reply),
-            "server-round": server_round,
-            "partition-id": partition,
-            # The current budget, so the server re-plans a node whose memory dropped.
-            "budget-mb": node_budget_mb(context.node_config, config)[0],
-        }
+    report = TrainReport(
+        server_round=control.server_round,
+        partition_id=partition,
+        num_examples=examples,
+        train_loss=sum(r.loss * r.examples for r in results) / max(examples, 1),
+        step_seconds=sum(r.seconds for r in results) / max(len(results), 1),
+        peak_rss_mb=peak_rss_mb(),
+        bytes_recv=bytes_recv,
+        bytes_sent=tensor_nbytes(reply),
+        # The current budget, so the server re-plans a node whose memory dropped.
+        budget_mb=node_budget_mb(context.node_config, config)[0],
     )
-    content = RecordDict({"arrays": to_array_record(reply), "metrics": metrics})
-    if record.get("send-state"):
-        content[STATE_KEY] = to_array_record(momentum_state)
-    return Message(content, reply_to=msg)
+    state_up = to_array_record(momentum_state) if control.send_state else None
+    return Message(train_reply_content(to_array_record(reply), report, state_up), reply_to=msg)
 
 
 def _collective_round(
-    config: JobConfig, record: ConfigRecord, model: torch.nn.Module, units, batches, momentum_state: Mapping[str, torch.Tensor]
+    config: JobConfig, control: TrainControl, model: torch.nn.Module, units, batches,
+    momentum_state: Mapping[str, torch.Tensor],
 ) -> tuple[list[StepResult], dict[str, torch.Tensor]]:
     """The round's K steps as per-step synchronous AllReduce/Broadcast among the nodes.
 
@@ -232,8 +234,8 @@ def _collective_round(
     from flwr_dsparse.plan import Plan
 
     result = run_collective_round(
-        Plan.from_json(str(record["plan"])), int(record["rank"]), int(record["world-size"]),
-        str(record["collective-addr"]), int(record["collective-port"]), model, batches, config.local_steps,
+        Plan.from_json(control.plan), control.rank, control.world_size,
+        control.collective_addr, control.collective_port, model, batches, config.local_steps,
         make_optimizer_factory("sgd", lr=config.lr, momentum=config.momentum), config.collective_timeout,
         units=units, sync_start=False, momentum_state=momentum_state,
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -29,7 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import Error, Message
+
+from flwr_dsparse.protocol import ARRAYS, METRICS
+from flwr_dsparse.testing import Fault, LocalGrid
 
 __all__ = ["LocalGrid", "Fault", "SCENARIOS", "run_scenario", "run_supernode_kill", "main", "SMALL_JOB"]
 
@@ -46,87 +48,8 @@ SMALL_JOB: dict[str, Any] = {
     "min-nodes": 3,
     "sim-budgets-mb": "12.5,13.7,18",
     "round-timeout": 30.0,
-    # The faults need these budgets' exact selections (device 2 trains units of its own); the
-    # memory-only plan gives them deterministically (the balanced one depends on timed steps).
-    "plan-objective": "criticality",
 }
 
-# fault(partition, server_round, message, reply) -> reply, None (no reply: a timeout or a
-# dead node) or a list of replies (duplicates).
-Fault = Callable[[int, int, Message, Message], Any]
-
-
-@dataclass
-class _Node:
-    node_id: int
-    partition: int
-    context: Context
-
-
-class LocalGrid:
-    """Flower's Grid, answered in-process by the real ClientApp handlers, one Context per node.
-
-    ``fault`` may change, drop or duplicate a train reply; ``membership(round)`` may
-    return the partitions connected before that round (nodes leaving and joining).
-    """
-
-    def __init__(self, partitions: Iterable[int], num_partitions: int, *, node_config: Mapping | None = None,
-                 fault: Fault | None = None, membership: Callable[[int], Iterable[int]] | None = None) -> None:
-        self.num_partitions = num_partitions
-        self.node_config = dict(node_config or {})
-        self.fault = fault
-        self.membership = membership
-        self.nodes: dict[int, _Node] = {}
-        self._next_round = 1
-        # Messages are built outside a running app: give them the task identity an app would have.
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-        for partition in partitions:
-            self.connect(partition)
-
-    def connect(self, partition: int) -> int:
-        node_id = 1000 + partition + 100 * len(self.nodes)  # a new id for every (re)connection
-        config = {"partition-id": partition, "num-partitions": self.num_partitions, **self.node_config.get(partition, {})}
-        self.nodes[node_id] = _Node(node_id, partition, Context(1, node_id, config, RecordDict(), {}))
-        return node_id
-
-    def disconnect(self, partition: int) -> None:
-        for node_id in [n for n, node in self.nodes.items() if node.partition == partition]:
-            del self.nodes[node_id]
-
-    # -- the Grid methods DSparse uses ---------------------------------------------------------
-    def get_node_ids(self) -> list[int]:
-        if self.membership is not None:
-            wanted = set(self.membership(self._next_round))
-            for partition in {n.partition for n in self.nodes.values()} - wanted:
-                self.disconnect(partition)
-            for partition in wanted - {n.partition for n in self.nodes.values()}:
-                self.connect(partition)
-        return sorted(self.nodes)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        from client.app import query, train
-
-        replies: list[Message] = []
-        for message in messages:
-            node = self.nodes.get(message.metadata.dst_node_id)
-            if node is None:
-                continue  # a node that is gone never answers
-            handler = query if message.metadata.message_type == MessageType.QUERY else train
-            try:
-                reply = handler(message, node.context)
-            except Exception as error:  # what Flower does with a raising ClientApp: an error reply
-                reply = Message(Error(code=0, reason=f"ClientApp raised: {error!r}"), reply_to=message)
-            if message.metadata.message_type == MessageType.TRAIN:
-                server_round = int(message.metadata.group_id)
-                self._next_round = server_round + 1
-                if self.fault is not None:
-                    reply = self.fault(node.partition, server_round, message, reply)
-            if reply is None:
-                continue
-            replies.extend(reply if isinstance(reply, list) else [reply])
-        return replies
 
 
 # -- the faults -----------------------------------------------------------------------------------
@@ -145,7 +68,7 @@ def _tensor_fault(kind: str) -> Callable[[Message, Message], Message]:
     def change(message: Message, reply: Message) -> Message:
         from flwr_dsparse.records import from_array_record, to_array_record
 
-        tensors = from_array_record(reply.content["arrays"])
+        tensors = from_array_record(reply.content[ARRAYS])
         name = next(n for n, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
         if kind == "nan":
             tensors[name] = tensors[name].clone()
@@ -160,14 +83,14 @@ def _tensor_fault(kind: str) -> Callable[[Message, Message], Message]:
             tensors["padding"] = torch.zeros(1 << 20)  # 4 MiB outside the selection
         elif kind == "extra-key":
             tensors["features.0.0.weight"] = torch.zeros(1)
-        reply.content["arrays"] = to_array_record(tensors)
+        reply.content[ARRAYS] = to_array_record(tensors)
         return reply
 
     return change
 
 
 def _stale(message: Message, reply: Message) -> Message:
-    reply.content["metrics"]["server-round"] = int(reply.content["metrics"]["server-round"]) - 1
+    reply.content[METRICS]["server-round"] = int(reply.content[METRICS]["server-round"]) - 1
     return reply
 
 
@@ -178,7 +101,7 @@ def _duplicate(message: Message, reply: Message) -> list[Message]:
 def _budget_drop(mb: float) -> Fault:
     def fault(p: int, r: int, message: Message, reply: Message) -> Message:
         if p == 2 and r >= 2 and not reply.has_error():
-            reply.content["metrics"]["budget-mb"] = mb
+            reply.content[METRICS]["budget-mb"] = mb
         return reply
 
     return fault
@@ -232,7 +155,9 @@ def _first_attempt(partition: int, server_round: int) -> bool:
 def _grid_for(scenario: Scenario, job: Mapping[str, Any]) -> LocalGrid:
     count = len(str(job["sim-budgets-mb"]).split(","))
     partitions = list(scenario.membership(1)) if scenario.membership else list(range(count))
-    return LocalGrid(partitions, count, fault=scenario.fault, membership=scenario.membership)
+    from client.app import app
+
+    return LocalGrid(app, partitions, count, fault=scenario.fault, membership=scenario.membership)
 
 
 def run_scenario(scenario: Scenario, out_dir: Path, **extra: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ global model centrally after every round and writes ``metrics.json``,
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -23,13 +22,17 @@ from flwr.supercore import log
 
 from flwr_dsparse.config import JobConfig, load_config
 from flwr_dsparse.data import load_dataset
+from flwr_dsparse.history import RoundRecord, merge_evaluations, write_metrics_csv
 from flwr_dsparse.models import build_model
 from flwr_dsparse.weights import load_weights
 from flwr_dsparse.plan import Plan
+from flwr_dsparse.planner import DeviceSpec
+from flwr_dsparse.planning import plan_model
+from flwr_dsparse.protocol import METRICS
 from flwr_dsparse.records import from_array_record, record_nbytes, tensor_nbytes, to_array_record
 from flwr_dsparse.strategy import DeviceReport, DSparse, PlanFn
+from flwr_dsparse.strategy.replies import payload_nbytes
 from flwr_dsparse.trainer import SparseTrainer
-from flwr_dsparse.units import model_units
 
 __all__ = ["app", "make_server_app", "run_job", "planner_plan_fn", "MeasuredFedAvg", "checkpoint_path"]
 
@@ -37,22 +40,15 @@ CALIBRATION_EXAMPLES = 64
 
 
 def planner_plan_fn(model: torch.nn.Module, config: JobConfig, calibration: tuple[torch.Tensor, torch.Tensor]) -> PlanFn:
-    """The default plan function: cost model, criticality scores and the planner."""
+    """The default plan function: cost model, criticality scores and the planner, on the nodes' reports."""
 
     def plan_fn(reports: Sequence[DeviceReport]) -> Plan:
-        from flwr_dsparse.costs import CostModel
-        from flwr_dsparse.planner import DeviceSpec, make_plan
-        from flwr_dsparse.scoring import get_scorer
-
-        units = model_units(model)
-        cost_model = CostModel(model, tuple(calibration[0].shape[1:]), optimizer="sgd", momentum=config.momentum)
-        scores = get_scorer(config.scorer)(model, units, calibration[0], calibration[1])
         devices = [DeviceSpec(report.device, report.budget_mb, report.batch_size) for report in reports]
         meta = {"model": config.model, "scorer": config.scorer, "input_shape": list(calibration[0].shape[1:]),
                 "max_step_fraction": config.max_step_fraction}
-        return make_plan(devices, cost_model, scores, objective=config.plan_objective,
-                         allow_inference_only=config.allow_inference_only,
-                         max_step_fraction=config.max_step_fraction, meta=meta)
+        return plan_model(model, devices, calibration, scorer=config.scorer, momentum=config.momentum, meta=meta,
+                          allow_inference_only=config.allow_inference_only,
+                          max_step_fraction=config.max_step_fraction).plan
 
     return plan_fn
 
@@ -83,26 +79,23 @@ class MeasuredFedAvg(FedAvg):
         for reply in replies:
             if reply.has_error():
                 continue
-            reply_metrics = reply.content["metrics"]
+            reply_metrics = reply.content[METRICS]
             devices[str(int(reply_metrics["partition-id"]))] = {
                 "status": "ok",
-                "bytes-up": sum(record_nbytes(r) for r in reply.content.array_records.values()),
+                "bytes-up": payload_nbytes(reply),
                 "bytes-down": self._bytes_down,
                 **{key: float(value) for key, value in reply_metrics.items() if isinstance(value, (int, float))},
             }
-        self.history.append(
-            {
-                "round": server_round,
-                "train-loss": float(metrics["train-loss"]) if metrics and "train-loss" in metrics else float("nan"),
-                "missing": [],
-                "rejected": {},
-                "aggregation-seconds": aggregation_s,
-                "round-seconds": time.perf_counter() - self._started,
-                "bytes-up": sum(d["bytes-up"] for d in devices.values()),
-                "bytes-down": sum(d["bytes-down"] for d in devices.values()),
-                "devices": dict(sorted(devices.items(), key=lambda item: int(item[0]))),
-            }
+        record = RoundRecord(
+            round=server_round,
+            train_loss=float(metrics["train-loss"]) if metrics and "train-loss" in metrics else float("nan"),
+            devices=devices,
+            aggregation_seconds=aggregation_s,
+            round_seconds=time.perf_counter() - self._started,
+            num_examples=int(sum(d.get("num-examples", 0) for d in devices.values())),
+            accepted=sorted(int(d) for d in devices),
         )
+        self.history.append(record.to_row())
         return arrays, metrics
 
 
@@ -121,38 +114,13 @@ def _evaluate_fn(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Ten
     return evaluate
 
 
-def _rows(history: list[dict[str, Any]], evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_round = {row["round"]: row for row in history}
-    rows = []
-    for evaluation in evaluations:
-        row = {**evaluation, **{k: v for k, v in by_round.get(evaluation["round"], {}).items() if k != "round"}}
-        rows.append(row)
-    return rows
-
-
-def _write_outputs(out: Path, config: JobConfig, rows: list[dict[str, Any]], plan: Plan | None, model: torch.nn.Module, summary: dict) -> None:
+def _write_outputs(out: Path, config: JobConfig, rows: list[dict[str, Any]], plan: Plan | None,
+                   model: torch.nn.Module, summary: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(
         json.dumps({"config": config.to_run_config(), "summary": summary, "rounds": rows}, indent=2, default=str)
     )
-    devices = sorted({d for row in rows for d in row.get("devices", {})}, key=int)
-    columns = ["round", "loss", "accuracy", "train-loss", "bytes-up", "bytes-down", "aggregation-seconds", "round-seconds"]
-    columns += ["num-missing", "num-rejected", "bytes-up-state", "bytes-down-state"]
-    columns += [f"bytes-up-{d}" for d in devices] + [f"bytes-down-{d}" for d in devices]
-    with (out / "metrics.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            flat = {key: row.get(key, "") for key in columns[:8]}
-            flat["num-missing"] = len(row.get("missing", [])) if "devices" in row else ""
-            flat["num-rejected"] = sum(row.get("rejected", {}).values()) if "devices" in row else ""
-            flat["bytes-up-state"] = row.get("bytes-up-state", "")
-            flat["bytes-down-state"] = row.get("bytes-down-state", "")
-            for d in devices:
-                device_row = row.get("devices", {}).get(d, {})
-                flat[f"bytes-up-{d}"] = device_row.get("bytes-up", "")
-                flat[f"bytes-down-{d}"] = device_row.get("bytes-down", "")
-            writer.writerow(flat)
+    write_metrics_csv(out / "metrics.csv", rows)
     if plan is not None:
         (out / "plan.json").write_text(plan.to_json())
     else:
@@ -263,7 +231,7 @@ def _run_job(grid: Grid, config: JobConfig, plan_fn: PlanFn | None) -> dict[str,
 
     final = build_model(config.model, seed=config.seed)
     final.load_state_dict(from_array_record(result.arrays))
-    rows = _rows(strategy.history, evaluations)
+    rows = merge_evaluations(strategy.history, evaluations)
     summary = {
         "method": config.method,
         "rounds": config.num_server_rounds,

@@ -179,7 +179,8 @@ def server_side_reference(plan: Plan, model_name: str, steps: int) -> dict[str, 
     :class:`SparseTrainer` from the global model, and :func:`aggregate_groups` takes the grouped
     mean of what the members return. With plain SGD, the mean of one-step parameters equals one
     step with the mean gradient, so the collective transport must agree with it."""
-    from flwr_dsparse.exchange import Update, aggregate_groups
+    from flwr_dsparse.exchange import Update
+    from flwr_dsparse.strategy.aggregate import aggregate_groups
     from flwr_dsparse.trainer import SparseTrainer
 
     model = make_model(model_name)

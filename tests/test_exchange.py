@@ -1,18 +1,12 @@
-"""Exchange: versioned delta sync, the fused grouped mean, and update checks (no flwr)."""
+"""Exchange and aggregation: versioned delta sync, the fused grouped mean, and update checks."""
 
 import numpy as np
 import pytest
 import torch
 
-from flwr_dsparse.exchange import (
-    ReplyRejected,
-    TensorVersions,
-    Update,
-    aggregate_groups,
-    check_update,
-    fused_weighted_mean,
-    tensor_specs,
-)
+from flwr_dsparse.exchange import TensorVersions, Update, tensor_specs
+from flwr_dsparse.strategy.aggregate import aggregate_groups, fused_weighted_mean
+from flwr_dsparse.strategy.replies import ReplyRejected, check_update
 from flwr_dsparse.plan import plan_from_selections
 from flwr_dsparse.units import Unit
 

@@ -1,6 +1,6 @@
 """The fault matrix: every fault of issue 7, injected into a short DSparse run.
 
-Most faults run through :class:`experiments.fault_matrix.LocalGrid` (the real ClientApp
+Most faults run through :class:`flwr_dsparse.testing.LocalGrid` (the real ClientApp
 handlers, strategy and ServerApp job, in-process; Flower's simulation cannot make nodes
 join, leave or die). The kill -9 + resume test and one fault run use the real Ray
 simulation (``flwr.simulation.run_simulation``) in subprocesses.
@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.fault_matrix import SCENARIOS, SMALL_JOB, LocalGrid, run_scenario
+from client.app import app
+from experiments.fault_matrix import SCENARIOS, SMALL_JOB, run_scenario
 from flwr_dsparse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from flwr_dsparse.config import load_config
+from flwr_dsparse.testing import LocalGrid
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +168,7 @@ def test_missing_cifar_folder_and_budget_below_minimum_stop_before_training(tmp_
         run_job(_NoTraining(), config)  # type: ignore[arg-type]
     # A budget below the smallest selection: the planner stops the run at the query, before round 1.
     config = load_config({**SMALL_JOB, "sim-budgets-mb": "12.5,13.7,2", "out-dir": str(tmp_path / "b")})
-    grid = LocalGrid(range(3), 3, fault=lambda *a: pytest.fail("training started"))
+    grid = LocalGrid(app, range(3), 3, fault=lambda *a: pytest.fail("training started"))
     with pytest.raises(ValueError, match="budget 2 MB for device 2 is below.*lower batch-size or raise memory-mb"):
         run_job(grid, config)  # type: ignore[arg-type]
 

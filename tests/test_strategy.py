@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from client.app import train_selection
 from flwr_dsparse.models import build_model
 from flwr_dsparse.plan import plan_from_selections
+from flwr_dsparse.protocol import ARRAYS, METRICS, read_train_message
 from flwr_dsparse.records import from_array_record, tensor_nbytes, to_array_record
 from flwr_dsparse.strategy import DSparse, device_tensors
 from flwr_dsparse.units import model_units
@@ -50,7 +51,7 @@ def by_device(messages) -> dict[int, Message]:
 
 def reply(message: Message, tensors: dict, examples: int, server_round: int, **metrics) -> Message:
     record = MetricRecord({"num-examples": examples, "server-round": server_round, "train-loss": 1.0, **metrics})
-    return Message(RecordDict({"arrays": to_array_record(tensors), "metrics": record}), reply_to=message)
+    return Message(RecordDict({ARRAYS: to_array_record(tensors), METRICS: record}), reply_to=message)
 
 
 def perturbed(strategy: DSparse, device: int, global_state: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -116,7 +117,7 @@ def test_one_round_equals_one_sgd_step_on_the_concatenated_batch():
     replies = []
     for device, message in messages.items():
         local = build_model("tiny_nobn", seed=None)
-        local.load_state_dict(from_array_record(message.content["arrays"]))
+        local.load_state_dict(from_array_record(message.content[ARRAYS]))
         train_selection(local, all_units, [batches[device]], lr=lr, momentum=0.0)
         replies.append(reply(message, local.state_dict(), 8, 1))
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -144,8 +145,8 @@ def test_bytes_follow_the_delta_sync_rule():
 
     messages = by_device(strategy.configure_train(1, to_array_record(state), ConfigRecord(), None))
     for device, message in messages.items():
-        assert tensor_nbytes(from_array_record(message.content["arrays"])) == full  # round 1: everything, once
-        assert message.content["config"]["selection"] == ",".join(selections[device])
+        assert tensor_nbytes(from_array_record(message.content[ARRAYS])) == full  # round 1: everything, once
+        assert read_train_message(message)[1].selection == ",".join(selections[device])
     sent = {d: perturbed(strategy, d, state, seed=d) for d in selections}
     arrays, _ = strategy.aggregate_train(1, [reply(messages[d], sent[d], 16, 1) for d in selections])
     round1 = strategy.history[-1]
@@ -158,13 +159,13 @@ def test_bytes_follow_the_delta_sync_rule():
     frozen = [n for n in state if n not in groups_of]
     assert frozen and all(n.startswith(("features.0", "features.1", "features.2")) for n in frozen)
     for device, message in messages.items():
-        got = from_array_record(message.content["arrays"])
+        got = from_array_record(message.content[ARRAYS])
         # Changed tensors the device lacks: everything trained, except a group whose only
         # member is this device (the mean is exactly its own copy). Frozen units: never again.
         expected = [n for n in state if n in groups_of and groups_of[n] != (device,)]
         assert list(got) == expected
         assert not set(got) & set(frozen)
-        assert "selection" not in message.content["config"]  # unchanged selection is not resent
+        assert read_train_message(message)[1].selection is None  # unchanged selection is not resent
     assert strategy.history[-1]["round"] == 1
 
 
@@ -215,7 +216,7 @@ def _bad_reply_cases():
         return [reply(messages[1], sent[1], 0, 1)]
 
     def malformed(messages, sent, state):
-        return [Message(RecordDict({"arrays": to_array_record(sent[1])}), reply_to=messages[1])]
+        return [Message(RecordDict({ARRAYS: to_array_record(sent[1])}), reply_to=messages[1])]
 
     return {
         "unexpected-tensors": extra,
@@ -332,10 +333,9 @@ def test_collective_round_messages_carry_the_configured_rendezvous():
     strategy = DSparse(plan_fn=lambda reports: plan, transport="collective", collective_addr="10.0.0.5",
                        collective_port_fn=lambda: 29512)
     strategy.set_plan(plan, {NODE_OFFSET + d: d for d in selections})
-    strategy._round_transport = "collective"  # what _train_round sets at the start of a round
     messages = by_device(strategy.configure_train(1, to_array_record(state), ConfigRecord(), None))
     for device, message in messages.items():
-        config = message.content["config"]
-        assert config["round-transport"] == "collective" and config["rank"] == device
-        assert (config["collective-addr"], config["collective-port"], config["world-size"]) == ("10.0.0.5", 29512, 2)
-        assert Plan.from_json(config["plan"]).digest() == plan.digest()
+        control = read_train_message(message)[1]
+        assert control.round_transport == "collective" and control.rank == device
+        assert (control.collective_addr, control.collective_port, control.world_size) == ("10.0.0.5", 29512, 2)
+        assert Plan.from_json(control.plan).digest() == plan.digest()

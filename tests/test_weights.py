@@ -79,7 +79,9 @@ def test_dsparse_pretrain_writes_weights_that_load(tmp_path: Path) -> None:
 
 def test_the_job_fine_tunes_from_initial_weights(tmp_path: Path) -> None:
     """Nodes start from the server's file: tensors no device trains end exactly as in it."""
-    from experiments.fault_matrix import SMALL_JOB, LocalGrid
+    from client.app import app
+    from experiments.fault_matrix import SMALL_JOB
+    from flwr_dsparse.testing import LocalGrid
     from flwr_dsparse.plan import Plan
     from flwr_dsparse.units import model_units, unit_tensor_names
     from server.app import run_job
@@ -90,7 +92,7 @@ def test_the_job_fine_tunes_from_initial_weights(tmp_path: Path) -> None:
     # Budgets that leave the first units frozen for everyone.
     job = {**SMALL_JOB, "sim-budgets-mb": "12.5,12.5,13.7", "num-server-rounds": 2, "initial-weights": str(weights),
            "out-dir": str(tmp_path / "out")}
-    run_job(LocalGrid(range(3), 3), load_config(job))  # type: ignore[arg-type]
+    run_job(LocalGrid(app, range(3), 3), load_config(job))  # type: ignore[arg-type]
     final = torch.load(tmp_path / "out" / "final_model.pt")
     plan = Plan.from_json((tmp_path / "out" / "plan.json").read_text())
     trained = set(unit_tensor_names(model_units(build_model("tiny")), sorted({u for d in plan.devices for u in d.units})))

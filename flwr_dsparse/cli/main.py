@@ -21,8 +21,9 @@ import torch
 from ..costs import CostModel
 from ..models import MODELS, build_model
 from ..plan import Plan, format_plan
-from ..planner import DeviceSpec, make_plan, parse_budgets
-from ..scoring import SCORERS, get_scorer
+from ..planner import DeviceSpec, parse_budgets
+from ..planning import plan_model
+from ..scoring import SCORERS
 
 __all__ = ["main", "build_cli_plan", "parse_input_shape"]
 
@@ -64,22 +65,20 @@ def build_cli_plan(
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {batch_size}")
     model = build_model(model_name, seed=seed)
-    cost = CostModel(
-        model, input_shape, optimizer=optimizer, momentum=momentum, reserve_mb=reserve_mb,
-        progress=_progress if progress else None,
-    )
     generator = torch.Generator().manual_seed(seed)
     calibration = min(batch_size, 64)
     inputs = torch.randn(calibration, *input_shape, generator=generator)
     targets = torch.randint(0, 10, (calibration,), generator=generator)
-    scores = get_scorer(scorer)(model, cost.units, inputs, targets)
     devices = [DeviceSpec(index, budget, batch_size) for index, budget in enumerate(budgets)]
     meta = {
         "model": model_name, "input_shape": list(input_shape), "scorer": scorer, "optimizer": optimizer,
         "momentum": momentum, "reserve_mb": reserve_mb, "seed": seed, "max_step_fraction": max_step_fraction,
     }
-    return make_plan(devices, cost, scores, allow_inference_only=allow_inference_only,
-                     max_step_fraction=max_step_fraction, meta=meta)
+    return plan_model(
+        model, devices, (inputs, targets), scorer=scorer, optimizer=optimizer, momentum=momentum,
+        reserve_mb=reserve_mb, meta=meta, progress=_progress if progress else None,
+        allow_inference_only=allow_inference_only, max_step_fraction=max_step_fraction,
+    ).plan
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

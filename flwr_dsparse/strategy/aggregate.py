@@ -1,0 +1,96 @@
+"""The grouped mean: each Plan group's tensors averaged over the members that replied.
+
+Pure functions over tensors (the AllReduce side of DSparse, computed at the server): no
+Flower, no strategy state. Each group is fused into one flat buffer, the fusion that lets a
+transport move the group as one message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..exchange import Update
+from ..plan import Group
+
+__all__ = ["aggregate_groups", "fused_weighted_mean", "member_values"]
+
+
+def fused_weighted_mean(names: Sequence[str], updates: Sequence[Update]) -> dict[str, torch.Tensor]:
+    """Example-weighted mean of ``names`` over ``updates``, as one fused buffer.
+
+    The tensors of all ``names`` are flattened into a single float64 buffer per
+    update (the fusion that lets a transport send the group as one message), then
+    ``sum_i (n_i / N) * x_i`` is accumulated in update order, and the result is split
+    back and cast to each tensor's dtype (integers are rounded). With one update the
+    weight is exactly 1.0, so the result is bit-identical to that update.
+
+    Parameters
+    ----------
+    names : Sequence[str]
+        The group's tensors (parameters and buffers), in a fixed order.
+    updates : Sequence[Update]
+        At least one update holding every name; summed in the given order
+        (callers sort by device id, for determinism).
+    """
+    if not updates:
+        raise ValueError("fused_weighted_mean needs at least one update")
+    total = sum(update.examples for update in updates)
+    first = updates[0].tensors
+    acc = torch.zeros(sum(first[name].numel() for name in names), dtype=torch.float64)
+    for update in updates:
+        flat = torch.cat([update.tensors[name].reshape(-1).to(torch.float64) for name in names])
+        # Multiply then add as two IEEE operations (no fused alpha), so the result is
+        # reproducible by a hand computation.
+        acc += flat * (update.examples / total)
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name in names:
+        like = first[name]
+        piece = acc[offset : offset + like.numel()].view(like.shape)
+        offset += like.numel()
+        if like.dtype.is_floating_point:
+            out[name] = piece.to(like.dtype)
+        else:
+            out[name] = piece.round().to(like.dtype)
+    return out
+
+
+def aggregate_groups(groups: Sequence[Group], updates: Mapping[int, Update]) -> dict[str, torch.Tensor]:
+    """The grouped mean of one round: for each group, the mean over its members that replied.
+
+    Parameters
+    ----------
+    groups : Sequence[Group]
+        The Plan's groups.
+    updates : Mapping[int, Update]
+        Accepted updates by device id.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        New values of the tensors of every group with at least one reply. Tensors of
+        groups without a reply, and of units nobody trains, are absent: they stay as
+        they are.
+    """
+    new: dict[str, torch.Tensor] = {}
+    for group in groups:
+        replied = [updates[device] for device in sorted(group.members) if device in updates]
+        if replied:
+            new.update(fused_weighted_mean(group.tensors, replied))
+    return new
+
+
+def member_values(groups: Sequence[Group], updates: Mapping[int, Update]) -> dict[str, torch.Tensor]:
+    """Each group's tensors from its first member that replied (collective rounds).
+
+    After a collective round the members of a group hold bit-identical values (checked by
+    the strategy), so the group's value is any member's.
+    """
+    new: dict[str, torch.Tensor] = {}
+    for group in groups:
+        member = next((device for device in group.members if device in updates), None)
+        if member is not None:
+            new.update({name: updates[member].tensors[name] for name in group.tensors})
+    return new

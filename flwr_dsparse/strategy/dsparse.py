@@ -1,0 +1,362 @@
+"""The DSparse strategy for Flower's Message API: Flower's methods, delegating to the rooms beside it.
+
+``DSparse`` runs one synchronous round as the Plan says:
+
+* **round 0, the query** (:mod:`.membership`): every node reports its memory budget, batch
+  size and example count; a plan function turns the reports into a :class:`~flwr_dsparse.plan.Plan`;
+* **configure_train (Broadcast side):** each node gets its own ``Message`` with its
+  selection (when it changed), the hyper-parameters, and only the tensors its replica
+  lacks (:mod:`.replicas`, versioned delta sync);
+* **aggregate_train (AllReduce side):** each reply is checked (:mod:`.replies`), and each
+  Plan group's tensors become the example-weighted mean over the members whose replies
+  were accepted (:mod:`.aggregate`). Everything else stays bit-identical, and the full
+  global model is returned, because ``start()`` replaces it.
+
+Reliability (:meth:`DSparse.start` runs its own round loop for it, :mod:`.rounds`): a round
+needs ``min_replies`` accepted replies, else it is retried and then the run stops with
+:class:`~.membership.RoundFailed`; nodes that join or leave and budgets that drop re-plan the devices;
+with ``keep_client_state`` the server keeps each node's momentum and restores it whenever
+the node's own copy may differ; with ``checkpoint_path`` every round's end writes an atomic
+checkpoint, and ``resume`` continues from its last complete round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from functools import partial
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.result import Result
+from flwr.supercore import log
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..exchange import TensorVersions
+from ..plan import Plan
+from ..protocol import TrainControl, train_content
+from ..records import from_array_record, tensor_nbytes, to_array_record
+from .aggregate import aggregate_groups, member_values
+from .membership import Membership, PlanFn
+from .replicas import Replicas
+from .replies import (
+    ReplyTally,
+    collective_mismatch,
+    reply_node,
+    selection_of,
+    sent_message_ids,
+    tally_metrics,
+    tally_replies,
+)
+from .rounds import (
+    COLLECTIVE_FAILED,
+    TOO_FEW_REPLIES,
+    RoundState,
+    checkpoint_state,
+    collective_control,
+    restore,
+    round_record,
+    train_with_retries,
+)
+
+__all__ = ["DSparse"]
+
+
+class DSparse(Strategy):
+    """DSparse: each device trains the units that fit its memory; each tensor is averaged
+    only over the devices that trained it.
+
+    Parameters
+    ----------
+    plan_fn : PlanFn
+        Builds the Plan from the nodes' query answers (``Sequence[DeviceReport]``),
+        e.g. :func:`flwr_dsparse.planner.make_plan` behind a cost model.
+    train_config : Mapping[str, Any], optional
+        The job's keys sent with every train message; ``start()``'s ``train_config`` is merged on top.
+    query_config : Mapping[str, Any], optional
+        Sent with the round-0 query (what a node needs to answer: data, batch size, budgets).
+    min_nodes : int (default: 2)
+        Nodes to wait for before the query.
+    settle_s : float (default: 1.0)
+        After ``min_nodes`` connected, wait until the node count is stable this long.
+    min_replies : int (default: 0)
+        Accepted replies a round needs before anything is applied (0: no minimum).
+    round_retries : int (default: 2)
+        How often a round below ``min_replies`` is retried before :class:`~.membership.RoundFailed`.
+    keep_client_state : bool (default: False)
+        Nodes return their momentum buffers; the server keeps and restores them.
+    checkpoint_path : str or Path, optional
+        Where every round's end writes its checkpoint.
+    resume : bool (default: False)
+        Continue from ``checkpoint_path``'s last complete round.
+    fingerprint : Mapping[str, Any], optional
+        The job's run_config; a resume refuses a checkpoint of another job.
+    transport : str (default: "server")
+        ``"collective"``: the nodes run each round's K steps as per-step synchronous
+        AllReduce/Broadcast among themselves and return identical group tensors; a failed
+        collective round is redone once with the server-side transport.
+    collective_addr : str (default: "127.0.0.1")
+        Rendezvous host (rank 0's machine) for the collective transport.
+    collective_port_fn : Callable[[], int], optional
+        Picks the rendezvous port of each collective round (default: a free local port).
+    """
+
+    def __init__(
+        self,
+        *,
+        plan_fn: PlanFn,
+        train_config: Mapping[str, Any] | None = None,
+        query_config: Mapping[str, Any] | None = None,
+        min_nodes: int = 2,
+        settle_s: float = 1.0,
+        min_replies: int = 0,
+        round_retries: int = 2,
+        keep_client_state: bool = False,
+        checkpoint_path: str | Path | None = None,
+        resume: bool = False,
+        fingerprint: Mapping[str, Any] | None = None,
+        transport: str = "server",
+        collective_addr: str = "127.0.0.1",
+        collective_port_fn: Callable[[], int] | None = None,
+    ) -> None:
+        if min_nodes < 1:
+            raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
+        if min_replies < 0 or round_retries < 0:
+            raise ValueError(f"min_replies and round_retries must be >= 0, got {min_replies} and {round_retries}")
+        if transport not in ("server", "collective"):
+            raise ValueError(f"transport is {transport!r}; use \"server\" or \"collective\"")
+        if resume and checkpoint_path is None:
+            raise ValueError("resume=True needs a checkpoint_path")
+        self.membership = Membership(plan_fn, query_config or {}, min_nodes=min_nodes, settle_s=settle_s,
+                                     min_replies=min_replies)
+        self.replicas = Replicas()
+        self.train_config = dict(train_config or {})
+        self.min_replies, self.round_retries = min_replies, round_retries
+        self.keep_client_state = keep_client_state
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.resume = resume
+        self.fingerprint = dict(fingerprint or {})
+        self.transport, self.round_transport = transport, transport
+        self.collective_addr, self.collective_port_fn = collective_addr, collective_port_fn
+        self.history: list[dict[str, Any]] = []
+        self.evaluations: dict[int, dict[str, float]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.rejections: Counter[str] = Counter()
+        self.round: RoundState | None = None
+        self._global: dict[str, torch.Tensor] = {}
+
+    # -- the plan and who holds what ---------------------------------------------------------------
+    @property
+    def plan(self) -> Plan | None:
+        return self.membership.plan
+
+    @property
+    def versions(self) -> TensorVersions | None:
+        return self.replicas.versions
+
+    @property
+    def client_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        return self.replicas.client_state
+
+    @property
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        """The global model after the last aggregation."""
+        return dict(self._global)
+
+    def set_global(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._global = dict(tensors)
+
+    def summary(self) -> None:
+        """Log the strategy's configuration and its plan."""
+        log(INFO, "\t├──> DSparse: synchronous grouped aggregation, versioned delta sync")
+        log(INFO, "\t│\t├── Train config: %s", self.train_config or "(empty)")
+        log(INFO, "\t│\t└── Minimum nodes: %d", self.membership.min_nodes)
+        if self.plan is None:
+            log(INFO, "\t└──> Plan: not built yet (round-0 query pending)")
+            return
+        log(INFO, "\t└──> Plan %s: %d devices, %d groups", self.plan.digest()[:12], len(self.plan.devices),
+            len(self.plan.groups))
+
+    def set_plan(self, plan: Plan, node_to_device: Mapping[int, int]) -> None:
+        """Use ``plan`` from the next round; ``node_to_device`` maps Flower node ids to plan device ids."""
+        self.membership.set_plan(plan, node_to_device)
+
+    def replan(self, reason: str, server_round: int) -> None:
+        """Plan again from the current reports, forget the replicas of devices that left, record why."""
+        event, dropped = self.membership.replan(reason, server_round)
+        for device in dropped:
+            self.replicas.drop(device)
+        self.events.append(event)
+
+    # -- the round loop ----------------------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run the round-0 query (unless a plan was set), then the rounds.
+
+        Each round: membership check (re-plan if needed), train with up to
+        ``round_retries`` retries below ``min_replies``, central evaluation, checkpoint.
+        With ``resume``, rounds start after the checkpoint's last complete round.
+        """
+        log(INFO, "Starting DSparse strategy:")
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        result = Result()
+        arrays = initial_arrays
+        first_round = 1
+        if self.resume:
+            assert self.checkpoint_path is not None
+            first_round = restore(self, load_checkpoint(self.checkpoint_path), grid, timeout) + 1
+            arrays = result.arrays = to_array_record(self._global)
+        else:
+            if evaluate_fn:
+                self._evaluate(evaluate_fn, 0, arrays, result)
+            if self.plan is None:
+                self.membership.query(grid, timeout)
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            reasons = self.membership.changes(grid, server_round, timeout)
+            if reasons:
+                self.replan("; ".join(reasons), server_round)
+            arrays, metrics = train_with_retries(self, grid, server_round, arrays, train_config, timeout)
+            result.arrays = arrays
+            result.train_metrics_clientapp[server_round] = metrics
+            if evaluate_fn:
+                self._evaluate(evaluate_fn, server_round, arrays, result)
+            if self.checkpoint_path is not None:
+                self.save(self.checkpoint_path, server_round)
+        return result
+
+    def _evaluate(self, evaluate_fn: Callable, server_round: int, arrays: ArrayRecord, result: Result) -> None:
+        metrics = evaluate_fn(server_round, arrays)
+        if metrics is not None:
+            result.evaluate_metrics_serverapp[server_round] = metrics
+            self.evaluations[server_round] = {key: float(value) for key, value in metrics.items()}
+            log(INFO, "round %d global evaluation: %s", server_round, self.evaluations[server_round])
+
+    # -- train -------------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """One message per planned node: its selection if changed, hyper-parameters, missing tensors."""
+        if self.plan is None:
+            raise RuntimeError("DSparse has no plan: call start() (which runs the query) or set_plan() first")
+        state = RoundState(server_round, time.perf_counter(), self.round_transport)
+        self._global = from_array_record(arrays)
+        versions = self.replicas.track(list(self._global))
+        collective = collective_control(self.plan, state, self.collective_addr, self.collective_port_fn)
+        job = {**self.train_config, **dict(config), "method": "dsparse"}
+        for node, device in sorted(self.membership.node_to_device.items(), key=lambda item: item[1]):
+            units = self.plan.device(device).units
+            send = versions.missing(device)
+            payload = {name: self._global[name] for name in send}
+            restore_state = self.replicas.state_to_restore(device) if self.keep_client_state else None
+            control = TrainControl(
+                server_round, selection=",".join(units) if self.replicas.selection_changed(device, units) else None,
+                send_state=self.keep_client_state, **collective, **({"rank": device} if collective else {}),
+            )
+            content = train_content(to_array_record(payload), job, control,
+                                    to_array_record(restore_state) if restore_state is not None else None)
+            if restore_state is not None:
+                # The node's momentum may differ from the last accepted one (retry, rejected
+                # reply, restart, resume): it gets the server's copy (empty = start at zero).
+                state.state_down[device] = tensor_nbytes(restore_state)
+            state.messages.append(
+                Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
+            )
+            self.replicas.mark_sent(device, send, units)  # optimistic; a node that fails is forgotten
+            state.bytes_down[device] = tensor_nbytes(payload)
+        self.round = state
+        log(INFO, "configure_train: %d nodes, %.2f MiB down in total", len(state.messages),
+            sum(state.bytes_down.values()) / 2**20)
+        return state.messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Grouped example-weighted mean over accepted replies; returns the full global model.
+
+        A round that cannot be applied returns ``None`` and its metrics; ``self.round.failure``
+        says why (:func:`~.rounds.train_with_retries` retries it).
+        """
+        plan = self.plan
+        if plan is None or self.versions is None:
+            raise RuntimeError("aggregate_train before configure_train")
+        if self.round is None or self.round.server_round != server_round:
+            self.round = RoundState(server_round, time.perf_counter(), self.round_transport)
+        state = self.round
+        sent_ids = sent_message_ids(state.messages)
+        state.messages = []  # they hold the round's whole download: no need to keep it longer
+        by_node = sorted(((reply_node(m, sent_ids), m) for m in replies),
+                         key=lambda item: (self.membership.node_to_device.get(item[0], 1 << 62), item[0]))
+        expected = partial(selection_of, plan, self._global)
+        tally = tally_replies(server_round, by_node, self.membership.node_to_device, expected)
+        no_reply = sorted(state.sent - tally.replied - tally.failed)
+        if state.transport == "collective":
+            trouble = collective_mismatch(plan, tally.updates, sorted(tally.failed) + no_reply, tally.devices)
+            if trouble:
+                self.replicas.after_round(plan, {}, tally.replied, tally.failed | set(no_reply), state.sent)
+                return self._no_model(state, COLLECTIVE_FAILED, trouble, tally)
+        if len(tally.updates) < self.min_replies:
+            # Nothing of this attempt is applied; what the nodes hold is now unknown or diverged.
+            self.replicas.after_round(plan, {}, tally.replied, tally.failed, state.sent)
+            self.rejections.update(tally.rejected)
+            return self._no_model(state, TOO_FEW_REPLIES, (
+                f"{len(tally.updates)} accepted (devices {sorted(tally.updates)}), missing "
+                f"{sorted(tally.failed) + no_reply}, rejected {dict(tally.rejected) or 0}"), tally)
+
+        agg_started = time.perf_counter()
+        aggregate = member_values if state.transport == "collective" else aggregate_groups
+        new = aggregate(plan.groups, tally.updates)
+        self._global.update(new)
+        self.versions.bump(new, server_round)
+        aggregation_s = time.perf_counter() - agg_started
+        self.replicas.after_round(plan, tally.updates, tally.replied, tally.failed, state.sent)
+        self.rejections.update(tally.rejected)
+        for device in tally.updates:
+            if tally.states.get(device) is not None:
+                self.replicas.keep_state(device, tally.states[device])  # type: ignore[arg-type]
+            self.membership.note_budget(device, tally.devices[device])
+
+        record = round_record(state, tally, plan, updated=len(new), aggregation_s=aggregation_s,
+                              events=[event for event in self.events if event["round"] == server_round])
+        self.history.append(record.to_row())
+        log(INFO, "aggregate_train: %d accepted, %d missing, %d rejected; %d tensors updated in %.3f s",
+            len(tally.updates), len(record.missing), sum(tally.rejected.values()), len(new), aggregation_s)
+        metrics = tally_metrics(tally, len(record.missing))
+        metrics.update({"train-loss": record.train_loss if record.num_examples else 0.0, "bytes-up": record.bytes_up,
+                        "bytes-down": record.bytes_down, "aggregation-seconds": aggregation_s})
+        return to_array_record(self._global), metrics
+
+    def _no_model(self, state: RoundState, kind: str, reason: str, tally: ReplyTally) -> tuple[None, MetricRecord]:
+        """Flower's contract for a round that produced no model: ``None`` and what happened."""
+        state.failure_kind, state.failure = kind, reason
+        log(WARNING, "aggregate_train: round %d applies nothing (%s)", state.server_round, reason)
+        return None, tally_metrics(tally, len(tally.failed | (state.sent - tally.replied)))
+
+    # -- checkpoint --------------------------------------------------------------------------------
+    def save(self, path: str | Path, server_round: int) -> Path:
+        """Write the checkpoint of ``server_round`` atomically."""
+        written = save_checkpoint(path, checkpoint_state(self, server_round))
+        log(INFO, "checkpoint: round %d written to %s", server_round, written)
+        return written
+
+    # -- evaluate: centralized only (evaluate_fn) --------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """No federated evaluation: DSparse evaluates centrally through ``evaluate_fn``."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
