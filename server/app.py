@@ -47,7 +47,7 @@ def planner_plan_fn(model: torch.nn.Module, config: JobConfig, calibration: tupl
         meta = {"model": config.model, "scorer": config.scorer, "input_shape": list(calibration[0].shape[1:]),
                 "max_step_fraction": config.max_step_fraction}
         return plan_model(model, devices, calibration, scorer=config.scorer, momentum=config.momentum, meta=meta,
-                          allow_inference_only=config.allow_inference_only,
+                          objective=config.plan_objective, allow_inference_only=config.allow_inference_only,
                           max_step_fraction=config.max_step_fraction).plan
 
     return plan_fn
