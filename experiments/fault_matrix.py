@@ -23,9 +23,10 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from flwr.app import Error, Message
@@ -54,9 +55,10 @@ SMALL_JOB: dict[str, Any] = {
 }
 
 
-
 # -- the faults -----------------------------------------------------------------------------------
-def _train_reply(partition: int, server_round: int, target: tuple[int, int], change: Callable[[Message, Message], Any]) -> Fault:
+def _train_reply(
+    partition: int, server_round: int, target: tuple[int, int], change: Callable[[Message, Message], Any]
+) -> Fault:
     def fault(p: int, r: int, message: Message, reply: Message) -> Any:
         return change(message, reply) if (p, r) == target else reply
 
@@ -129,8 +131,9 @@ SCENARIOS: list[Scenario] = [
     Scenario("node raises mid-round", _train_reply(1, 2, (1, 2), _raise), corrupt_device_round=(1, 2)),
     Scenario("node times out or dies mid-round", _drop_round((0, 2))),
     Scenario("node leaves between rounds", membership=lambda r: [0, 1, 2] if r < 3 else [0, 2]),
-    Scenario("node joins between rounds", membership=lambda r: [0, 1] if r < 3 else [0, 1, 2],
-             overrides={"min-nodes": 2}),
+    Scenario(
+        "node joins between rounds", membership=lambda r: [0, 1] if r < 3 else [0, 1, 2], overrides={"min-nodes": 2}
+    ),
     Scenario("budget drops", _budget_drop(12.5)),
     Scenario("NaN in reply", _train_reply(2, 2, (2, 2), _tensor_fault("nan")), corrupt_device_round=(2, 2)),
     Scenario("Inf in reply", _train_reply(2, 3, (2, 3), _tensor_fault("inf")), corrupt_device_round=(2, 3)),
@@ -140,11 +143,17 @@ SCENARIOS: list[Scenario] = [
     Scenario("oversize payload", _train_reply(1, 2, (1, 2), _tensor_fault("oversize")), corrupt_device_round=(1, 2)),
     Scenario("stale-round reply", _train_reply(1, 2, (1, 2), _stale), corrupt_device_round=(1, 2)),
     Scenario("duplicate replies", _train_reply(1, 2, (1, 2), _duplicate), corrupt_device_round=(1, 2)),
-    Scenario("below min-replies, retry succeeds",
-             lambda p, r, m, reply: None if (r == 2 and p != 0 and _first_attempt(p, r)) else reply,
-             overrides={"min-replies": 3}),
-    Scenario("below min-replies every attempt", lambda p, r, m, reply: None if (r == 3 and p == 1) else reply,
-             overrides={"min-replies": 3, "round-retries": 1}, expect_stop="fewer than min-replies=3"),
+    Scenario(
+        "below min-replies, retry succeeds",
+        lambda p, r, m, reply: None if (r == 2 and p != 0 and _first_attempt(p, r)) else reply,
+        overrides={"min-replies": 3},
+    ),
+    Scenario(
+        "below min-replies every attempt",
+        lambda p, r, m, reply: None if (r == 3 and p == 1) else reply,
+        overrides={"min-replies": 3, "round-retries": 1},
+        expect_stop="fewer than min-replies=3",
+    ),
 ]
 
 _ATTEMPTS: dict[tuple[int, int], int] = {}
@@ -196,8 +205,9 @@ def run_scenario(scenario: Scenario, out_dir: Path, **extra: Any) -> dict[str, A
     row["ok"] = (stopped is None and scenario.expect_stop is None) or (
         stopped is not None and scenario.expect_stop is not None and scenario.expect_stop in str(stopped)
     )
-    row["outcome"] = (f"stopped: {str(stopped)[:90]}" if stopped is not None else
-                      f"completed {done}/{expected_rounds} rounds")
+    row["outcome"] = (
+        f"stopped: {str(stopped)[:90]}" if stopped is not None else f"completed {done}/{expected_rounds} rounds"
+    )
     row["rounds-lost"] = 0 if stopped is not None and scenario.expect_stop else expected_rounds - done
     corrupt = 0
     if scenario.corrupt_device_round is not None:
@@ -231,9 +241,14 @@ def run_restart_resume(work_dir: Path) -> dict[str, Any]:
     differing = [name for name in a if not torch.equal(a[name], b[name])]
     rounds = [r["round"] for r in json.loads((part / "metrics.json").read_text())["rounds"]]
     ok = reference["ok"] and first["ok"] and resumed["ok"] and not differing and rounds == list(range(5))
-    return {"fault": "server restarted, resume=true", "ok": ok,
-            "outcome": f"resumed at round 3; final model {'bit-identical' if not differing else f'{len(differing)} tensors differ'}",
-            "rounds-lost": 0 if rounds == list(range(5)) else 4, "corrupt-applied": len(differing)}
+    return {
+        "fault": "server restarted, resume=true",
+        "ok": ok,
+        "outcome": "resumed at round 3; final model "
+        + ("bit-identical" if not differing else f"{len(differing)} tensors differ"),
+        "rounds-lost": 0 if rounds == list(range(5)) else 4,
+        "corrupt-applied": len(differing),
+    }
 
 
 def run_corrupt_checkpoint(work_dir: Path) -> dict[str, Any]:
@@ -243,8 +258,14 @@ def run_corrupt_checkpoint(work_dir: Path) -> dict[str, Any]:
     checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
     row = run_scenario(Scenario("none", expect_stop="truncated or corrupt"), Path(work_dir), resume=True)
     outcome = "refused before training: truncated or corrupt" if row["ok"] else row["outcome"]
-    return {"fault": "corrupt checkpoint, resume=true", "ok": row["ok"], "outcome": outcome,
-            "stopped": row["stopped"], "rounds-lost": 0, "corrupt-applied": 0 if row["ok"] else 1}
+    return {
+        "fault": "corrupt checkpoint, resume=true",
+        "ok": row["ok"],
+        "outcome": outcome,
+        "stopped": row["stopped"],
+        "rounds-lost": 0,
+        "corrupt-applied": 0 if row["ok"] else 1,
+    }
 
 
 # -- the deployment case: a real SuperNode killed mid-round ----------------------------------------
@@ -252,8 +273,15 @@ def run_corrupt_checkpoint(work_dir: Path) -> dict[str, Any]:
 # affords its earliest units, so a group of its own loses its only trainer.
 KILL_BUDGETS_MB = (11.0, 12.5, 13.7)
 KILL_JOB: dict[str, Any] = {
-    "model": "tiny", "batch-size": 16, "local-steps": 100, "lr": 0.05, "train-examples": 600,
-    "test-examples": 200, "method": "dsparse", "num-server-rounds": 3, "min-nodes": 3,
+    "model": "tiny",
+    "batch-size": 16,
+    "local-steps": 100,
+    "lr": 0.05,
+    "train-examples": 600,
+    "test-examples": 200,
+    "method": "dsparse",
+    "num-server-rounds": 3,
+    "min-nodes": 3,
     "collective-timeout": 20.0,
     # Long enough for the SuperLink to declare the dead node offline (two missed 30 s
     # heartbeats), after which it answers the node's message with an error itself.
@@ -290,7 +318,9 @@ def _peer_connections(pids: set[int], node_port: int) -> int:
             connections = psutil.Process(pid).net_connections(kind="tcp")
         except psutil.NoSuchProcess:
             continue
-        count += sum(1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port != node_port)
+        count += sum(
+            1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port != node_port
+        )
     return count
 
 
@@ -303,8 +333,9 @@ def _checkpoint_round(path: Path) -> int:
         return 0
 
 
-def run_supernode_kill(work_dir: Path, *, transport: str = "collective", victim: int = 2,
-                       deployment: Any = None, timeout: float = 540.0) -> dict[str, Any]:
+def run_supernode_kill(
+    work_dir: Path, *, transport: str = "collective", victim: int = 2, deployment: Any = None, timeout: float = 540.0
+) -> dict[str, Any]:
     """kill -9 one SuperNode (and its ClientApp) during round 2 of a 3-node loopback deployment.
 
     Starts a SuperLink and three SuperNodes with :data:`KILL_BUDGETS_MB` (unless
@@ -329,16 +360,25 @@ def run_supernode_kill(work_dir: Path, *, transport: str = "collective", victim:
     out = work_dir / f"kill-{transport}"
     owned = deployment is None
     if owned:
-        deployment = start_deployment(len(KILL_BUDGETS_MB), memory_mb=list(KILL_BUDGETS_MB), port=None,
-                                      home=work_dir / "flwr-home", state_dir=work_dir / f"state-{transport}",
-                                      timeout=120.0)
+        deployment = start_deployment(
+            len(KILL_BUDGETS_MB),
+            memory_mb=list(KILL_BUDGETS_MB),
+            port=None,
+            home=work_dir / "flwr-home",
+            state_dir=work_dir / f"state-{transport}",
+            timeout=120.0,
+        )
     row: dict[str, Any] = {"fault": f"SuperNode killed mid-round ({transport})"}
     try:
         record = next(node for node in deployment.supernodes if node.node_config["partition-id"] == victim)
         run_config = {**KILL_JOB, "transport": transport, "out-dir": str(out)}
         finished: dict[str, Any] = {}
-        runner = threading.Thread(daemon=True, target=lambda: finished.update(
-            result=run_app(deployment, repo, run_config, timeout=timeout, log=work_dir / f"kill-{transport}.log")))
+        runner = threading.Thread(
+            daemon=True,
+            target=lambda: finished.update(
+                result=run_app(deployment, repo, run_config, timeout=timeout, log=work_dir / f"kill-{transport}.log")
+            ),
+        )
         runner.start()
 
         # Round 1 complete (its checkpoint is written), then the victim's round-2 ClientApp appears.
@@ -393,8 +433,11 @@ def run_supernode_kill(work_dir: Path, *, transport: str = "collective", victim:
         row["final"] = final
     done = len(history)
     row["ok"] = result.returncode == 0 and done == KILL_JOB["num-server-rounds"]
-    row["outcome"] = (f"completed {done}/{KILL_JOB['num-server-rounds']} rounds, missing {history[1]['missing']} in round 2"
-                      if done >= 2 else f"failed: exit {result.returncode}")
+    row["outcome"] = (
+        f"completed {done}/{KILL_JOB['num-server-rounds']} rounds, missing {history[1]['missing']} in round 2"
+        if done >= 2
+        else f"failed: exit {result.returncode}"
+    )
     row["rounds-lost"] = KILL_JOB["num-server-rounds"] - done
     row["corrupt-applied"] = corrupt
     row.update(history=history, plan=plan, before=before, only_victim=only_victim)
@@ -404,15 +447,20 @@ def run_supernode_kill(work_dir: Path, *, transport: str = "collective", victim:
 def format_matrix(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'fault':<40} {'outcome':<48} {'rounds lost':>11} {'corrupt applied':>15}"]
     for row in rows:
-        lines.append(f"{row['fault']:<40} {row['outcome'][:48]:<48} {row['rounds-lost']:>11} {row['corrupt-applied']:>15}")
+        lines.append(
+            f"{row['fault']:<40} {row['outcome'][:48]:<48} {row['rounds-lost']:>11} {row['corrupt-applied']:>15}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
-    parser.add_argument("--deployment", action="store_true",
-                        help="also kill a real SuperNode mid-round in a loopback deployment, per transport (~2.5 min each)")
+    parser.add_argument(
+        "--deployment",
+        action="store_true",
+        help="also kill a real SuperNode mid-round in a loopback deployment, per transport (~2.5 min each)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []

@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     data = path.read_bytes()
     if not data.startswith(MAGIC):
-        raise CheckpointError(f"{path} is not a DSparse checkpoint (its header is {data[:len(MAGIC)]!r}); {fix}")
+        raise CheckpointError(f"{path} is not a DSparse checkpoint (its header is {data[: len(MAGIC)]!r}); {fix}")
     header_end = len(MAGIC) + _DIGEST_LEN + 1
     digest, payload = data[len(MAGIC) : header_end - 1], data[header_end:]
     if len(data) < header_end or hashlib.sha256(payload).hexdigest().encode() != digest:

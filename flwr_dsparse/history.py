@@ -71,8 +71,18 @@ def merge_evaluations(history: Sequence[Mapping[str, Any]], evaluations: Sequenc
 
 
 CSV_COLUMNS = (
-    "round", "loss", "accuracy", "train-loss", "bytes-up", "bytes-down", "aggregation-seconds", "round-seconds",
-    "num-missing", "num-rejected", "bytes-up-state", "bytes-down-state",
+    "round",
+    "loss",
+    "accuracy",
+    "train-loss",
+    "bytes-up",
+    "bytes-down",
+    "aggregation-seconds",
+    "round-seconds",
+    "num-missing",
+    "num-rejected",
+    "bytes-up-state",
+    "bytes-down-state",
 )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,7 +30,9 @@ class TinyNet(nn.Module):
     union batch exactly, which BatchNorm's per-batch statistics would break.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16, *, batch_norm: bool = True) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, width: int = 16, *, batch_norm: bool = True
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             _conv_block(in_channels, width, 1, batch_norm),

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .units import Unit, compress_unit_names, validate_unit_names
 
@@ -56,8 +57,13 @@ class MemoryEstimate:
         return parts  # unrounded, so a plan survives a JSON round trip unchanged
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, float]) -> "MemoryEstimate":
-        return cls(**{key: float(data[key]) for key in ("weights", "grads", "optimizer", "activations", "workspace", "reserve")})
+    def from_dict(cls, data: Mapping[str, float]) -> MemoryEstimate:
+        return cls(
+            **{
+                key: float(data[key])
+                for key in ("weights", "grads", "optimizer", "activations", "workspace", "reserve")
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,7 @@ class Plan:
         return hashlib.sha256(self.to_json(indent=None).encode()).hexdigest()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         try:
             devices = tuple(
                 DevicePlan(
@@ -213,7 +219,9 @@ class Plan:
                     units=tuple(g["units"]),
                     params=tuple(g["params"]),
                     buffers=tuple(g.get("buffers", ())),
-                    allreduce=AllReduceTask(tuple(int(m) for m in g["allreduce"]["members"]), int(g["allreduce"]["bytes"])),
+                    allreduce=AllReduceTask(
+                        tuple(int(m) for m in g["allreduce"]["members"]), int(g["allreduce"]["bytes"])
+                    ),
                     broadcast=BroadcastTask(
                         int(g["broadcast"]["root"]),
                         tuple(int(r) for r in g["broadcast"]["receivers"]),
@@ -222,12 +230,14 @@ class Plan:
                 )
                 for g in data["groups"]
             )
-            return cls(tuple(data["unit_names"]), devices, groups, tuple(data["frozen_units"]), dict(data.get("meta", {})))
+            return cls(
+                tuple(data["unit_names"]), devices, groups, tuple(data["frozen_units"]), dict(data.get("meta", {}))
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"malformed plan JSON ({error!r}); regenerate it with `dsparse plan --json`") from error
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -337,11 +347,15 @@ def format_plan(plan: Plan, sources: Mapping[int, str] | None = None) -> str:
         p = d.predicted_mb
         numbers = (
             f"{p.weights:8.1f} {p.grads:6.1f} {p.optimizer:6.1f} {p.activations:7.1f} {p.workspace:6.1f} "
-            f"{p.reserve:7.1f} {p.total:7.1f}" if p else " " * 52
+            f"{p.reserve:7.1f} {p.total:7.1f}"
+            if p
+            else " " * 52
         )
         step = f"{d.predicted_step_s:7.3f}" if d.predicted_step_s is not None else " " * 7
         source = f" {(sources or {}).get(d.id) or '-':<24}" if sources is not None else ""
-        lines.append(f"{d.id:>6} {d.budget_mb:7.1f}{source} {numbers} {step}  {compress_unit_names(d.units, plan.unit_names)}")
+        lines.append(
+            f"{d.id:>6} {d.budget_mb:7.1f}{source} {numbers} {step}  {compress_unit_names(d.units, plan.unit_names)}"
+        )
     lines.append("")
     lines.append(f"{'group':>5} {'members':18s} {'MB/exchange':>11} {'broadcast':24s} units")
     for index, g in enumerate(plan.groups):

@@ -64,8 +64,15 @@ def plan_model(
         ``allow_inference_only``, ``max_step_fraction``).
     """
     inputs, targets = calibration
-    cost = CostModel(model, tuple(inputs.shape[1:]), optimizer=optimizer, momentum=momentum, reserve_mb=reserve_mb,
-                     progress=progress, **dict(cost_options or {}))
+    cost = CostModel(
+        model,
+        tuple(inputs.shape[1:]),
+        optimizer=optimizer,
+        momentum=momentum,
+        reserve_mb=reserve_mb,
+        progress=progress,
+        **dict(cost_options or {}),
+    )
     scores = list(get_scorer(scorer)(model, cost.units, inputs, targets))
     plan = make_plan(list(devices), cost, scores, meta=dict(meta or {}), **planner_options)
     return PlannedModel(plan, cost, scores)

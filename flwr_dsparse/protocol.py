@@ -161,8 +161,9 @@ def read_device_report(message: Message, node: int | None = None) -> DeviceRepor
         reply = _from_wire(QueryReply, fields, f"node {node}'s query reply")
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"node {node} sent a malformed query reply ({error})") from error
-    return DeviceReport(node, reply.partition_id, reply.budget_mb, reply.batch_size, reply.num_examples,
-                        reply.budget_source)
+    return DeviceReport(
+        node, reply.partition_id, reply.budget_mb, reply.batch_size, reply.num_examples, reply.budget_source
+    )
 
 
 # -- train -------------------------------------------------------------------------------------------
@@ -209,9 +210,7 @@ def train_content(
     arrays: ArrayRecord, job: Mapping[str, Any], control: TrainControl, state: ArrayRecord | None = None
 ) -> RecordDict:
     """A train message's content (see the module docstring)."""
-    content = RecordDict(
-        {ARRAYS: arrays, CONFIG: ConfigRecord(dict(job)), CONTROL: ConfigRecord(_to_wire(control))}
-    )
+    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(dict(job)), CONTROL: ConfigRecord(_to_wire(control))})
     if state is not None:
         content[OPTIMIZER] = state
     return content

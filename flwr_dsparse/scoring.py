@@ -8,7 +8,7 @@ name is accepted.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,13 +21,17 @@ __all__ = ["Scorer", "SCORERS", "depth_scores", "gradient_scores", "get_scorer"]
 Scorer = Callable[[nn.Module, Sequence[Unit], torch.Tensor, torch.Tensor], list[float]]
 
 
-def depth_scores(model: nn.Module, units: Sequence[Unit], inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> list[float]:
+def depth_scores(
+    model: nn.Module, units: Sequence[Unit], inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None
+) -> list[float]:
     """Later units first: the classic fine-tuning prior (the head adapts fastest)."""
     count = len(units)
     return [(unit.index + 1) / count for unit in units]
 
 
-def gradient_scores(model: nn.Module, units: Sequence[Unit], inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+def gradient_scores(
+    model: nn.Module, units: Sequence[Unit], inputs: torch.Tensor, targets: torch.Tensor
+) -> list[float]:
     """First-order loss decrease of one SGD step on each unit alone.
 
     One SGD step of size ``lr`` on unit ``u`` alone lowers the loss by about

@@ -52,9 +52,16 @@ class LocalGrid:
         The partitions connected before a round (nodes leaving and joining).
     """
 
-    def __init__(self, client_app: ClientApp, partitions: Iterable[int], num_partitions: int, *,
-                 node_config: Mapping | None = None, fault: Fault | None = None,
-                 membership: Callable[[int], Iterable[int]] | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        partitions: Iterable[int],
+        num_partitions: int,
+        *,
+        node_config: Mapping | None = None,
+        fault: Fault | None = None,
+        membership: Callable[[int], Iterable[int]] | None = None,
+    ) -> None:
         self.client_app = client_app
         self.num_partitions = num_partitions
         self.node_config = dict(node_config or {})
@@ -71,7 +78,11 @@ class LocalGrid:
 
     def connect(self, partition: int) -> int:
         node_id = 1000 + partition + 100 * len(self.nodes)  # a new id for every (re)connection
-        config = {"partition-id": partition, "num-partitions": self.num_partitions, **self.node_config.get(partition, {})}
+        config = {
+            "partition-id": partition,
+            "num-partitions": self.num_partitions,
+            **self.node_config.get(partition, {}),
+        }
         self.nodes[node_id] = _Node(node_id, partition, Context(1, node_id, config, RecordDict(), {}))
         return node_id
 

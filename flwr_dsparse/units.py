@@ -7,8 +7,8 @@ the trainer all speak in unit names, and translate them to tensor names
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from torch import nn
 
@@ -60,9 +60,7 @@ def validate_unit_names(names: Sequence[str], valid: Sequence[str], *, what: str
     """Raise ``ValueError`` listing the valid names if any of ``names`` is unknown."""
     unknown = [name for name in names if name not in set(valid)]
     if unknown:
-        raise ValueError(
-            f"unknown {what} name(s) {unknown}; valid names are: {', '.join(valid)}"
-        )
+        raise ValueError(f"unknown {what} name(s) {unknown}; valid names are: {', '.join(valid)}")
 
 
 def model_units(model: nn.Module, names: Sequence[str] | None = None) -> list[Unit]:

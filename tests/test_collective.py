@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from flwr_dsparse.cli.collective import add_cli
 from flwr_dsparse.collective import (
     CollectiveError,
     PlanMismatchError,
@@ -19,7 +20,6 @@ from flwr_dsparse.collective import (
     launch_local,
     run_collective_round,
 )
-from flwr_dsparse.cli.collective import add_cli
 from flwr_dsparse.models import build_model
 from flwr_dsparse.plan import Plan, plan_from_selections
 from flwr_dsparse.trainer import make_optimizer_factory
@@ -47,15 +47,18 @@ def make_model(name: str) -> nn.Module:
 
 def rank_batches(rank: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1000 + rank)
-    return [(torch.randn(BATCH, 3, 16, 16, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator))
-            for _ in range(steps)]
+    return [
+        (torch.randn(BATCH, 3, 16, 16, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator))
+        for _ in range(steps)
+    ]
 
 
 def make_plan(model_name: str, selections: dict[int, list[str]], meta: dict | None = None) -> Plan:
     model = make_model(model_name)
     sizes = {name: t.numel() * t.element_size() for name, t in model.state_dict().items()}
-    return plan_from_selections(model_units(model), selections, sizes, batch_sizes=dict.fromkeys(selections, BATCH),
-                                meta=meta)
+    return plan_from_selections(
+        model_units(model), selections, sizes, batch_sizes=dict.fromkeys(selections, BATCH), meta=meta
+    )
 
 
 OVERLAPPING = {  # groups: {2}: features.2 (alone), {0,2}: features.3, {0,1,2}: features.4 + classifier
@@ -79,8 +82,19 @@ def train_rank(rank, world_size, master_addr, master_port, plan_json, model_name
     model = make_model(model_name)
     batches = iter(rank_batches(rank, STEPS * rounds))
     for _ in range(rounds):
-        result = run_collective_round(plan, rank, world_size, master_addr, master_port, model, batches, STEPS,
-                                      make_optimizer_factory("sgd", lr=LR), TIMEOUT_S, fused=fused)
+        result = run_collective_round(
+            plan,
+            rank,
+            world_size,
+            master_addr,
+            master_port,
+            model,
+            batches,
+            STEPS,
+            make_optimizer_factory("sgd", lr=LR),
+            TIMEOUT_S,
+            fused=fused,
+        )
     return {"state": model.state_dict(), "tensors": result.tensors, "payload_bytes": result.payload_bytes}
 
 
@@ -92,9 +106,19 @@ def momentum_rank(rank, world_size, master_addr, master_port, plan_json, rounds,
     batches = iter(rank_batches(rank, 2 * STEPS))
     state = initial[rank] if initial is not None else ({} if carry else None)
     for _ in range(rounds):
-        result = run_collective_round(plan, rank, world_size, master_addr, master_port, model, batches,
-                                      2 * STEPS // rounds, make_optimizer_factory("sgd", lr=LR, momentum=0.9),
-                                      TIMEOUT_S, momentum_state=state)
+        result = run_collective_round(
+            plan,
+            rank,
+            world_size,
+            master_addr,
+            master_port,
+            model,
+            batches,
+            2 * STEPS // rounds,
+            make_optimizer_factory("sgd", lr=LR, momentum=0.9),
+            TIMEOUT_S,
+            momentum_state=state,
+        )
         state = result.momentum_state if carry else None
     return {"state": model.state_dict(), "tensors": result.tensors, "momentum": result.momentum_state}
 
@@ -116,8 +140,18 @@ def faulty_rank(rank, world_size, master_addr, master_port, plan_json, fault, ti
     plan = Plan.from_json(plan_json)
     start = time.monotonic()
     try:
-        run_collective_round(plan, rank, world_size, master_addr, master_port, make_model("tiny"), batches(), STEPS,
-                             make_optimizer_factory("sgd", lr=LR), timeout_s)
+        run_collective_round(
+            plan,
+            rank,
+            world_size,
+            master_addr,
+            master_port,
+            make_model("tiny"),
+            batches(),
+            STEPS,
+            make_optimizer_factory("sgd", lr=LR),
+            timeout_s,
+        )
     except CollectiveError as error:
         return {"error": str(error), "seconds": time.monotonic() - start}
     return {"error": None, "seconds": time.monotonic() - start}
@@ -125,8 +159,18 @@ def faulty_rank(rank, world_size, master_addr, master_port, plan_json, fault, ti
 
 def mismatched_rank(rank, world_size, master_addr, master_port, plan_jsons):
     try:
-        run_collective_round(Plan.from_json(plan_jsons[rank]), rank, world_size, master_addr, master_port,
-                             make_model("tiny"), rank_batches(rank, 1), 1, None, TIMEOUT_S)
+        run_collective_round(
+            Plan.from_json(plan_jsons[rank]),
+            rank,
+            world_size,
+            master_addr,
+            master_port,
+            make_model("tiny"),
+            rank_batches(rank, 1),
+            1,
+            None,
+            TIMEOUT_S,
+        )
     except PlanMismatchError as error:
         return str(error)
     return None
@@ -238,8 +282,9 @@ def assert_close_states(actual, expected, atol=1e-6):
 )
 def test_ranks_are_bit_identical_and_match_grouped_reference(selections, fused, rounds):
     plan = make_plan("tiny", selections)
-    outcomes = launch_local(train_rank, 3, (plan.to_json(), "tiny", fused, rounds), start_method=START_METHOD,
-                            deadline_s=DEADLINE_S)
+    outcomes = launch_local(
+        train_rank, 3, (plan.to_json(), "tiny", fused, rounds), start_method=START_METHOD, deadline_s=DEADLINE_S
+    )
     assert_ok(outcomes)
     states = [o.result["state"] for o in outcomes]
 
@@ -269,13 +314,16 @@ def test_all_units_everywhere_equals_centralized_sgd_on_union_batch():
     every_unit = [unit.name for unit in model_units(make_model("tiny_nobn"))]
     plan = make_plan("tiny_nobn", dict.fromkeys(range(world_size), every_unit))
     assert len(plan.groups) == 1 and plan.groups[0].members == (0, 1, 2)
-    outcomes = launch_local(train_rank, world_size, (plan.to_json(), "tiny_nobn", True), start_method=START_METHOD,
-                            deadline_s=DEADLINE_S)
+    outcomes = launch_local(
+        train_rank, world_size, (plan.to_json(), "tiny_nobn", True), start_method=START_METHOD, deadline_s=DEADLINE_S
+    )
     assert_ok(outcomes)
     reference = centralized_sgd(world_size, STEPS)
     for outcome in outcomes:
         assert_close_states(outcome.result["state"], reference)
-    assert not torch.equal(reference["classifier.1.weight"], make_model("tiny_nobn").state_dict()["classifier.1.weight"])
+    assert not torch.equal(
+        reference["classifier.1.weight"], make_model("tiny_nobn").state_dict()["classifier.1.weight"]
+    )
 
 
 @pytest.mark.parametrize("fault", ["exit", "stall", "never-joins"])
@@ -283,8 +331,9 @@ def test_dead_or_stalled_rank_fails_the_others_with_a_timeout_error(fault):
     timeout_s = 2.0
     plan = make_plan("tiny", OVERLAPPING)
     start = time.monotonic()
-    outcomes = launch_local(faulty_rank, 3, (plan.to_json(), fault, timeout_s), start_method=START_METHOD,
-                            deadline_s=30.0)
+    outcomes = launch_local(
+        faulty_rank, 3, (plan.to_json(), fault, timeout_s), start_method=START_METHOD, deadline_s=30.0
+    )
     elapsed = time.monotonic() - start
     survivors = outcomes[:2]
     for outcome in survivors:
@@ -304,8 +353,13 @@ def test_a_rank_with_another_plan_makes_every_rank_refuse():
     plan = make_plan("tiny", OVERLAPPING)
     other = make_plan("tiny", OVERLAPPING, meta={"note": "edited by hand"})
     assert plan.digest() != other.digest()
-    outcomes = launch_local(mismatched_rank, 3, ([plan.to_json(), other.to_json(), plan.to_json()],),
-                            start_method=START_METHOD, deadline_s=DEADLINE_S)
+    outcomes = launch_local(
+        mismatched_rank,
+        3,
+        ([plan.to_json(), other.to_json(), plan.to_json()],),
+        start_method=START_METHOD,
+        deadline_s=DEADLINE_S,
+    )
     assert_ok(outcomes)
     for outcome in outcomes:
         assert outcome.result is not None and "rank(s) [1]" in outcome.result and "same plan.json" in outcome.result
@@ -321,7 +375,12 @@ def test_plan_ranks_must_match_world_size():
 def test_rendezvous_reads_torchrun_environment_and_rejects_bad_values():
     env = {"RANK": "2", "WORLD_SIZE": "3", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29511", "LOCAL_RANK": "2"}
     rendezvous = Rendezvous.from_environ(env)
-    assert (rendezvous.rank, rendezvous.world_size, rendezvous.master_addr, rendezvous.master_port) == (2, 3, "10.0.0.5", 29511)
+    assert (rendezvous.rank, rendezvous.world_size, rendezvous.master_addr, rendezvous.master_port) == (
+        2,
+        3,
+        "10.0.0.5",
+        29511,
+    )
     assert rendezvous.init_method == "env://"
     assert Rendezvous(0, 2, "127.0.0.1", 1234).init_method == "tcp://127.0.0.1:1234"
     with pytest.raises(ValueError, match="MASTER_PORT"):
@@ -335,9 +394,29 @@ def test_cli_registers_collective_subcommand(tmp_path):
 
     parser = argparse.ArgumentParser(prog="dsparse")
     add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["collective", "--plan", str(tmp_path / "plan.json"), "--rank", "1", "--world-size", "3",
-                              "--master-addr", "10.0.0.1", "--master-port", "29600", "--no-fusion"])
-    assert (args.rank, args.world_size, args.master_addr, args.master_port, args.no_fusion) == (1, 3, "10.0.0.1", 29600, True)
+    args = parser.parse_args(
+        [
+            "collective",
+            "--plan",
+            str(tmp_path / "plan.json"),
+            "--rank",
+            "1",
+            "--world-size",
+            "3",
+            "--master-addr",
+            "10.0.0.1",
+            "--master-port",
+            "29600",
+            "--no-fusion",
+        ]
+    )
+    assert (args.rank, args.world_size, args.master_addr, args.master_port, args.no_fusion) == (
+        1,
+        3,
+        "10.0.0.1",
+        29600,
+        True,
+    )
     assert callable(args.func)
 
 
@@ -345,8 +424,19 @@ def test_cli_rank_path_trains_every_device_of_a_plan_file(tmp_path):
     from flwr_dsparse.cli.collective import CliJob, cli_rank
 
     plan = make_plan("tiny", OVERLAPPING)
-    job = CliJob(plan.to_json(), "tiny", steps=2, batch_size=8, optimizer="sgd", lr=0.05, momentum=0.9, seed=0,
-                  timeout_s=TIMEOUT_S, fused=True, out=str(tmp_path / "rank{rank}.pt"))
+    job = CliJob(
+        plan.to_json(),
+        "tiny",
+        steps=2,
+        batch_size=8,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        seed=0,
+        timeout_s=TIMEOUT_S,
+        fused=True,
+        out=str(tmp_path / "rank{rank}.pt"),
+    )
     outcomes = launch_local(cli_rank, 3, (job,), start_method=START_METHOD, deadline_s=DEADLINE_S)
     assert_ok(outcomes)
     states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(3)]
@@ -372,10 +462,9 @@ def test_bench_namespace_is_deleted_also_on_failure():
 
     from experiments.aggregation_bench import Namespace
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with Namespace() as namespace:
-            assert namespace.name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), Namespace() as namespace:
+        assert namespace.name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        raise RuntimeError("boom")
     assert namespace.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
@@ -386,12 +475,14 @@ def test_momentum_carries_over_rounds_bit_identically():
     """Two collective rounds with the momentum handed over equal one round of all the steps,
     exactly; without the hand-over they differ (momentum restarts)."""
     plan = make_plan("tiny", TWO_RANKS).to_json()
-    launch = lambda rounds, carry: launch_local(momentum_rank, 2, (plan, rounds, carry), start_method=START_METHOD,
-                                                deadline_s=DEADLINE_S)
+    def launch(rounds, carry):
+        return launch_local(
+            momentum_rank, 2, (plan, rounds, carry), start_method=START_METHOD, deadline_s=DEADLINE_S
+        )
     whole, split, restarted = launch(1, True), launch(2, True), launch(2, False)
     for outcomes in (whole, split, restarted):
         assert all(o.ok for o in outcomes), [o.error for o in outcomes]
-    for a, b in zip(whole, split):
+    for a, b in zip(whole, split, strict=False):
         assert all(torch.equal(a.result["state"][n], b.result["state"][n]) for n in a.result["state"])
         assert a.result["momentum"].keys() == b.result["momentum"].keys() and a.result["momentum"]
         assert all(torch.equal(a.result["momentum"][n], b.result["momentum"][n]) for n in a.result["momentum"])
@@ -405,10 +496,13 @@ def test_members_with_different_momentum_are_averaged_to_stay_identical():
     plan = make_plan("tiny", TWO_RANKS)
     model = make_model("tiny")
     shared = [n for g in plan.groups if len(g.members) == 2 for n in g.params]
-    initial = {rank: {n: torch.full_like(dict(model.named_parameters())[n], 0.01 * (rank + 1)) for n in shared}
-               for rank in (0, 1)}
-    outcomes = launch_local(momentum_rank, 2, (plan.to_json(), 1, True, initial), start_method=START_METHOD,
-                            deadline_s=DEADLINE_S)
+    initial = {
+        rank: {n: torch.full_like(dict(model.named_parameters())[n], 0.01 * (rank + 1)) for n in shared}
+        for rank in (0, 1)
+    }
+    outcomes = launch_local(
+        momentum_rank, 2, (plan.to_json(), 1, True, initial), start_method=START_METHOD, deadline_s=DEADLINE_S
+    )
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     first, second = outcomes[0].result, outcomes[1].result
     shared_tensors = [n for g in plan.groups if len(g.members) == 2 for n in g.tensors]

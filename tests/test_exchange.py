@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from flwr_dsparse.exchange import TensorVersions, Update, tensor_specs
+from flwr_dsparse.plan import plan_from_selections
 from flwr_dsparse.strategy.aggregate import aggregate_groups, fused_weighted_mean
 from flwr_dsparse.strategy.replies import ReplyRejected, check_update
-from flwr_dsparse.plan import plan_from_selections
 from flwr_dsparse.units import Unit
 
 
@@ -44,10 +44,7 @@ def test_fused_mean_equals_hand_computation_bitwise():
         for update in updates:
             acc = acc + update.tensors[name].numpy().astype(np.float64) * (update.examples / total)
         like = updates[0].tensors[name]
-        if like.dtype.is_floating_point:
-            expected = acc.astype(np.float32)
-        else:
-            expected = np.round(acc).astype(np.int64)
+        expected = acc.astype(np.float32) if like.dtype.is_floating_point else np.round(acc).astype(np.int64)
         assert out[name].dtype == like.dtype
         assert np.array_equal(out[name].numpy(), expected), name
 

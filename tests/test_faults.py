@@ -8,6 +8,7 @@ simulation (``flwr.simulation.run_simulation``) in subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -163,7 +164,9 @@ def test_config_errors_name_the_key_before_training(key, value, words):
 def test_missing_cifar_folder_and_budget_below_minimum_stop_before_training(tmp_path):
     from server.app import run_job
 
-    config = load_config({**SMALL_JOB, "dataset": "cifar10", "data-root": str(tmp_path / "nowhere"), "out-dir": str(tmp_path)})
+    config = load_config(
+        {**SMALL_JOB, "dataset": "cifar10", "data-root": str(tmp_path / "nowhere"), "out-dir": str(tmp_path)}
+    )
     with pytest.raises(FileNotFoundError, match="data-root"):
         run_job(_NoTraining(), config)  # type: ignore[arg-type]
     # A budget below the smallest selection: the planner stops the run at the query, before round 1.
@@ -187,8 +190,14 @@ run_simulation(make_server_app(json.loads(sys.argv[1])), app, num_supernodes=3, 
 
 def _simulation(overrides: dict, log: Path) -> subprocess.Popen:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-    return subprocess.Popen([sys.executable, "-c", _SIM, json.dumps(overrides)], cwd=REPO, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _SIM, json.dumps(overrides)],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
@@ -199,10 +208,8 @@ def _kill_tree(process: subprocess.Popen) -> None:
     except psutil.NoSuchProcess:
         tree = [process.pid]
     for pid in tree:  # kill -9, by pid: the server first, then what it started (Ray)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     process.wait(timeout=30)
 
 
@@ -230,7 +237,9 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path):
                     killed_after = done
                     break
             time.sleep(0.05)
-        assert killed_after is not None and killed_after < SIM_JOB["num-server-rounds"], (tmp_path / "part.log").read_text()[-3000:]
+        assert killed_after is not None and killed_after < SIM_JOB["num-server-rounds"], (
+            tmp_path / "part.log"
+        ).read_text()[-3000:]
         assert not (part / "final_model.pt").exists()
         assert reference.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
     finally:

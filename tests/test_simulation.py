@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from client.app import node_budget_mb
@@ -129,15 +129,28 @@ def test_collective_transport_in_simulation(tmp_path):
 
     out = tmp_path / "out"
     overrides = {
-        "model": "tiny", "batch-size": 16, "local-steps": 2, "lr": 0.05, "momentum": 0.0,
-        "train-examples": 480, "test-examples": 64, "num-server-rounds": 2, "min-nodes": 3,
-        "sim-budgets-mb": "12.5,13.7,18", "transport": "collective", "collective-timeout": 60.0,
+        "model": "tiny",
+        "batch-size": 16,
+        "local-steps": 2,
+        "lr": 0.05,
+        "momentum": 0.0,
+        "train-examples": 480,
+        "test-examples": 64,
+        "num-server-rounds": 2,
+        "min-nodes": 3,
+        "sim-budgets-mb": "12.5,13.7,18",
+        "transport": "collective",
+        "collective-timeout": 60.0,
         "out-dir": str(out),
     }
     run_simulation(
-        make_server_app(overrides), client_app, num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 3, "include_dashboard": False}},
+        make_server_app(overrides),
+        client_app,
+        num_supernodes=3,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 3, "include_dashboard": False},
+        },
     )
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]

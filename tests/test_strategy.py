@@ -11,7 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 from torch.nn import functional as F
@@ -253,7 +253,9 @@ def test_bad_reply_is_rejected_counted_and_never_applied(case):
         members = [d for d in (0, 2) if name in sent[d]]
         total = sum(EXAMPLES[d] for d in members)
         acc = sum(sent[d][name].double() * (EXAMPLES[d] / total) for d in members)
-        assert torch.equal(result[name], acc.to(state[name].dtype) if state[name].is_floating_point() else acc.round().long())
+        assert torch.equal(
+            result[name], acc.to(state[name].dtype) if state[name].is_floating_point() else acc.round().long()
+        )
     assert all(torch.isfinite(t).all() for t in result.values() if t.is_floating_point())
     # Its replica diverged (it trained) and nothing of it was accepted: it is resent its selection.
     assert set(device_tensors(strategy.plan, 1)) <= set(strategy.versions.missing(1))
@@ -330,8 +332,12 @@ def test_collective_round_messages_carry_the_configured_rendezvous():
     state = model.state_dict()
     selections = {0: ["classifier"], 1: ["features.4", "classifier"]}
     plan = plan_from_selections(model_units(model), selections, {n: tensor_nbytes({n: t}) for n, t in state.items()})
-    strategy = DSparse(plan_fn=lambda reports: plan, transport="collective", collective_addr="10.0.0.5",
-                       collective_port_fn=lambda: 29512)
+    strategy = DSparse(
+        plan_fn=lambda reports: plan,
+        transport="collective",
+        collective_addr="10.0.0.5",
+        collective_port_fn=lambda: 29512,
+    )
     strategy.set_plan(plan, {NODE_OFFSET + d: d for d in selections})
     messages = by_device(strategy.configure_train(1, to_array_record(state), ConfigRecord(), None))
     for device, message in messages.items():

@@ -14,7 +14,6 @@ from flwr_dsparse.data import make_synthetic
 from flwr_dsparse.models import build_model
 from flwr_dsparse.weights import load_weights, pretrain
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -68,8 +67,24 @@ def test_dsparse_pretrain_writes_weights_that_load(tmp_path: Path) -> None:
     from flwr_dsparse.cli import main
 
     out = tmp_path / "w" / "tiny.pt"
-    assert main(["pretrain", "--model", "tiny", "--out", str(out), "--steps", "3", "--batch-size", "16",
-                 "--train-examples", "200"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--model",
+                "tiny",
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--batch-size",
+                "16",
+                "--train-examples",
+                "200",
+            ]
+        )
+        == 0
+    )
     loaded = load_weights(out, "tiny")
     assert not all(torch.equal(loaded[n], t) for n, t in build_model("tiny", seed=0).state_dict().items())
     info = json.loads(out.with_suffix(".json").read_text())
@@ -81,8 +96,8 @@ def test_the_job_fine_tunes_from_initial_weights(tmp_path: Path) -> None:
     """Nodes start from the server's file: tensors no device trains end exactly as in it."""
     from client.app import app
     from experiments.fault_matrix import SMALL_JOB
-    from flwr_dsparse.testing import LocalGrid
     from flwr_dsparse.plan import Plan
+    from flwr_dsparse.testing import LocalGrid
     from flwr_dsparse.units import model_units, unit_tensor_names
     from server.app import run_job
 
@@ -90,12 +105,19 @@ def test_the_job_fine_tunes_from_initial_weights(tmp_path: Path) -> None:
     weights = tmp_path / "start.pt"
     torch.save(start, weights)
     # Budgets that leave the first units frozen for everyone.
-    job = {**SMALL_JOB, "sim-budgets-mb": "12.5,12.5,13.7", "num-server-rounds": 2, "initial-weights": str(weights),
-           "out-dir": str(tmp_path / "out")}
+    job = {
+        **SMALL_JOB,
+        "sim-budgets-mb": "12.5,12.5,13.7",
+        "num-server-rounds": 2,
+        "initial-weights": str(weights),
+        "out-dir": str(tmp_path / "out"),
+    }
     run_job(LocalGrid(app, range(3), 3), load_config(job))  # type: ignore[arg-type]
     final = torch.load(tmp_path / "out" / "final_model.pt")
     plan = Plan.from_json((tmp_path / "out" / "plan.json").read_text())
-    trained = set(unit_tensor_names(model_units(build_model("tiny")), sorted({u for d in plan.devices for u in d.units})))
+    trained = set(
+        unit_tensor_names(model_units(build_model("tiny")), sorted({u for d in plan.devices for u in d.units}))
+    )
     frozen = [name for name in start if name not in trained]
     assert frozen, plan.devices
     assert all(torch.equal(final[name], start[name]) for name in frozen)

@@ -52,12 +52,16 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--local", action="store_true", help="start all ranks of the plan on this machine")
     parser.add_argument("--model", default=None, help="model name (default: the plan's meta 'model', else tiny)")
     parser.add_argument("--steps", type=int, default=10, help="synchronous steps (default 10)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the plan's per-device batch size, else 32")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: the plan's per-device batch size, else 32"
+    )
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="model and data seed")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before a silent peer is an error")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before a silent peer is an error"
+    )
     parser.add_argument("--no-fusion", action="store_true", help="one collective per tensor instead of one per group")
     parser.add_argument("--out", type=Path, default=None, help="torch.save the final state here ({rank} is replaced)")
     parser.set_defaults(func=_cli_main)
@@ -79,17 +83,27 @@ class CliJob:
     out: str | None
 
 
-def cli_rank(rank: int, world_size: int, master_addr: str, master_port: int, job: CliJob,
-              rendezvous: Rendezvous | None = None) -> dict[str, Any]:
+def cli_rank(
+    rank: int, world_size: int, master_addr: str, master_port: int, job: CliJob, rendezvous: Rendezvous | None = None
+) -> dict[str, Any]:
     plan = Plan.from_json(job.plan_json)
     batch_size = job.batch_size or plan.device(rank).batch_size or 32
     train, _ = make_synthetic(max(batch_size * world_size * 4, 1000), 10, seed=job.seed)
     batches = batch_iterator(train, range(rank, len(train), world_size), batch_size, seed=job.seed + rank)
     model = build_model(job.model, seed=job.seed)
     result = run_collective_round(
-        plan, rank, world_size, master_addr, master_port, model, batches, job.steps,
-        make_optimizer_factory(job.optimizer, lr=job.lr, momentum=job.momentum), job.timeout_s,
-        fused=job.fused, rendezvous=rendezvous,
+        plan,
+        rank,
+        world_size,
+        master_addr,
+        master_port,
+        model,
+        batches,
+        job.steps,
+        make_optimizer_factory(job.optimizer, lr=job.lr, momentum=job.momentum),
+        job.timeout_s,
+        fused=job.fused,
+        rendezvous=rendezvous,
     )
     if job.out:
         torch.save(model.state_dict(), job.out.replace("{rank}", str(rank)))
@@ -115,16 +129,30 @@ def _cli_main(args: argparse.Namespace) -> int:
     try:
         plan_json = args.plan.read_text()
     except OSError as error:
-        raise SystemExit(f"cannot read plan {args.plan}: {error}; create one with `dsparse plan --json > plan.json`")
+        raise SystemExit(
+            f"cannot read plan {args.plan}: {error}; create one with `dsparse plan --json > plan.json`"
+        ) from error
     plan = Plan.from_json(plan_json)
     model = args.model or str(plan.meta.get("model", "tiny"))
-    job = CliJob(plan_json, model, args.steps, args.batch_size, args.optimizer, args.lr, args.momentum, args.seed,
-                  args.timeout, not args.no_fusion, str(args.out) if args.out else None)
+    job = CliJob(
+        plan_json,
+        model,
+        args.steps,
+        args.batch_size,
+        args.optimizer,
+        args.lr,
+        args.momentum,
+        args.seed,
+        args.timeout,
+        not args.no_fusion,
+        str(args.out) if args.out else None,
+    )
     if args.local:
         world_size = args.world_size or len(plan.devices)
         check_plan_ranks(plan, world_size)
-        outcomes = launch_local(cli_rank, world_size, (job,), master_addr=args.master_addr,
-                                deadline_s=args.timeout * 3 + 60)
+        outcomes = launch_local(
+            cli_rank, world_size, (job,), master_addr=args.master_addr, deadline_s=args.timeout * 3 + 60
+        )
         failed = [outcome for outcome in outcomes if not outcome.ok]
         for outcome in outcomes:
             if outcome.ok:
@@ -139,8 +167,9 @@ def _cli_main(args: argparse.Namespace) -> int:
     if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun put several ranks on this machine: share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     try:
-        summary = cli_rank(rendezvous.rank, rendezvous.world_size, rendezvous.master_addr, rendezvous.master_port,
-                            job, rendezvous)
+        summary = cli_rank(
+            rendezvous.rank, rendezvous.world_size, rendezvous.master_addr, rendezvous.master_port, job, rendezvous
+        )
     except (CollectiveError, PlanMismatchError) as error:
         print(f"dsparse collective: rank {rendezvous.rank}: {error}", file=sys.stderr)
         return 1
@@ -154,4 +183,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["collective", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
-

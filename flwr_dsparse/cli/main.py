@@ -71,23 +71,44 @@ def build_cli_plan(
     targets = torch.randint(0, 10, (calibration,), generator=generator)
     devices = [DeviceSpec(index, budget, batch_size) for index, budget in enumerate(budgets)]
     meta = {
-        "model": model_name, "input_shape": list(input_shape), "scorer": scorer, "optimizer": optimizer,
-        "momentum": momentum, "reserve_mb": reserve_mb, "seed": seed, "max_step_fraction": max_step_fraction,
+        "model": model_name,
+        "input_shape": list(input_shape),
+        "scorer": scorer,
+        "optimizer": optimizer,
+        "momentum": momentum,
+        "reserve_mb": reserve_mb,
+        "seed": seed,
+        "max_step_fraction": max_step_fraction,
     }
     return plan_model(
-        model, devices, (inputs, targets), scorer=scorer, optimizer=optimizer, momentum=momentum,
-        reserve_mb=reserve_mb, meta=meta, progress=_progress if progress else None,
-        allow_inference_only=allow_inference_only, max_step_fraction=max_step_fraction,
+        model,
+        devices,
+        (inputs, targets),
+        scorer=scorer,
+        optimizer=optimizer,
+        momentum=momentum,
+        reserve_mb=reserve_mb,
+        meta=meta,
+        progress=_progress if progress else None,
+        allow_inference_only=allow_inference_only,
+        max_step_fraction=max_step_fraction,
     ).plan
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     plan = build_cli_plan(
-        model_name=args.model, input_shape=parse_input_shape(args.input), batch_size=args.batch_size,
-        budgets=parse_budgets(args.budgets, field="--budgets"), scorer=args.scorer, optimizer=args.optimizer,
-        momentum=args.momentum, reserve_mb=args.reserve_mb, allow_inference_only=args.allow_inference_only,
+        model_name=args.model,
+        input_shape=parse_input_shape(args.input),
+        batch_size=args.batch_size,
+        budgets=parse_budgets(args.budgets, field="--budgets"),
+        scorer=args.scorer,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        reserve_mb=args.reserve_mb,
+        allow_inference_only=args.allow_inference_only,
         max_step_fraction=args.max_step_fraction,
-        seed=args.seed, progress=not args.json,
+        seed=args.seed,
+        progress=not args.json,
     )
     if args.out:
         with open(args.out, "w") as handle:
@@ -104,19 +125,30 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be > 0, got {batch}")
     rows = []
     for c in cost.unit_costs:
-        rows.append({
-            "unit": c.unit.name, "params": c.unit.num_params, "weight_mb": (c.param_bytes + c.buffer_bytes) / 2**20,
-            "act_trained_mb": c.at(c.act_trained, batch) / 2**20, "act_passthrough_mb": c.at(c.act_frozen, batch) / 2**20,
-            "forward_s": c.at(c.forward_s, batch), "backward_trained_s": c.at(c.backward_trained_s, batch),
-        })
+        rows.append(
+            {
+                "unit": c.unit.name,
+                "params": c.unit.num_params,
+                "weight_mb": (c.param_bytes + c.buffer_bytes) / 2**20,
+                "act_trained_mb": c.at(c.act_trained, batch) / 2**20,
+                "act_passthrough_mb": c.at(c.act_frozen, batch) / 2**20,
+                "forward_s": c.at(c.forward_s, batch),
+                "backward_trained_s": c.at(c.backward_trained_s, batch),
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{args.model} at batch {batch}, input {args.input}")
-    print(f"{'unit':14s} {'params':>9} {'weight MB':>9} {'act MB trained':>14} {'act MB pass':>11} {'fwd ms':>7} {'bwd ms':>7}")
+    print(
+        f"{'unit':14s} {'params':>9} {'weight MB':>9} {'act MB trained':>14} {'act MB pass':>11} "
+        f"{'fwd ms':>7} {'bwd ms':>7}"
+    )
     for r in rows:
-        print(f"{r['unit']:14s} {r['params']:9d} {r['weight_mb']:9.2f} {r['act_trained_mb']:14.2f} "
-              f"{r['act_passthrough_mb']:11.2f} {r['forward_s'] * 1e3:7.1f} {r['backward_trained_s'] * 1e3:7.1f}")
+        print(
+            f"{r['unit']:14s} {r['params']:9d} {r['weight_mb']:9.2f} {r['act_trained_mb']:14.2f} "
+            f"{r['act_passthrough_mb']:11.2f} {r['forward_s'] * 1e3:7.1f} {r['backward_trained_s'] * 1e3:7.1f}"
+        )
     return 0
 
 
@@ -160,10 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     plan.add_argument("--momentum", type=float, default=0.0)
     plan.add_argument("--reserve-mb", type=float, default=0.0, help="fixed runtime reserve added to every device")
-    plan.add_argument("--max-step-fraction", type=float, default=1.0,
-                      help="cap every device's predicted step at this fraction of a full update's (default 1: memory only)")
-    plan.add_argument("--allow-inference-only", action="store_true",
-                      help="devices below the cheapest selection train nothing instead of failing")
+    plan.add_argument(
+        "--max-step-fraction",
+        type=float,
+        default=1.0,
+        help="cap every device's predicted step at this fraction of a full update's (default 1: memory only)",
+    )
+    plan.add_argument(
+        "--allow-inference-only",
+        action="store_true",
+        help="devices below the cheapest selection train nothing instead of failing",
+    )
     plan.add_argument("--out", help="also write the plan JSON to this file")
     plan.set_defaults(func=_cmd_plan)
 
@@ -172,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(func=_cmd_profile)
 
     compare = commands.add_parser(
-        "compare", add_help=False,
+        "compare",
+        add_help=False,
         help="the paper's comparison (python -m experiments.compare in the repository; --help there)",
     )
     compare.add_argument("compare_args", nargs=argparse.REMAINDER)

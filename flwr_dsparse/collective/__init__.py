@@ -9,44 +9,10 @@
 The ``dsparse collective`` command lives in :mod:`flwr_dsparse.cli.collective`.
 """
 
-from .groups import (
-    DEFAULT_TIMEOUT_S,
-    CollectiveError,
-    GroupComm,
-    PlanMismatchError,
-    Rendezvous,
-    allreduce_mean,
-    averaged_tensors,
-    broadcast_from_root,
-    build_group_comms,
-    check_plan_digest,
-    check_plan_ranks,
-    init_collective,
-    sync_from_rank0,
-    synced_tensors,
-)
-from .launch import RankOutcome, launch_local
-from .steps import CollectiveResult, run_collective_round, run_collective_steps, sync_momentum
+# The package's public names are its modules' own (each module's ``__all__``), re-exported.
+from . import groups, launch, steps
+from .groups import *  # noqa: F403
+from .launch import *  # noqa: F403
+from .steps import *  # noqa: F403
 
-__all__ = [
-    "DEFAULT_TIMEOUT_S",
-    "CollectiveError",
-    "CollectiveResult",
-    "GroupComm",
-    "PlanMismatchError",
-    "RankOutcome",
-    "Rendezvous",
-    "allreduce_mean",
-    "averaged_tensors",
-    "broadcast_from_root",
-    "build_group_comms",
-    "check_plan_digest",
-    "check_plan_ranks",
-    "init_collective",
-    "launch_local",
-    "run_collective_round",
-    "run_collective_steps",
-    "sync_from_rank0",
-    "sync_momentum",
-    "synced_tensors",
-]
+__all__ = [*groups.__all__, *launch.__all__, *steps.__all__]  # noqa: F405

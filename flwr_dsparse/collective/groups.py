@@ -89,7 +89,9 @@ class Rendezvous:
         if self.world_size < 1:
             raise ValueError(f"world-size must be >= 1, got {self.world_size}")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside [0, {self.world_size}); pass --rank 0..{self.world_size - 1}")
+            raise ValueError(
+                f"rank {self.rank} is outside [0, {self.world_size}); pass --rank 0..{self.world_size - 1}"
+            )
         if not 0 < self.master_port < 65536:
             raise ValueError(f"master-port {self.master_port} is not a TCP port (1..65535)")
 
@@ -98,7 +100,7 @@ class Rendezvous:
         return "env://" if self.from_env else f"tcp://{self.master_addr}:{self.master_port}"
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Rendezvous":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Rendezvous:
         """Read torchrun's variables: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``."""
         env = os.environ if environ is None else environ
         missing = [key for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if key not in env]
@@ -126,7 +128,9 @@ def _timeout(timeout_s: float) -> timedelta:
     return timedelta(seconds=timeout_s)
 
 
-def init_collective(rendezvous: Rendezvous, plan: Plan, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple["GroupComm", ...]:
+def init_collective(
+    rendezvous: Rendezvous, plan: Plan, *, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> tuple[GroupComm, ...]:
     """Join the default gloo group, refuse a different plan, and build every plan group.
 
     Returns this rank's :class:`GroupComm` for every plan group, in plan order.
@@ -157,8 +161,13 @@ def init_collective(rendezvous: Rendezvous, plan: Plan, *, timeout_s: float = DE
 def check_plan_digest(plan: Plan, rank: int, world_size: int, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Every rank gathers every digest, so all ranks refuse together (none is left hanging)."""
     digests: list[Any] = [None] * world_size
-    run_guarded(lambda: dist.all_gather_object(digests, plan.digest()), "plan-digest exchange on the default group",
-             rank, tuple(range(world_size)), timeout_s)
+    run_guarded(
+        lambda: dist.all_gather_object(digests, plan.digest()),
+        "plan-digest exchange on the default group",
+        rank,
+        tuple(range(world_size)),
+        timeout_s,
+    )
     differing = [r for r, digest in enumerate(digests) if digest != digests[0]]
     if differing:
         raise PlanMismatchError(
@@ -225,12 +234,22 @@ def build_group_comms(plan: Plan, rank: int, *, timeout_s: float = DEFAULT_TIMEO
         broadcast_ranks = tuple(sorted((group.broadcast.root,) + tuple(group.broadcast.receivers)))
         allreduce_pg = broadcast_pg = None
         if len(members) > 1:
-            handle = run_guarded(lambda: dist.new_group(list(members), timeout=timeout, backend="gloo"),
-                              f"creating the all-reduce group of group {index}", rank, world, timeout_s)
+            handle = run_guarded(
+                lambda ranks=members: dist.new_group(list(ranks), timeout=timeout, backend="gloo"),
+                f"creating the all-reduce group of group {index}",
+                rank,
+                world,
+                timeout_s,
+            )
             allreduce_pg = handle if rank in members else None
         if group.broadcast.receivers:
-            handle = run_guarded(lambda: dist.new_group(list(broadcast_ranks), timeout=timeout, backend="gloo"),
-                              f"creating the broadcast group of group {index}", rank, world, timeout_s)
+            handle = run_guarded(
+                lambda ranks=broadcast_ranks: dist.new_group(list(ranks), timeout=timeout, backend="gloo"),
+                f"creating the broadcast group of group {index}",
+                rank,
+                world,
+                timeout_s,
+            )
             broadcast_pg = handle if rank in broadcast_ranks else None
         comms.append(GroupComm(index, group, rank, timeout_s, allreduce_pg, broadcast_pg))
     return tuple(comms)
@@ -269,7 +288,9 @@ def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One contiguous float32 buffer holding every tensor, integers cast exactly."""
     for tensor in tensors:
         if not tensor.is_floating_point() and tensor.numel() and int(tensor.abs().max()) >= _EXACT_INT_IN_FLOAT32:
-            raise ValueError(f"integer tensor value {int(tensor.abs().max())} is too large to fuse exactly; turn fusion off")
+            raise ValueError(
+                f"integer tensor value {int(tensor.abs().max())} is too large to fuse exactly; turn fusion off"
+            )
     return torch.cat([tensor.detach().reshape(-1).to(torch.float32) for tensor in tensors])
 
 
@@ -306,7 +327,9 @@ def allreduce_mean(comm: GroupComm, tensors: Sequence[torch.Tensor], *, fused: b
         _unflatten_into(flat, tensors)
         return flat.numel() * flat.element_size()
     for tensor in tensors:
-        run_guarded(lambda: dist.all_reduce(tensor, group=pg), what, comm.rank, comm.members, comm.timeout_s)
+        run_guarded(
+            lambda tensor=tensor: dist.all_reduce(tensor, group=pg), what, comm.rank, comm.members, comm.timeout_s
+        )
         tensor.div_(count)
     return _nbytes(tensors)
 
@@ -325,7 +348,13 @@ def broadcast_from_root(comm: GroupComm, tensors: Sequence[torch.Tensor], *, fus
             _unflatten_into(flat, tensors)
         return flat.numel() * flat.element_size()
     for tensor in tensors:
-        run_guarded(lambda: dist.broadcast(tensor, src=comm.root, group=pg), what, comm.rank, ranks, comm.timeout_s)
+        run_guarded(
+            lambda tensor=tensor: dist.broadcast(tensor, src=comm.root, group=pg),
+            what,
+            comm.rank,
+            ranks,
+            comm.timeout_s,
+        )
     return _nbytes(tensors)
 
 
@@ -335,8 +364,13 @@ def sync_from_rank0(model: nn.Module, rank: int, world_size: int, *, timeout_s: 
         return
     tensors = [tensor.data for tensor in model.state_dict(keep_vars=True).values()]
     flat = _flatten(tensors)
-    run_guarded(lambda: dist.broadcast(flat, src=0), "initial model broadcast from rank 0 on the default group",
-             rank, tuple(range(world_size)), timeout_s)
+    run_guarded(
+        lambda: dist.broadcast(flat, src=0),
+        "initial model broadcast from rank 0 on the default group",
+        rank,
+        tuple(range(world_size)),
+        timeout_s,
+    )
     if rank != 0:
         _unflatten_into(flat, tensors)
 

@@ -37,8 +37,16 @@ class RankOutcome:
         return self.error is None and self.exitcode == 0
 
 
-def _local_entry(worker: Callable[..., Any], rank: int, world_size: int, master_addr: str, master_port: int,
-                 args: tuple, results: Any, threads: int) -> None:
+def _local_entry(
+    worker: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    args: tuple,
+    results: Any,
+    threads: int,
+) -> None:
     # N ranks share the machine's cores; one intra-op thread each avoids oversubscription.
     torch.set_num_threads(threads)
     try:
@@ -48,7 +56,7 @@ def _local_entry(worker: Callable[..., Any], rank: int, world_size: int, master_
         results.put((rank, payload.getvalue(), None, None))
     except BaseException as error:  # noqa: BLE001 - report everything, the parent decides
         results.put((rank, None, f"{type(error).__name__}: {error}\n{traceback.format_exc()}", type(error).__name__))
-        raise SystemExit(1)
+        raise SystemExit(1) from error
 
 
 def launch_local(
@@ -80,8 +88,11 @@ def launch_local(
     context = torch.multiprocessing.get_context(start_method)
     results = context.Queue()
     processes = [
-        context.Process(target=_local_entry, args=(worker, rank, world_size, master_addr, port, tuple(args), results,
-                                                   threads_per_rank), daemon=False)
+        context.Process(
+            target=_local_entry,
+            args=(worker, rank, world_size, master_addr, port, tuple(args), results, threads_per_rank),
+            daemon=False,
+        )
         for rank in range(world_size)
     ]
     for process in processes:
@@ -120,8 +131,11 @@ def launch_local(
     for rank, process in enumerate(processes):
         payload, error, error_type = reports.get(rank, (None, None, None))
         if rank not in reports:
-            error = (f"rank {rank} was still running after the deadline of {deadline_s:g} s and was killed"
-                     if rank in killed else f"rank {rank} exited with code {process.exitcode} without reporting")
+            error = (
+                f"rank {rank} was still running after the deadline of {deadline_s:g} s and was killed"
+                if rank in killed
+                else f"rank {rank} exited with code {process.exitcode} without reporting"
+            )
         value = torch.load(io.BytesIO(payload), weights_only=False) if payload is not None else None
         outcomes.append(RankOutcome(rank, process.exitcode, value, error, error_type))
     return outcomes

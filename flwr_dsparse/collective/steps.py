@@ -125,8 +125,13 @@ def run_collective_steps(
     return result
 
 
-def sync_momentum(trainer: SparseTrainer, comms: Sequence[GroupComm], momentum_state: Mapping[str, torch.Tensor],
-                  *, fused: bool = True) -> int:
+def sync_momentum(
+    trainer: SparseTrainer,
+    comms: Sequence[GroupComm],
+    momentum_state: Mapping[str, torch.Tensor],
+    *,
+    fused: bool = True,
+) -> int:
     """Load ``momentum_state`` and average each group's buffers over its members; returns payload bytes.
 
     Members apply the same averaged gradient every step, so their momentum buffers stay equal
@@ -185,8 +190,13 @@ def run_collective_round(
     """
     rendezvous = rendezvous or Rendezvous(rank, world_size, master_addr, master_port)
     owns_default_group = not dist.is_initialized()  # leave a caller's own process group alone
-    trainer = SparseTrainer(model, plan.device(rendezvous.rank).units, units=units or model_units(model),
-                            optimizer_factory=optimizer_factory, loss_fn=loss_fn)
+    trainer = SparseTrainer(
+        model,
+        plan.device(rendezvous.rank).units,
+        units=units or model_units(model),
+        optimizer_factory=optimizer_factory,
+        loss_fn=loss_fn,
+    )
     comms: tuple[GroupComm, ...] = ()
     try:
         comms = init_collective(rendezvous, plan, timeout_s=timeout_s)
@@ -197,8 +207,13 @@ def run_collective_round(
         result = run_collective_steps(trainer, comms, batches, steps, rank=rendezvous.rank, fused=fused)
         result.plan_digest = plan.digest()
         # Rank 0 serves the store; the barrier keeps it up until every rank is done with it.
-        run_guarded(lambda: dist.barrier(), "final barrier on the default group", rendezvous.rank,
-                 tuple(range(rendezvous.world_size)), timeout_s)
+        run_guarded(
+            lambda: dist.barrier(),
+            "final barrier on the default group",
+            rendezvous.rank,
+            tuple(range(rendezvous.world_size)),
+            timeout_s,
+        )
         return result
     finally:
         trainer.close()

@@ -62,7 +62,9 @@ class Membership:
         """Use ``plan`` from the next round; ``node_to_device`` maps Flower node ids to plan device ids."""
         unknown = sorted(set(node_to_device.values()) - set(plan.device_ids))
         if unknown:
-            raise ValueError(f"devices {unknown} have nodes but are not in the plan (plan devices: {list(plan.device_ids)})")
+            raise ValueError(
+                f"devices {unknown} have nodes but are not in the plan (plan devices: {list(plan.device_ids)})"
+            )
         if len(set(node_to_device.values())) != len(node_to_device):
             raise ValueError(f"two nodes claim the same device id: {dict(node_to_device)}")
         self.plan = plan
@@ -102,7 +104,9 @@ class Membership:
         sent = sent_message_ids(messages)
         answered = {reply_node(reply, sent) for reply in replies}
         if strict and not answered >= set(nodes):
-            raise TimeoutError(f"nodes {sorted(set(nodes) - answered)} did not answer the memory query within {timeout:.0f} s")
+            raise TimeoutError(
+                f"nodes {sorted(set(nodes) - answered)} did not answer the memory query within {timeout:.0f} s"
+            )
         reports = []
         for reply in replies:
             try:
@@ -140,11 +144,26 @@ class Membership:
         for device in plan.devices:
             before = tuple(old.device(device.id).units) if old and device.id in old.device_ids else None
             if before != tuple(device.units):
-                changes[str(device.id)] = {"from": list(before) if before is not None else None, "to": list(device.units)}
-        event = {"round": server_round, "event": "replan", "reason": reason, "plan": plan.digest()[:12],
-                 "devices": list(plan.device_ids), "changed": changes}
-        log(WARNING, "re-plan before round %d (%s): devices %s, %d selection(s) changed", server_round, reason,
-            list(plan.device_ids), len(changes))
+                changes[str(device.id)] = {
+                    "from": list(before) if before is not None else None,
+                    "to": list(device.units),
+                }
+        event = {
+            "round": server_round,
+            "event": "replan",
+            "reason": reason,
+            "plan": plan.digest()[:12],
+            "devices": list(plan.device_ids),
+            "changed": changes,
+        }
+        log(
+            WARNING,
+            "re-plan before round %d (%s): devices %s, %d selection(s) changed",
+            server_round,
+            reason,
+            list(plan.device_ids),
+            len(changes),
+        )
         self.log_plan(plan)
         return event, dropped
 
@@ -162,8 +181,13 @@ class Membership:
             by_device = {r.device: r for r in self.reports}
             for report in self.ask(grid, joined, timeout, strict=False):
                 if report.device in by_device:
-                    log(WARNING, "membership: node %d claims device %d, which node %d holds; ignored",
-                        report.node_id, report.device, by_device[report.device].node_id)
+                    log(
+                        WARNING,
+                        "membership: node %d claims device %d, which node %d holds; ignored",
+                        report.node_id,
+                        report.device,
+                        by_device[report.device].node_id,
+                    )
                     continue
                 by_device[report.device] = report
                 reasons.append(f"device {report.device} joined")
@@ -173,7 +197,8 @@ class Membership:
             self.budget_drops.clear()
             self.reports = [
                 DeviceReport(r.node_id, r.device, drops[r.device], r.batch_size, r.num_examples, r.budget_source)
-                if r.device in drops else r
+                if r.device in drops
+                else r
                 for r in self.reports
             ]
             reasons.extend(f"device {d} budget fell to {mb:.1f} MB" for d, mb in sorted(drops.items()))
@@ -189,6 +214,11 @@ class Membership:
         planned = self.plan.device(device)
         needed = planned.predicted_mb.total if planned.predicted_mb is not None else planned.budget_mb
         if float(budget) < needed:
-            log(WARNING, "device %d reports %.1f MB, below the %.1f MB its selection needs: re-plan next round",
-                device, budget, needed)
+            log(
+                WARNING,
+                "device %d reports %.1f MB, below the %.1f MB its selection needs: re-plan next round",
+                device,
+                budget,
+                needed,
+            )
             self.budget_drops[device] = float(budget)
