@@ -39,8 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -255,7 +256,7 @@ class Namespace:
     def __init__(self) -> None:
         self.name = f"dsparse-bench-{os.getpid()}"
 
-    def __enter__(self) -> "Namespace":
+    def __enter__(self) -> Namespace:
         try:
             subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True, text=True)
         except subprocess.CalledProcessError as error:
@@ -275,17 +276,109 @@ class Namespace:
         subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
 
 
+def link_unavailable() -> str | None:
+    """Why no emulated link can run on this machine (None: it can)."""
+    if os.geteuid() != 0:
+        return "not root: network namespaces and tc need root"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        return (f"{' and '.join(missing)} not found: the emulated edge link needs iproute2 "
+                "(`apt-get install -y iproute2`)")
+    return None
+
+
 def emulation_unavailable() -> str | None:
     """Why the emulated link cannot run here (None: it can); raises when only the tools are missing."""
     if os.geteuid() != 0:
         return "not root: network namespaces and tc need root, so only plain loopback was measured"
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    if missing:
-        raise SystemExit(
-            f"{' and '.join(missing)} not found: the emulated edge link needs iproute2. Install it with "
-            "`apt-get install -y iproute2`, or pass --loopback-only to measure plain loopback"
-        )
+    reason = link_unavailable()
+    if reason:
+        raise SystemExit(f"{reason}; or pass --loopback-only to measure plain loopback")
     return None
+
+
+def run_in_namespace(module_args: Sequence[str]) -> None:
+    """``python -m experiments.aggregation_bench <module_args>`` in a fresh private network namespace.
+
+    Everything the child and its ranks send goes over the namespace's own ``lo`` (MTU 1500),
+    whose rate the ranks set with ``tc``; the namespace is deleted afterwards, also on failure.
+    Raises :class:`NamespaceUnavailable` where the machine refuses a namespace.
+    """
+    reason = link_unavailable()
+    if reason:
+        raise NamespaceUnavailable(reason)
+    with Namespace() as namespace:
+        command = ["ip", "netns", "exec", namespace.name, sys.executable, "-m", "experiments.aggregation_bench",
+                   *module_args]
+        # The namespace has no resolver, and c10d warns for every rank that it cannot name its peer.
+        env = {**os.environ, "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
+        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent, env=env)
+
+
+# --------------------------------------------------------------------------- any plan's exchange over the link
+
+
+def exchange_rank(rank: int, world_size: int, master_addr: str, master_port: int, spec: dict[str, Any]) -> dict | None:
+    """Time every named plan's fused per-step exchange at every rate; rank 0 sets the rate."""
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=spec["timeout_s"]))
+    try:
+        model = build_model(spec["model"], seed=0)
+        generator = torch.Generator().manual_seed(rank)
+        for param in model.parameters():
+            param.grad = torch.randn(param.shape, generator=generator)
+        exchanges = {name: build_group_comms(Plan.from_json(plan), rank, timeout_s=spec["timeout_s"])
+                     for name, plan in spec["plans"].items()}
+        results: dict[str, Any] = {}
+        for rate in spec["rates_mbit"]:
+            if rank == 0:
+                _set_rate(rate)
+            dist.barrier()
+            phase: dict[str, Any] = {}
+            for name, comms in exchanges.items():
+                times, payload = [], 0
+                tx_before = _lo_tx_bytes()
+                for _ in range(spec["steps"]):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    payload = _dsparse(comms, model, fused=True)
+                    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+                    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends with its slowest rank
+                    times.append(float(elapsed))
+                wire = _lo_tx_bytes() - tx_before
+                payloads = [None] * world_size
+                dist.all_gather_object(payloads, payload)
+                phase[name] = {"step_s": times, "median_s": statistics.median(times),
+                               "payload_bytes_per_rank": payloads, "wire_bytes_per_step": wire / spec["steps"]}
+            results[str(rate)] = phase
+        return results if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def time_exchanges_on_link(model: str, plans: dict[str, Plan], rates_mbit: Sequence[int], *, steps: int = 1,
+                           timeout_s: float = 600.0) -> dict[str, dict[str, Any]]:
+    """Each plan's per-step exchange (its groups, fused: all-reduce among members, broadcast to the
+    rest), timed over the emulated shared edge link at each rate.
+
+    One rank per device of the plans (they must have the same devices) runs in a private
+    network namespace whose ``lo`` is shaped with ``tc tbf``; a plan where every device trains
+    everything is full-model averaging (one all-reduce of the whole model). Returns
+    ``{str(rate): {name: {"median_s", "step_s", "payload_bytes_per_rank", "wire_bytes_per_step"}}}``.
+    Raises :class:`NamespaceUnavailable` where the machine allows no namespace.
+    """
+    sizes = {len(plan.devices) for plan in plans.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"the plans have {sorted(sizes)} devices; time plans of one cluster together")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"model": model, "plans": {name: plan.to_json() for name, plan in plans.items()},
+                                    "rates_mbit": list(rates_mbit), "steps": steps, "timeout_s": timeout_s,
+                                    "world_size": sizes.pop()}))
+        run_in_namespace(["--inner-exchange", str(spec), "--json", str(out)])
+        return json.loads(out.read_text())
 
 
 def rate_phases(rates: Sequence[int], *, quick: bool) -> list[dict[str, Any]]:
@@ -306,15 +399,11 @@ def rate_phases(rates: Sequence[int], *, quick: bool) -> list[dict[str, Any]]:
 
 def run_emulated(plan: Plan, phases: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
     """Run the rate phases in a fresh namespace, through a child process started inside it."""
-    with Namespace() as namespace, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec.json"
         out = Path(tmp) / "out.json"
         spec.write_text(json.dumps({"plan": plan.to_json(), "phases": phases, "timeout_s": timeout_s}))
-        command = ["ip", "netns", "exec", namespace.name, sys.executable, "-m", "experiments.aggregation_bench",
-                   "--inner", str(spec), "--json", str(out)]
-        # The namespace has no resolver, and c10d warns for every rank that it cannot name its peer.
-        env = {**os.environ, "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
-        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent, env=env)
+        run_in_namespace(["--inner", str(spec), "--json", str(out)])
         return json.loads(out.read_text())
 
 
@@ -373,7 +462,8 @@ def print_report(summary: dict[str, Any], plan_source: str, notes: list[str]) ->
                   f"{'-' if wire is None else f'{wire:.2f}':>13s} {'-' if use is None else f'{use:.0%}':>9s}  "
                   f"{'CPU' if result['cpu_bound'][key] else 'link'}")
         ratios = result["ratios"]
-        print(f"ratios: (c)/(a) {ratios['c_over_a']:.3f}   (d)/(a) {ratios['d_over_a']:.3f}   (d)/(b) {ratios['d_over_b']:.3f}"
+        print(f"ratios: (c)/(a) {ratios['c_over_a']:.3f}   (d)/(a) {ratios['d_over_a']:.3f}   "
+              f"(d)/(b) {ratios['d_over_b']:.3f}"
               f"   -> (d) vs (a): {_less(result['reduction_pct_d_vs_a'])}, (d) vs (b): "
               f"{_less(result['reduction_pct_d_vs_b'])}   (paper: {PAPER_REDUCTION_PCT}% less)")
 
@@ -383,7 +473,8 @@ def _less(reduction_pct: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.aggregation_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.aggregation_bench",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and only the 1000 Mbit link (about 1 minute)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--rate", type=int, nargs="+", default=None, metavar="MBIT",
@@ -394,9 +485,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loopback-only", action="store_true", help="skip the emulated link")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-collective timeout in seconds")
     parser.add_argument("--inner", type=Path, default=None, help=argparse.SUPPRESS)  # runs inside the namespace
+    parser.add_argument("--inner-exchange", type=Path, default=None, help=argparse.SUPPRESS)  # time_exchanges_on_link
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
+    if args.inner_exchange is not None:
+        spec = json.loads(args.inner_exchange.read_text())
+        outcomes = launch_local(exchange_rank, spec["world_size"], (spec,), start_method="fork", deadline_s=3600.0)
+        failed = [f"rank {o.rank}: {(o.error or '').splitlines()[0]}" for o in outcomes if not o.ok]
+        if failed:
+            raise RuntimeError("exchange ranks failed: " + "; ".join(failed))
+        args.json.write_text(json.dumps(outcomes[0].result))
+        return 0
     if args.inner is not None:
         spec = json.loads(args.inner.read_text())
         raw = run_phases(Plan.from_json(spec["plan"]), spec["phases"], spec["timeout_s"])

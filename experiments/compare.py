@@ -43,6 +43,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -61,7 +62,7 @@ from flwr_dsparse.data import DATASETS, Split, batch_iterator, default_dataset, 
 from flwr_dsparse.memory import measure_training_rss
 from flwr_dsparse.models import MODELS, build_model
 from flwr_dsparse.plan import Plan, plan_from_selections
-from flwr_dsparse.planner import DeviceSpec, make_plan, parse_budgets
+from flwr_dsparse.planner import OBJECTIVES, DeviceSpec, make_plan, parse_budgets
 from flwr_dsparse.scoring import SCORERS, get_scorer
 from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
 from flwr_dsparse.units import model_units
@@ -97,7 +98,11 @@ class Setup:
     """The size of one comparison run. Every method uses the same values."""
 
     model: str = "mobilenet_v2"
-    budgets_mb: tuple[float, ...] = (40.0, 48.0, 58.0, 68.0, 80.0, 96.0, 120.0)
+    # Each device's budget as a share of the full update's predicted need (an edge cluster's
+    # spread: 0.25 to 0.60, mean 0.40, as the paper's 519 of 1284 MB); every one below it.
+    budget_fractions: tuple[float, ...] = (0.25, 0.28, 0.32, 0.38, 0.44, 0.53, 0.60)
+    budgets_mb: tuple[float, ...] = ()  # MB per device; empty: from budget_fractions and the cost model
+    plan_objective: str = "balanced"  # the DSparse planner's objective (flwr_dsparse.planner.OBJECTIVES)
     batch_size: int = 32
     steps: int = 40  # local steps per device, the same for every method
     local_steps: int = 4  # K of method 4
@@ -119,14 +124,18 @@ class Setup:
     # Each distinct selection timed alone: this many interleaved passes of timing_steps steps.
     timing_rounds: int = 5
     timing_steps: int = 3
-    max_step_fraction: float = 1.0  # the planner's step-time cap (1: memory only, the paper's planner)
+    max_step_fraction: float = 1.0  # a step-time cap by hand (1: none; the balanced objective picks its own)
     baseline_steps: int = 6  # steps of the full-model collective run (timing baseline of method 5)
     num_cpus: int = 2  # Ray's CPUs for the simulation
     collective_timeout_s: float = 300.0
+    # Each method's per-step exchange timed over the emulated shared edge link (tc tbf in a network
+    # namespace) at these rates; empty skips it. The first rate is the headline's.
+    link_rates_mbit: tuple[int, ...] = (100, 20)
+    link_steps: int = 1  # timed exchanges per method and rate (MobileNetV2 at 20 Mbit/s: about 40 s each)
 
     @property
     def num_devices(self) -> int:
-        return len(self.budgets_mb)
+        return len(self.budgets_mb or self.budget_fractions)
 
     def check(self) -> None:
         """Refuse sizes that cannot run, naming the value and the fix."""
@@ -136,6 +145,11 @@ class Setup:
             raise ValueError(f"--scorer {self.scorer!r} is unknown; choose one of: {', '.join(SCORERS)}")
         if self.num_devices < 2:
             raise ValueError(f"--budgets gives {self.num_devices} device(s); the comparison needs at least 2")
+        bad = [f for f in self.budget_fractions if not 0 < f <= 1]
+        if bad and not self.budgets_mb:
+            raise ValueError(f"--budget-fractions {bad} must be in (0, 1]: shares of the full update's predicted need")
+        if self.plan_objective not in OBJECTIVES:
+            raise ValueError(f"--plan-objective {self.plan_objective!r} is unknown; choose one of: {', '.join(OBJECTIVES)}")
         for name in ("batch_size", "steps", "local_steps", "eval_every", "train_examples", "test_examples",
                      "probe_steps", "probe_workers", "timing_rounds", "timing_steps", "num_cpus", "baseline_steps"):
             if getattr(self, name) <= 0:
@@ -179,6 +193,7 @@ class Setup:
             "scorer": self.scorer,
             "partitioning": "iid",
             "sim-budgets-mb": ",".join(f"{b:g}" for b in self.budgets_mb),
+            "plan-objective": self.plan_objective,
             "min-nodes": self.num_devices,
             "round-timeout": 600.0,
         }
@@ -186,11 +201,12 @@ class Setup:
 
 #: The default size: MobileNetV2, 7 devices, 40 steps (about 10-15 minutes on 2 idle cores).
 DEFAULT = Setup()
-#: ``--quick``: the CI smoke size. TinyNet (MobileNetV2's unit layout at a fraction of the cost),
-#: budgets between its cheapest selection (about 14 MB) and the whole model (about 29 MB).
+#: ``--quick``: the CI smoke size. TinyNet (MobileNetV2's unit layout at a fraction of the cost).
+#: Its weights and workspace are half of its full update's need (its cheapest selection needs
+#: about 0.50 of it), so its shares start above that; every one is still below the full update.
 QUICK = Setup(
     model="tiny",
-    budgets_mb=(15.0, 16.5, 18.0, 20.0, 22.0, 25.0, 30.0),
+    budget_fractions=(0.53, 0.57, 0.61, 0.66, 0.71, 0.78, 0.88),
     steps=6,
     local_steps=2,
     eval_every=2,
@@ -301,6 +317,15 @@ class Plans:
     full: Plan
     cost: CostModel
     scores: list[float]
+    budgets_mb: tuple[float, ...]
+    full_mb: float  # the full update's predicted need at the batch size
+
+
+def resolve_budgets(setup: Setup, full_mb: float) -> tuple[float, ...]:
+    """``--budgets`` as given, or each fraction of the full update's predicted need (MB, 0.01 MB steps)."""
+    if setup.budgets_mb:
+        return tuple(setup.budgets_mb)
+    return tuple(math.floor(f * full_mb * 100) / 100 for f in setup.budget_fractions)
 
 
 def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) -> Plans:
@@ -308,16 +333,17 @@ def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) ->
     model = build_model(setup.model, seed=setup.seed)
     model.load_state_dict(state)
     torch.set_num_threads(1)  # the memory probes use one thread; profile the same way
-    # Step time is measured in the runs themselves, so the cost model profiles memory only,
-    # unless the planner caps step time (then it needs the step-time calibration).
-    capped = setup.max_step_fraction < 1
+    # The balanced objective and a hand cap need the step-time calibration; memory only does not.
+    timed = setup.plan_objective == "balanced" or setup.max_step_fraction < 1
     cost = CostModel(model, (3, 32, 32), optimizer="sgd", momentum=setup.momentum,
-                     **({} if capped else {"time_batches": None}))
+                     **({} if timed else {"time_batches": None}))
     calibration = min(64, len(train))
     scores = get_scorer(setup.scorer)(model, cost.units, train.x[:calibration], train.y[:calibration])
-    devices = [DeviceSpec(device, budget, setup.batch_size) for device, budget in enumerate(setup.budgets_mb)]
+    full_mb = cost.predict(cost.unit_names, setup.batch_size).total
+    budgets = resolve_budgets(setup, full_mb)
+    devices = [DeviceSpec(device, budget, setup.batch_size) for device, budget in enumerate(budgets)]
     meta = {"model": setup.model, "scorer": setup.scorer, "input_shape": [3, 32, 32], "source": "experiments.compare"}
-    dsparse = make_plan(devices, cost, scores, max_step_fraction=setup.max_step_fraction,
+    dsparse = make_plan(devices, cost, scores, objective=setup.plan_objective, max_step_fraction=setup.max_step_fraction,
                         meta={**meta, "method": "dsparse", "max_step_fraction": setup.max_step_fraction})
     smallest = min(dsparse.devices, key=lambda d: d.budget_mb)
     all_units = cost.unit_names
@@ -327,11 +353,12 @@ def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) ->
         ids = range(setup.num_devices)
         return plan_from_selections(
             cost.units, {d: list(selection) for d in ids}, cost.tensor_bytes(),
-            budgets_mb=dict(enumerate(setup.budgets_mb)), batch_sizes=dict.fromkeys(ids, setup.batch_size),
+            budgets_mb=dict(enumerate(budgets)), batch_sizes=dict.fromkeys(ids, setup.batch_size),
             estimates=dict.fromkeys(ids, estimate), meta={**meta, "method": method},
         )
 
-    return Plans(dsparse, same_for_all(smallest.units, "uniform"), same_for_all(all_units, "fedavg"), cost, scores)
+    return Plans(dsparse, same_for_all(smallest.units, "uniform"), same_for_all(all_units, "fedavg"), cost, scores,
+                 budgets, full_mb)
 
 
 def measure_memory(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> dict[tuple[str, ...], dict]:
@@ -539,7 +566,8 @@ def _collective_rank(rank: int, world_size: int, master_addr: str, master_port: 
 
     from flwr_dsparse.collective import Rendezvous, init_collective, run_collective_steps
 
-    setup = Setup(**{**job["setup"], "budgets_mb": tuple(job["setup"]["budgets_mb"])})
+    setup = Setup(**{**job["setup"], "budgets_mb": tuple(job["setup"]["budgets_mb"]),
+                     "budget_fractions": tuple(job["setup"]["budget_fractions"])})
     train, test = load_splits(setup)
     checkpoint = torch.load(job["checkpoint"], map_location="cpu", weights_only=True)
     indices = job["partitions"][rank]
@@ -775,7 +803,57 @@ def collective_measures(run: Mapping[str, Any], baseline: Mapping[str, Any], pla
     }
 
 
-def summarise(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+#: Which exchange each method makes per step, and how many local steps share one.
+LINK_EXCHANGES = {"fedavg": ("full", 1), "uniform": ("uniform", 1), "dsparse": ("dsparse", 1),
+                  "dsparse_k": ("dsparse", None), "collective": ("dsparse", 1)}
+
+
+def time_link(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> dict[str, Any]:
+    """Every distinct exchange of the methods (``plans``: exchange name -> plan) over the emulated link.
+
+    The fused group exchange of a plan is what the collective transport does per step (all-reduce
+    among a group's members, broadcast to the others); for the full plan it is one all-reduce of
+    the whole model, FedAvg's exchange. Returns ``available: False`` with the reason where the
+    machine allows no network namespace.
+    """
+    from experiments.aggregation_bench import NamespaceUnavailable, time_exchanges_on_link
+
+    if not setup.link_rates_mbit:
+        return {"available": False, "reason": "skipped (no link rates)", "rates_mbit": []}
+    try:
+        raw = time_exchanges_on_link(setup.model, dict(plans), setup.link_rates_mbit, steps=setup.link_steps,
+                                     timeout_s=setup.collective_timeout_s * 2)
+    except NamespaceUnavailable as error:
+        progress.say(f"  no emulated link: {error}")
+        return {"available": False, "reason": str(error), "rates_mbit": list(setup.link_rates_mbit)}
+    seconds = {name: {rate: raw[rate][name]["median_s"] for rate in raw} for name in plans}
+    for name in plans:
+        progress.say(f"  {name}: " + ", ".join(f"{seconds[name][rate]:.2f} s at {rate} Mbit/s" for rate in raw))
+    return {
+        "available": True,
+        "reason": None,
+        "rates_mbit": list(setup.link_rates_mbit),
+        "emulation": "private network namespace, lo MTU 1500, tc tbf burst 256kb latency 200ms (bandwidth only, "
+                     f"shared by all {setup.num_devices} ranks); fused group exchange, {setup.link_steps} step(s)",
+        "seconds_per_exchange": seconds,
+        "payload_mb_per_rank_mean": {name: statistics.fmean(raw[str(setup.link_rates_mbit[0])][name]
+                                                            ["payload_bytes_per_rank"]) / MB for name in plans},
+        "wire_mb_per_exchange": {name: raw[str(setup.link_rates_mbit[0])][name]["wire_bytes_per_step"] / MB
+                                 for name in plans},
+        "raw": raw,
+    }
+
+
+def link_per_step(link: Mapping[str, Any], method: str, local_steps: int) -> dict[str, float] | None:
+    """Seconds per training step that ``method`` spends on the emulated link, per rate (None: not timed)."""
+    if not link.get("available"):
+        return None
+    name, every = LINK_EXCHANGES[method]
+    per = every or local_steps
+    return {str(rate): value / per for rate, value in link["seconds_per_exchange"][name].items()}
+
+
+def summarise(methods: Mapping[str, Mapping[str, Any]], link: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The headline ratios against method 1, the way the paper states its figures."""
     full = methods["fedavg"]
 
@@ -799,6 +877,15 @@ def summarise(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             / (full["bytes_up_per_step"] + full["bytes_down_per_step"]),
             "accuracy_delta": method["final_accuracy"] - full["final_accuracy"],
         }
+        timed = link_per_step(link or {}, name, method["local_steps"])
+        reference = link_per_step(link or {}, "fedavg", 1)
+        rates = [str(rate) for rate in (link or {}).get("rates_mbit", [])]
+        summary[name]["link_aggregation_s_per_step"] = timed
+        summary[name]["link_aggregation_ratio"] = timed[rates[0]] / reference[rates[0]] if timed else None
+        for rate in rates[1:]:
+            summary[name][f"link_aggregation_ratio_{rate}mbit"] = timed[rate] / reference[rate] if timed else None
+        if not timed:
+            summary[name]["link_aggregation_reason"] = (link or {}).get("reason", "not timed")
     summary["paper_ratios"] = {
         "memory": PAPER["memory_dsparse_mb"] / PAPER["memory_full_mb"],
         "batch": PAPER["batch_dsparse_s"] / PAPER["batch_full_s"],
@@ -865,8 +952,12 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
         raise ValueError(f"methods {list(methods)}: every run needs 'fedavg' (the reference); known: {', '.join(METHODS)}")
     progress = progress or Progress()
     out.mkdir(parents=True, exist_ok=True)
-    progress.say(f"{setup.num_devices} devices, budgets {', '.join(f'{b:g}' for b in setup.budgets_mb)} MB, "
-                 f"{setup.model}, {setup.dataset}, {setup.steps} steps at batch {setup.batch_size}; output {out}")
+    quick = setup == QUICK
+    budgets_given = bool(setup.budgets_mb)
+    budgets = (f"budgets {', '.join(f'{b:g}' for b in setup.budgets_mb)} MB" if setup.budgets_mb else
+               f"budgets {', '.join(f'{f:g}' for f in setup.budget_fractions)} of the full update's need")
+    progress.say(f"{setup.num_devices} devices, {budgets}, {setup.model}, {setup.dataset}, {setup.steps} steps at "
+                 f"batch {setup.batch_size}, {setup.plan_objective} plan; output {out}")
     train, test = load_splits(setup)
     checkpoint, state, checkpoint_info = starting_checkpoint(setup, out, weights, train, test, progress)
     start_model = build_model(setup.model, seed=setup.seed)
@@ -881,6 +972,11 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
     with progress.stage("profiling memory and planning"):
         plans = make_plans(setup, state, train)
     torch.set_num_threads(threads)
+    # From here on every method runs with the budgets in MB (the simulation's sim-budgets-mb).
+    setup = replace(setup, budgets_mb=plans.budgets_mb)
+    progress.say(f"  full update predicted {plans.full_mb:.1f} MB; budgets "
+                 f"{', '.join(f'{b:g}' for b in plans.budgets_mb)} MB "
+                 f"(mean {100 * statistics.fmean(plans.budgets_mb) / plans.full_mb:.0f}% of it)")
     method_plans = {"fedavg": plans.full, "uniform": plans.uniform, "dsparse": plans.dsparse,
                     "dsparse_k": plans.dsparse, "collective": plans.dsparse}
     for device in plans.dsparse.devices:
@@ -892,6 +988,11 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
         for selection, seconds in time_selections(setup, {m: method_plans[m] for m in methods}, state, train,
                                                   progress).items():
             memory[selection]["step_s_alone"] = seconds
+
+    with progress.stage(f"each method's exchange over the emulated edge link "
+                        f"({', '.join(f'{r} Mbit/s' for r in setup.link_rates_mbit)})"):
+        exchanges = {"full": plans.full, "uniform": plans.uniform, "dsparse": plans.dsparse}
+        link = time_link(setup, {name: exchanges[name] for name in {LINK_EXCHANGES[m][0] for m in methods}}, progress)
 
     runs: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -912,8 +1013,16 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
 
     results = {
         "command": command,
-        "quick": setup == QUICK,
+        "quick": quick,
         "setup": asdict(setup),
+        "budgets": {
+            "source": "--budgets" if budgets_given else "budget_fractions x the full update's predicted need",
+            "mb": list(plans.budgets_mb),
+            "full_predicted_mb": plans.full_mb,
+            "fractions_of_full": [b / plans.full_mb for b in plans.budgets_mb],
+            "mean_fraction_of_full": statistics.fmean(plans.budgets_mb) / plans.full_mb,
+            "all_below_full": all(b < plans.full_mb for b in plans.budgets_mb),
+        },
         "machine": _versions(),
         "checkpoint": checkpoint_info,
         "plan": {"dsparse": plans.dsparse.to_dict(), "digest": plans.dsparse.digest(),
@@ -921,7 +1030,8 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
                  "groups": len(plans.dsparse.groups), "frozen_units": list(plans.dsparse.frozen_units)},
         "paper": PAPER,
         "methods": runs,
-        "summary": summarise(runs),
+        "link": link,
+        "summary": summarise(runs, link),
         "stage_seconds": dict(progress.stage_seconds),
         "total_seconds": time.perf_counter() - progress.started,
     }
@@ -946,7 +1056,14 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="the CI size: TinyNet, 6 steps (under 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None, help="start from this state dict instead of pre-training")
     parser.add_argument("--model", default=None, choices=sorted(MODELS), help="default mobilenet_v2 (tiny with --quick)")
-    parser.add_argument("--budgets", default=None, help="MB per device, comma-separated (default 40,48,58,68,80,96,120)")
+    parser.add_argument("--budgets", default=None,
+                        help="MB per device, comma-separated (default: --budget-fractions of the full update's need)")
+    parser.add_argument("--budget-fractions", default=None,
+                        help="each device's budget as a share of the full update's predicted need, comma-separated "
+                        "(default 0.25,0.28,0.32,0.38,0.44,0.53,0.60: mean 0.40, as in the paper)")
+    parser.add_argument("--plan-objective", default=None, choices=OBJECTIVES,
+                        help="DSparse planner: balanced (default: also picks the cluster's step cap) or criticality "
+                        "(memory only, the paper's planner)")
     parser.add_argument("--steps", type=int, default=None, help="local steps per device, every method (default 40)")
     parser.add_argument("--local-steps", type=int, default=None, help="K of method 4 (default 4)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -957,7 +1074,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="folder that holds cifar-10-batches-py, or Fashion-MNIST's four IDX files")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs for the simulation (default 2)")
     parser.add_argument("--max-step-fraction", type=float, default=None,
-                        help="DSparse planner's step-time cap, a fraction of a full update's step (default 1: memory only)")
+                        help="DSparse planner's step-time cap by hand, a fraction of a full update's step (default 1: none)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (fedavg is required)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.set_defaults(func=_cli_main)
@@ -971,12 +1088,15 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         # Real images where Debian's package is installed, else the embedded set; the first line says which.
         changes["dataset"], changes["data_root"], note = default_dataset()
         print(f"[compare] {note}", file=sys.stderr, flush=True)
-    for name in ("model", "steps", "local_steps", "batch_size", "dataset", "data_root", "num_cpus", "max_step_fraction"):
+    for name in ("model", "steps", "local_steps", "batch_size", "dataset", "data_root", "num_cpus", "max_step_fraction",
+                 "plan_objective"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
     if args.budgets is not None:
         changes["budgets_mb"] = tuple(parse_budgets(args.budgets, field="--budgets"))
+    if args.budget_fractions is not None:
+        changes["budget_fractions"] = tuple(parse_budgets(args.budget_fractions, field="--budget-fractions"))
     if args.local_steps is not None and args.steps is None:
         changes["eval_every"] = args.local_steps
     if "local_steps" in changes and setup.eval_every % changes["local_steps"]:

@@ -41,7 +41,7 @@ def test_every_method_has_every_measure(quick_run):
     _, results = quick_run
     assert list(results["methods"]) == list(METHODS)
     for name, method in results["methods"].items():
-        assert len(method["devices"]) == len(QUICK.budgets_mb), name
+        assert len(method["devices"]) == QUICK.num_devices, name
         for device in method["devices"]:
             for key in DEVICE_MEASURES:
                 assert math.isfinite(device[key]) and device[key] > 0, (name, device["device"], key, device[key])
@@ -69,6 +69,45 @@ def test_dsparse_uses_less_measured_memory_than_full_update(quick_run):
     for device in results["methods"]["dsparse"]["devices"]:
         assert device["predicted_mb"] <= device["budget_mb"] + 1e-6
     assert any(d["predicted_mb"] > d["budget_mb"] for d in results["methods"]["fedavg"]["devices"])
+
+
+def test_budgets_are_shares_of_the_full_update_every_one_below_it(quick_run):
+    _, results = quick_run
+    budgets = results["budgets"]
+    full = results["methods"]["fedavg"]["devices"][0]["predicted_mb"]
+    assert budgets["full_predicted_mb"] == pytest.approx(full)
+    assert budgets["all_below_full"] and all(b < full for b in budgets["mb"])
+    assert budgets["fractions_of_full"] == pytest.approx(list(QUICK.budget_fractions), abs=1e-3)
+    assert [d["budget_mb"] for d in results["methods"]["dsparse"]["devices"]] == budgets["mb"]
+    assert results["setup"]["budgets_mb"] == budgets["mb"]
+
+
+def test_the_dsparse_plan_is_balanced_by_default(quick_run):
+    _, results = quick_run
+    assert results["setup"]["plan_objective"] == "balanced"
+    assert results["plan"]["dsparse"]["meta"]["objective"] == "balanced"
+
+
+def test_every_exchange_is_timed_over_the_emulated_link_or_says_why_not(quick_run):
+    _, results = quick_run
+    link, summary = results["link"], results["summary"]
+    if not link["available"]:
+        assert link["reason"]
+        for name in METHODS:
+            assert summary[name]["link_aggregation_ratio"] is None and summary[name]["link_aggregation_reason"]
+        return
+    assert link["rates_mbit"] == list(QUICK.link_rates_mbit)
+    assert summary["fedavg"]["link_aggregation_ratio"] == pytest.approx(1.0)
+    for name in METHODS:
+        ratio = summary[name]["link_aggregation_ratio"]
+        assert math.isfinite(ratio) and ratio > 0, name
+        for rate in QUICK.link_rates_mbit[1:]:
+            assert summary[name][f"link_aggregation_ratio_{rate}mbit"] > 0, (name, rate)
+    # The same exchange every K steps costs a K-th of it per step.
+    k = QUICK.local_steps
+    assert summary["dsparse_k"]["link_aggregation_ratio"] == pytest.approx(summary["dsparse"]["link_aggregation_ratio"] / k)
+    # The full model moves more bytes than any sparse exchange, so it takes longest on a shaped link.
+    assert summary["dsparse"]["link_aggregation_ratio"] < 1.0
 
 
 def test_dsparse_moves_fewer_bytes_per_step_than_fedavg(quick_run):
@@ -108,7 +147,7 @@ def test_csv_has_a_row_per_method_and_device(quick_run):
     out, results = quick_run
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == len(METHODS) * (len(QUICK.budgets_mb) + 1)
+    assert len(rows) == len(METHODS) * (QUICK.num_devices + 1)
     cluster = {row["method"]: row for row in rows if row["device"] == "cluster"}
     assert float(cluster["dsparse"]["measured_mb"]) == pytest.approx(results["summary"]["dsparse"]["mean_measured_mb"])
 
