@@ -17,17 +17,16 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 
-from flwr_dsparse.ports import free_port
 from flwr_dsparse.deploy import (
     Deployment,
     ProcessRecord,
-    process_alive,
+    format_node_config,
     list_nodes,
     make_certificates,
     make_node_keys,
+    process_alive,
     run_app,
     start_deployment,
-    format_node_config,
     start_supernode,
     stop_deployment,
     stop_processes,
@@ -35,6 +34,7 @@ from flwr_dsparse.deploy import (
     supernode_command,
     write_connection,
 )
+from flwr_dsparse.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # A job small enough for 2 shared cores: the tiny model, a few local steps of small
@@ -159,7 +159,9 @@ def test_tls_and_node_auth_round_wrong_ca_and_stranger_refused(
 
 
 @pytest.mark.deployment
-def test_three_budgets_end_to_end(deployments: Callable[..., Deployment], tmp_path: Path) -> None:
+@pytest.mark.parametrize("fast", [False, True], ids=["stock", "fast"])
+def test_three_budgets_end_to_end(deployments: Callable[..., Deployment], tmp_path: Path, fast: bool) -> None:
+    """The DSparse app on 3 SuperNodes, stock and in fast mode: the same plan and the same guarantees."""
     _check_app_config()
     from flwr_dsparse.models import build_model
     from flwr_dsparse.plan import Plan
@@ -169,8 +171,11 @@ def test_three_budgets_end_to_end(deployments: Callable[..., Deployment], tmp_pa
     # (+features.3) ... 17.9 MB (every unit) by the cost model. These budgets fall between
     # those steps, so the plan must differ per node, and no node affords the first units.
     budgets = [11.0, 12.5, 13.7]
-    deployment = deployments(3, memory_mb=budgets)
+    deployment = deployments(3, memory_mb=budgets, fast=fast)
     assert [node.node_config["memory-mb"] for node in deployment.supernodes] == budgets
+    assert deployment.fast is fast
+    if fast:  # the SuperNodes run through the fast launcher, which puts its SuperExec on PATH
+        assert all(Path(node.command[0]).parent.name == "fast-bin" for node in deployment.supernodes)
 
     out = tmp_path / "e2e-out"
     metrics = _run(deployment, {**SMALL_JOB, "method": "dsparse", "num-server-rounds": 2}, out)
@@ -188,6 +193,9 @@ def test_three_budgets_end_to_end(deployments: Callable[..., Deployment], tmp_pa
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1], sizes
     for row in metrics["rounds"][1:]:
         assert len(row["devices"]) == 3, row
+    if fast:  # every patch applied: no "left stock" warning in any process's log
+        logs = {record.role: Path(record.log).read_text(errors="replace") for record in deployment.processes}
+        assert not [role for role, text in logs.items() if "left stock" in text], logs
 
     # Only trained units changed: every tensor outside the union of selections is
     # bit-identical to the initial model, and some trained tensor moved.
@@ -349,3 +357,107 @@ def test_stop_processes_kills_the_whole_tree(tmp_path: Path) -> None:
     assert record.pid in signalled and child.pid in signalled
     assert not process_alive(record)
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+# ----------------------------------------------------------------------------- fast mode (no processes)
+
+
+def test_fast_mode_version_guard_and_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a Flower other than 1.42.* nothing is patched: one warning, then the stock path."""
+    import flwr
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from flwr_dsparse.deploy import fast as fast_mode
+    from flwr_dsparse.deploy import fast_setup
+
+    assert fast_mode.flower_version_problem("1.42.3") is None
+    assert "Flower 1.43.0 is installed" in fast_mode.flower_version_problem("1.43.0")
+    stock = HttpGrid.send_and_receive
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    with caplog.at_level("WARNING"):
+        assert fast_setup(tmp_path / "state", tmp_path / "home") == ({}, {})
+    assert [r.getMessage() for r in caplog.records] == [
+        "dsparse deploy --fast: Flower 1.43.0 is installed; the fast-mode patches are written for 1.42.*; "
+        "starting the stock deployment instead"
+    ]
+    assert not (tmp_path / "state" / "fast-bin").exists()
+    warned: list[str] = []
+    monkeypatch.setattr(fast_mode, "_warn_stock", lambda part, reason: warned.append(f"{part}: {reason}"))
+    assert fast_mode.poll_grid_replies() is False and fast_mode.bound_supernode_sleeps() is False
+    assert fast_mode.fork_task_processes() is False and fast_mode.fast_object_pulls() is False
+    assert HttpGrid.send_and_receive is stock
+    assert len(warned) == 4 and all("Flower 1.43.0 is installed" in line for line in warned), warned
+
+
+def test_fast_launchers_and_environment(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from flwr_dsparse.deploy import fast_setup
+
+    env, launchers = fast_setup(tmp_path / "state", tmp_path / "home")
+    assert sorted(launchers) == ["flower-superexec", "flower-supernode"]
+    for name, path in launchers.items():
+        assert os.access(path, os.X_OK)
+        assert Path(path).read_text().splitlines()[-1] == (
+            f'exec {sys.executable} -m flwr_dsparse.deploy.fast {name} "$@"'
+        )
+    assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / "state" / "fast-bin")
+    assert str(Path(sys.executable).parent) in env["PATH"].split(os.pathsep)
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.25" and env["FLWR_DSPARSE_FAST_POLL"] == "0.02,0.25"
+
+
+def test_fast_task_command_matches_flowers_subprocess_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forked child parses the very command line Flower's SubprocessExecutor would start."""
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec, subprocess_executor
+
+    from flwr_dsparse.deploy.fast import _task_argv
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **_: started.append(list(args)))
+    for task_type, insecure in ((TaskType.CLIENT_APP, True), (TaskType.SERVER_APP, False)):
+        spec = ExecutionSpec(
+            task_type=task_type, runtime_api_address="127.0.0.1:9094", token="tok", insecure=insecure,
+            root_certificates_path=None if insecure else "/ca.pem", runtime_dependency_install=False,
+            parent_pid=42, suppress_output=False, task_id=7,
+        )
+        subprocess_executor.SubprocessExecutor().launch(spec)
+        assert started[-1] == _task_argv(spec)
+
+
+def test_fast_reply_polling_returns_every_reply_and_backs_off() -> None:
+    from types import SimpleNamespace
+
+    from flwr_dsparse.deploy.fast import PollBackoff, _send_and_receive
+
+    backoff = PollBackoff(0.01, 0.04)
+    assert [round(backoff.next(), 4) for _ in range(5)] == [0.01, 0.015, 0.0225, 0.0338, 0.04]
+    backoff.reset()
+    assert backoff.next() == 0.01
+    with pytest.raises(ValueError, match="0 < first <= longest"):
+        PollBackoff(0.5, 0.1)
+
+    def reply(to: str) -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=to))
+
+    class Grid:
+        def __init__(self, batches: list[list[str]]) -> None:
+            self.batches, self.pulls = batches, 0
+
+        def push_messages(self, messages: Any) -> list[str]:
+            return ["a", "b", "c"]
+
+        def pull_messages(self, ids: set[str]) -> list[SimpleNamespace]:
+            self.pulls += 1
+            return [reply(i) for i in self.batches.pop(0)] if self.batches else []
+
+    grid = Grid([[], ["b"], [], ["a", "c"]])
+    replies = _send_and_receive(grid, [], timeout=5.0, first=0.001, longest=0.002)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"] and grid.pulls == 4
+    began = time.monotonic()
+    missing = Grid([])
+    assert _send_and_receive(missing, [], timeout=0.2, first=0.01, longest=0.05) == []
+    assert 0.2 <= time.monotonic() - began < 2.0 and missing.pulls >= 4

@@ -50,9 +50,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         threads_per_node=args.threads_per_node,
         timeout=args.timeout,
+        fast=args.fast,
     )
     print(f"SuperLink {deployment.address} (pid {deployment.superlink.pid}), "
-          f"{'TLS' if deployment.tls else 'insecure'}{', SuperNode auth' if deployment.auth else ''}")
+          f"{'TLS' if deployment.tls else 'insecure'}{', SuperNode auth' if deployment.auth else ''}"
+          f"{', fast mode' if deployment.fast else ''}")
     for node in deployment.supernodes:
         print(f"  {node.role}: pid {node.pid}, port {node.port}, node-config {format_node_config(node.node_config)!r}")
     print(f"all {len(deployment.supernodes)} SuperNodes online; state and logs in {deployment.state_dir}")
@@ -147,6 +149,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     up.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
     up.add_argument("--threads-per-node", type=int, default=None,
                     help="OMP threads per SuperNode (default: CPU cores / nodes, at least 1)")
+    up.add_argument("--fast", action="store_true",
+                    help="fast mode: 50 ms polls and warm, forked ClientApp processes (Flower 1.42.*; "
+                         "see docs/deployment.md); per-step rounds cost about their arithmetic")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for all nodes (default %(default)s)")
     common(up)
     up.set_defaults(func=_guarded(_cmd_up))

@@ -7,7 +7,9 @@ The rooms of this package, in the order a deployment comes up:
   ``flwr`` CLI calls (connections, ``supernode ls``, ``supernode register``);
 * :mod:`.processes`: starting, watching and stopping processes by id;
 * :mod:`.cluster`: a whole deployment (:func:`start_deployment`, :func:`stop_deployment`,
-  :func:`run_app`) and its state file.
+  :func:`run_app`) and its state file;
+* :mod:`.fast`: the fast mode (``start_deployment(fast=True)``, ``dsparse deploy up --fast``):
+  short polls and warm, forked ClientApp processes, patched into Flower 1.42's processes.
 
 The ``dsparse deploy`` command lives in :mod:`flwr_dsparse.cli.deploy`;
 ``python -m flwr_dsparse.deploy`` runs it too.
@@ -18,6 +20,7 @@ from __future__ import annotations
 from .cluster import (
     DEFAULT_CONNECTION,
     Deployment,
+    fast_setup,
     run_app,
     start_deployment,
     start_superlink,
@@ -50,6 +53,7 @@ __all__ = [
     "FLOWER_ENV",
     "Deployment",
     "NodeKeys",
+    "fast_setup",
     "ProcessRecord",
     "TlsFiles",
     "deployment_env",

@@ -10,6 +10,7 @@ written to a state file, so ``dsparse deploy down`` works from another shell.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -22,11 +23,11 @@ from ..ports import free_port, port_in_use
 from .flwr_cli import (
     DEFAULT_SUPERLINK_PORT,
     deployment_env,
-    run_flwr,
     flwr_home,
     format_run_config,
     list_nodes,
     register_node,
+    run_flwr,
     superlink_command,
     supernode_command,
     write_connection,
@@ -37,6 +38,7 @@ from .tls import TlsFiles, make_certificates, make_node_keys
 __all__ = [
     "DEFAULT_CONNECTION",
     "Deployment",
+    "fast_setup",
     "run_app",
     "start_deployment",
     "start_superlink",
@@ -48,6 +50,7 @@ __all__ = [
 
 DEFAULT_CONNECTION = "dsparse-local"
 STATE_FILE = "deployment.json"
+_LOG = logging.getLogger("flwr_dsparse.deploy")
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Deployment:
         The ``FLWR_HOME`` of the processes and of the connection.
     address : str
         The SuperLink's ``host:port``.
+    fast : bool
+        Whether the processes run in fast mode (:mod:`flwr_dsparse.deploy.fast`).
     """
 
     state_dir: str
@@ -74,6 +79,7 @@ class Deployment:
     auth: bool = False
     superlink: ProcessRecord | None = None
     supernodes: list[ProcessRecord] = field(default_factory=list)
+    fast: bool = False
 
     @property
     def processes(self) -> list[ProcessRecord]:
@@ -112,15 +118,20 @@ def start_superlink(
     tls: TlsFiles | None = None,
     auth: bool = False,
     timeout: float = 60.0,
+    extra_env: Mapping[str, str] | None = None,
 ) -> ProcessRecord:
-    """Start ``flower-superlink`` and wait until its port accepts connections."""
+    """Start ``flower-superlink`` and wait until its port accepts connections.
+
+    ``extra_env`` is added to its environment (the fast mode's, :func:`fast_setup`).
+    """
     if port_in_use(host, port):
         raise OSError(
             f"port {port} on {host} is already in use; stop what holds it (`dsparse deploy down`) "
             f"or pick another with --port"
         )
     command = superlink_command(host=host, port=port, tls=tls, auth=auth)
-    record = spawn_process("superlink", command, Path(state_dir) / "superlink.log", deployment_env(home), port)
+    env = {**deployment_env(home), **(extra_env or {})}
+    record = spawn_process("superlink", command, Path(state_dir) / "superlink.log", env, port)
     try:
         wait_for_port(record, host, port, timeout)
     except BaseException:
@@ -142,11 +153,14 @@ def start_supernode(
     max_retries: int | None = None,
     max_wait_time: float | None = None,
     threads: int | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    executable: str | None = None,
 ) -> ProcessRecord:
     """Start one ``flower-supernode`` (it connects in the background; see :func:`wait_for_nodes`).
 
-    ``threads`` caps the intra-op threads of its ClientApp processes (``OMP_NUM_THREADS``):
-    SuperNodes that share one machine would otherwise each spawn a thread per core and
+    ``executable`` replaces ``flower-supernode`` (the fast mode's launcher) and
+    ``extra_env`` is added to its environment. ``threads`` caps the intra-op threads of
+    its ClientApp processes (``OMP_NUM_THREADS``): SuperNodes that share one machine would otherwise each spawn a thread per core and
     slow each other down, which a real device, alone on its cores, does not.
     """
     if port_in_use("127.0.0.1", port):
@@ -158,7 +172,9 @@ def start_supernode(
         superlink=superlink, port=port, node_config=node_config, root_certificates=root_certificates,
         private_key=private_key, max_retries=max_retries, max_wait_time=max_wait_time,
     )
-    env = deployment_env(home)
+    if executable is not None:
+        command[0] = executable
+    env = {**deployment_env(home), **(extra_env or {})}
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return spawn_process(name, command, Path(state_dir) / f"{name}.log", env, port, node_config)
@@ -245,6 +261,7 @@ def start_deployment(
     extra_node_config: Mapping[str, Any] | None = None,
     threads_per_node: int | None = None,
     timeout: float = 180.0,
+    fast: bool = False,
 ) -> Deployment:
     """Start a SuperLink and ``num_nodes`` SuperNodes on this machine; wait until all are online.
 
@@ -267,6 +284,10 @@ def start_deployment(
     threads_per_node : int, optional
         Intra-op threads per SuperNode's ClientApp; default: this machine's cores shared
         evenly (at least 1), as if each node were a device of its own.
+    fast : bool
+        Fast mode (:mod:`flwr_dsparse.deploy.fast`): 50 ms polls instead of 1-3 s, and
+        ClientApp processes forked from a warm SuperExec instead of started cold. On a
+        Flower other than 1.42.* it logs one warning and starts the stock deployment.
     """
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes <= 0:
         raise ValueError(f"number of SuperNodes must be a positive integer, got {num_nodes!r}")
@@ -302,11 +323,13 @@ def start_deployment(
 
     if threads_per_node is None:
         threads_per_node = max(1, (os.cpu_count() or 1) // num_nodes)
-    deployment = Deployment(str(state), connection, str(home_path), address, tls_files, auth)
+    fast_vars, launchers = fast_setup(state, home_path) if fast else ({}, {})
+    deployment = Deployment(str(state), connection, str(home_path), address, tls_files, auth, fast=bool(launchers))
     write_connection(home_path, connection, address, root_certificates=tls_files.ca_cert if tls_files else None)
     try:
         deployment.superlink = start_superlink(
-            state, home=home_path, host=host, port=port, tls=tls_files, auth=auth, timeout=timeout
+            state, home=home_path, host=host, port=port, tls=tls_files, auth=auth, timeout=timeout,
+            extra_env=fast_vars,
         )
         deployment.save()
         for index in range(num_nodes):
@@ -323,7 +346,7 @@ def start_deployment(
                 start_supernode(
                     state, home=home_path, superlink=address, port=node_ports[index], node_config=node_config,
                     root_certificates=tls_files.ca_cert if tls_files else None, private_key=private_key,
-                    threads=threads_per_node,
+                    threads=threads_per_node, extra_env=fast_vars, executable=launchers.get("flower-supernode"),
                 )
             )
             deployment.save()
@@ -332,6 +355,23 @@ def start_deployment(
         stop_deployment(deployment)
         raise
     return deployment
+
+
+def fast_setup(state_dir: str | Path, home: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The fast mode's environment and launchers for a deployment in ``state_dir``.
+
+    Returns ``(env, launchers)``; both empty, after one warning, when this Flower is not
+    the release the patches were written for (the deployment then starts stock).
+    """
+    from .fast import fast_env, flower_version_problem, write_launchers
+
+    problem = flower_version_problem()
+    if problem is not None:
+        _LOG.warning("dsparse deploy --fast: %s; starting the stock deployment instead", problem)
+        return {}, {}
+    folder = Path(state_dir) / "fast-bin"
+    launchers = write_launchers(folder)
+    return fast_env(folder, path=deployment_env(home)["PATH"]), launchers
 
 
 def stop_deployment(deployment: Deployment, *, grace: float = 5.0) -> list[int]:

@@ -1,0 +1,99 @@
+"""Echo app: Flower's own transport cost for given payload sizes, with no arithmetic.
+
+Round ``r`` sends every node ``down-bytes[partition-id]`` bytes (split into ``arrays``
+arrays) and the node replies at once with ``up-bytes[partition-id]`` bytes. The ServerApp
+times each round (push to last reply) and writes ``<out-dir>/echo.json``. It is the floor
+that ``experiments/round_overhead.py`` sets beside a real round moving the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+client_app = ClientApp()
+
+
+def sizes(text: str | int) -> list[int]:
+    """``"100,200"`` -> ``[100, 200]``: one size per partition id (the last one repeats)."""
+    return [int(float(part)) for part in str(text).split(",") if part.strip()]
+
+
+def size_for(values: list[int], partition: int) -> int:
+    return values[min(partition, len(values) - 1)]
+
+
+def payload(nbytes: int, arrays: int = 1) -> ArrayRecord:
+    """``nbytes`` of zeros in ``arrays`` uint8 arrays (at least one byte each)."""
+    arrays = max(1, min(arrays, nbytes or 1))
+    parts = np.array_split(np.zeros(max(nbytes, arrays), dtype=np.uint8), arrays)
+    return ArrayRecord({f"a{index}": Array(part) for index, part in enumerate(parts)})
+
+
+def _partition(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": _partition(context)})}), reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    reply = RecordDict({
+        "arrays": payload(int(config["up-bytes"]), int(config["arrays"])),
+        "metrics": MetricRecord({"partition-id": _partition(context), "step-seconds": 0.0}),
+    })
+    return Message(reply, reply_to=msg)
+
+
+def run_echo(grid: Grid, cfg: dict) -> None:
+    """The echo rounds on ``grid`` with run config ``cfg`` (the keys of this app's pyproject)."""
+    down, up = sizes(cfg["down-bytes"]), sizes(cfg["up-bytes"])
+    arrays, timeout = int(cfg.get("arrays", 1)), float(cfg.get("round-timeout", 600.0))
+    while len(nodes := sorted(grid.get_node_ids())) < int(cfg.get("min-nodes", 2)):
+        time.sleep(0.2)
+    asked = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, group_id="0") for node in nodes]
+    partition = {
+        reply.metadata.src_node_id: int(reply.content["metrics"]["partition-id"])
+        for reply in grid.send_and_receive(asked, timeout=timeout)
+        if reply.has_content()
+    }
+    rows = []
+    for server_round in range(1, int(cfg["num-server-rounds"]) + 1):
+        messages = []
+        for node, part in sorted(partition.items()):
+            content = RecordDict({
+                "arrays": payload(size_for(down, part), arrays),
+                "config": ConfigRecord({"up-bytes": size_for(up, part), "arrays": arrays}),
+            })
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
+        began = time.perf_counter()
+        replies = [reply for reply in grid.send_and_receive(messages, timeout=timeout) if reply.has_content()]
+        rows.append({"round": server_round, "round-seconds": time.perf_counter() - began, "replies": len(replies)})
+    out = Path(str(cfg.get("out-dir", "outputs/echo")))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "echo.json").write_text(json.dumps({"nodes": len(partition), "rounds": rows}, indent=2))
+
+
+def make_server_app(overrides: dict | None = None) -> ServerApp:
+    """The echo ServerApp with ``overrides`` on top of the run config (``run_simulation`` has none)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_echo(grid, {**dict(context.run_config), **(overrides or {})})
+
+    return app
+
+
+server_app = make_server_app()
