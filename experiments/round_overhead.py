@@ -15,8 +15,9 @@ there are cores (a round's wall time is the ServerApp's ``round-seconds``: from
 * **deployment (fast)**: the same with ``start_deployment(fast=True)`` (``dsparse deploy
   up --fast``, :mod:`flwr_dsparse.deploy.fast`);
 * **echo** beside each: ``experiments/echo_app``, a ClientApp that moves the same
-  payload sizes per node (the median bytes each node received and sent in the real rows)
-  and computes nothing: the floor of Flower's own transport for those bytes.
+  payload sizes per node (the median bytes each node received and sent in the real rows,
+  split into as many arrays as the model has tensors in that share of its bytes) and
+  computes nothing: the floor of Flower's own transport for those bytes.
 
 Usage::
 
@@ -95,10 +96,27 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def payload_sizes(rows: list[dict[str, Any]], key: str) -> str:
-    """Median bytes per partition id over the rounds, as the echo app's ``down-bytes``/``up-bytes``."""
+def payload_sizes(rows: list[dict[str, Any]], key: str) -> list[int]:
+    """Median bytes per partition id over the rounds (the echo app's ``down-bytes``/``up-bytes``)."""
     pids = sorted({pid for row in rows for pid in row[key]}, key=lambda pid: int(float(pid)))
-    return ",".join(str(int(statistics.median(row[key][pid] for row in rows if pid in row[key]))) for pid in pids)
+    return [int(statistics.median(row[key][pid] for row in rows if pid in row[key])) for pid in pids]
+
+
+def model_tensors(model: str) -> tuple[int, int]:
+    """(tensors, bytes) of ``model``'s state dict: how finely its payloads are cut into arrays."""
+    from flwr_dsparse.models import build_model
+
+    state = build_model(model, seed=0).state_dict()
+    return len(state), sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+
+
+def array_counts(nbytes: Sequence[int], tensors: int, total_bytes: int) -> list[int]:
+    """Arrays for payloads of ``nbytes``: the model's tensor count in proportion to the bytes."""
+    return [max(1, min(tensors, round(tensors * size / total_bytes))) for size in nbytes]
+
+
+def join(values: Sequence[int]) -> str:
+    return ",".join(str(value) for value in values)
 
 
 class Bench:
@@ -136,9 +154,11 @@ class Bench:
     def echo_config(self, runtime: str, method: str, rounds: int, nodes: int, out: Path) -> dict[str, Any]:
         """The echo app's run config: the bytes each node moved in the ``runtime``/``method`` row."""
         rows = self.app_rows(runtime, method)
-        return {"num-server-rounds": rounds, "down-bytes": payload_sizes(rows, "down-bytes"),
-                "up-bytes": payload_sizes(rows, "up-bytes"), "min-nodes": nodes, "out-dir": str(out),
-                "arrays": self.args.echo_arrays}
+        down, up = payload_sizes(rows, "down-bytes"), payload_sizes(rows, "up-bytes")
+        tensors, total = model_tensors("tiny" if self.args.quick else "mobilenet_v2")
+        return {"num-server-rounds": rounds, "down-bytes": join(down), "up-bytes": join(up),
+                "down-arrays": join(array_counts(down, tensors, total)),
+                "up-arrays": join(array_counts(up, tensors, total)), "min-nodes": nodes, "out-dir": str(out)}
 
     # ------------------------------------------------------------------ deployment
 
@@ -235,7 +255,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds of the fast and simulation runs (default 6)")
     parser.add_argument("--stock-rounds", type=int, default=None, help="rounds of the stock runs (default 3)")
     parser.add_argument("--local-steps", type=int, default=1, help="the job's local-steps (default 1: per-step rounds)")
-    parser.add_argument("--echo-arrays", type=int, default=1, help="arrays the echo payload is split into")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per deployment run")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "round_overhead.json"))
     args = parser.parse_args(argv)

@@ -1,7 +1,9 @@
 """Echo app: Flower's own transport cost for given payload sizes, with no arithmetic.
 
-Round ``r`` sends every node ``down-bytes[partition-id]`` bytes (split into ``arrays``
-arrays) and the node replies at once with ``up-bytes[partition-id]`` bytes. The ServerApp
+Round ``r`` sends every node ``down-bytes[partition-id]`` bytes (split into
+``down-arrays[partition-id]`` arrays) and the node replies at once with
+``up-bytes[partition-id]`` bytes (in ``up-arrays[partition-id]`` arrays). Flower moves every
+array as objects of its own, one request each, so the array count matters as much as the bytes. The ServerApp
 times each round (push to last reply) and writes ``<out-dir>/echo.json``. It is the floor
 that ``experiments/round_overhead.py`` sets beside a real round moving the same bytes.
 """
@@ -49,7 +51,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     reply = RecordDict({
-        "arrays": payload(int(config["up-bytes"]), int(config["arrays"])),
+        "arrays": payload(int(config["up-bytes"]), int(config["up-arrays"])),
         "metrics": MetricRecord({"partition-id": _partition(context), "step-seconds": 0.0}),
     })
     return Message(reply, reply_to=msg)
@@ -58,7 +60,8 @@ def train(msg: Message, context: Context) -> Message:
 def run_echo(grid: Grid, cfg: dict) -> None:
     """The echo rounds on ``grid`` with run config ``cfg`` (the keys of this app's pyproject)."""
     down, up = sizes(cfg["down-bytes"]), sizes(cfg["up-bytes"])
-    arrays, timeout = int(cfg.get("arrays", 1)), float(cfg.get("round-timeout", 600.0))
+    down_arrays, up_arrays = sizes(cfg.get("down-arrays", 1)), sizes(cfg.get("up-arrays", 1))
+    timeout = float(cfg.get("round-timeout", 600.0))
     while len(nodes := sorted(grid.get_node_ids())) < int(cfg.get("min-nodes", 2)):
         time.sleep(0.2)
     asked = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, group_id="0") for node in nodes]
@@ -72,8 +75,8 @@ def run_echo(grid: Grid, cfg: dict) -> None:
         messages = []
         for node, part in sorted(partition.items()):
             content = RecordDict({
-                "arrays": payload(size_for(down, part), arrays),
-                "config": ConfigRecord({"up-bytes": size_for(up, part), "arrays": arrays}),
+                "arrays": payload(size_for(down, part), size_for(down_arrays, part)),
+                "config": ConfigRecord({"up-bytes": size_for(up, part), "up-arrays": size_for(up_arrays, part)}),
             })
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))

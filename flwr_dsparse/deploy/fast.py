@@ -84,6 +84,7 @@ DEFAULT_WARM_IMPORTS = (
 WARM_IMPORTS_ENV = "FLWR_DSPARSE_WARM_IMPORTS"  # comma-separated module names; "" imports nothing
 POLL_ENV = "FLWR_DSPARSE_FAST_POLL"  # "first,longest" seconds of every patched poll
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own (range 0.01-60)
+PROFILE_ENV = "FLWR_DSPARSE_FAST_PROFILE"  # a folder: every forked task writes its cProfile stats there
 LAUNCHED_BY = "flwr_dsparse.deploy.fast"
 _LOG = logging.getLogger("flwr_dsparse.deploy.fast")
 
@@ -303,6 +304,21 @@ def _exit_code(error: SystemExit) -> int:
     return error.code if isinstance(error.code, int) else 1
 
 
+def _profiled(entry: Callable[[], None], folder: str | None) -> None:
+    """``entry()``; with ``folder`` (``FLWR_DSPARSE_FAST_PROFILE``) its cProfile stats go to ``folder/<pid>.prof``."""
+    if not folder:
+        entry()
+        return
+    import cProfile
+
+    profile = cProfile.Profile()
+    try:
+        profile.runcall(entry)
+    finally:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        profile.dump_stats(str(Path(folder) / f"{sys.argv[0]}-{os.getpid()}.prof"))
+
+
 def _run_child(entry: Callable[[], None], argv: list[str], suppress_output: bool, before: Callable[[], Any]) -> None:
     """In a forked child: run a Flower entry function as if started as ``argv``, then exit."""
     code = 1
@@ -313,7 +329,7 @@ def _run_child(entry: Callable[[], None], argv: list[str], suppress_output: bool
             os.dup2(devnull, 2)
         sys.argv = argv
         before()
-        entry()
+        _profiled(entry, os.environ.get(PROFILE_ENV))
         code = 0
     except SystemExit as error:  # flwr_exit ends every task this way
         code = _exit_code(error)
