@@ -132,6 +132,7 @@ class Setup:
     # namespace) at these rates; empty skips it. The first rate is the headline's.
     link_rates_mbit: tuple[int, ...] = (100, 20)
     link_steps: int = 1  # timed exchanges per method and rate (MobileNetV2 at 20 Mbit/s: about 40 s each)
+    hard_caps: bool = True  # every device of every method also trained under a hard cap of its budget (cgroup)
 
     @property
     def num_devices(self) -> int:
@@ -414,6 +415,178 @@ def time_selections(setup: Setup, plans: Mapping[str, Plan], state: Mapping[str,
     for selection in selections:
         progress.say(f"  {len(selection)} units: {medians[selection]:.3f} s per step alone")
     return medians
+
+
+# --------------------------------------------------------------------------- hard memory caps
+
+MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def _own_memory_cgroup() -> Path | None:
+    """This process's cgroup v1 memory cgroup (the ``memory:`` line of /proc/self/cgroup)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return MEMORY_CGROUP_ROOT / path.lstrip("/")
+    return None
+
+
+def caps_unavailable() -> str | None:
+    """Why no hard memory cap can bind here (None: one can)."""
+    own = _own_memory_cgroup()
+    if own is None or not (MEMORY_CGROUP_ROOT / "cgroup.procs").exists():
+        return "no cgroup v1 memory controller at /sys/fs/cgroup/memory (cgroup v2 delegation is not handled here)"
+    if not os.access(own, os.W_OK):
+        return f"this process's memory cgroup {own} is not writable (needs root or a delegated cgroup)"
+    return None
+
+
+def capped_probe(setup: Setup, selection: Sequence[str], cap_mb: float, *, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Train ``selection`` for ``probe_steps`` steps in a fresh process under a hard memory cap.
+
+    The process builds the model and its batch and runs one tiny forward (the runtime's
+    start-up), then moves itself into a new child of this process's memory cgroup whose
+    ``memory.limit_in_bytes`` is ``cap_mb``: charges taken before the move stay behind, so
+    the cap binds exactly what training adds. The kernel kills it if training needs more.
+    Returns ``killed``, ``peak_mb`` (the cgroup's ``memory.max_usage_in_bytes``) and the
+    exit code. One process per device: a Flower simulation actor serves several devices.
+    """
+    import subprocess
+    import uuid
+
+    own = _own_memory_cgroup()
+    assert own is not None
+    group = own / f"dsparse-cap-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(int(cap_mb * MB)))
+        request = {"model": setup.model, "selection": list(selection), "batch_size": setup.batch_size,
+                   "steps": setup.probe_steps, "momentum": setup.momentum, "cgroup": str(group)}
+        completed = subprocess.run([sys.executable, "-c", _CAPPED_PROBE, json.dumps(request)],
+                                   capture_output=True, text=True, timeout=timeout_s, check=False,
+                                   cwd=Path(__file__).resolve().parent.parent)
+        control = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+        peak_mb = int((group / "memory.max_usage_in_bytes").read_text()) / MB
+        oom_kills = int(control.get("oom_kill", 0))
+        killed = oom_kills > 0 or completed.returncode == -9
+        if not killed and completed.returncode != 0:
+            raise RuntimeError(f"capped probe of {len(selection)} units failed: {completed.stderr[-1500:]}")
+        return {"killed": killed, "cap_mb": cap_mb, "peak_mb": peak_mb, "oom_kills": oom_kills,
+                "exit_code": completed.returncode}
+    finally:
+        for _ in range(100):  # the dead process leaves the cgroup a moment after it exits
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
+# The capped probe's process, run with ``python -c``: it imports only torch and the trainer, so
+# the many probes of a run start fast. Set up, warm up, move into the capped cgroup, train.
+_CAPPED_PROBE = """
+import json, os, sys
+import torch
+from flwr_dsparse.models import build_model
+from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
+from flwr_dsparse.units import model_units
+
+request = json.loads(sys.argv[1])
+torch.set_num_threads(1)  # as the memory probes: one thread
+model = build_model(request["model"], seed=0)
+inputs = torch.randn(request["batch_size"], 3, 32, 32)
+targets = torch.randint(0, 10, (request["batch_size"],))
+trainer = SparseTrainer(model, request["selection"], units=model_units(model),
+                        optimizer_factory=make_optimizer_factory("sgd", lr=0.01, momentum=request["momentum"]))
+with torch.no_grad():
+    model.eval()
+    model(inputs[:1])
+with open(os.path.join(request["cgroup"], "cgroup.procs"), "w") as procs:
+    procs.write(str(os.getpid()))
+for _ in range(request["steps"]):
+    trainer.step(inputs, targets)
+print(json.dumps({"ok": True}))
+"""
+
+
+def run_capped(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> dict[str, Any]:
+    """Every device of every method (``plans``: name -> plan) trained once under a hard cap of its budget.
+
+    The cap is the budget less the weights the device already holds (they are resident before
+    the cap binds). Returns ``enabled: False`` with the reason where no cgroup can bind.
+    """
+    reason = caps_unavailable()
+    if reason:
+        progress.say(f"  no hard caps: {reason}")
+        return {"enabled": False, "reason": reason}
+    def job(device: Any) -> tuple[tuple[str, ...], float]:
+        return tuple(device.units), device.budget_mb - (device.predicted_mb.weights if device.predicted_mb else 0.0)
+
+    jobs = sorted({job(d) for plan in plans.values() for d in plan.devices}, key=lambda j: (len(j[0]), j[1]))
+    outcomes: dict[tuple[tuple[str, ...], float], dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=setup.probe_workers) as pool:
+        for (selection, cap), outcome in zip(jobs, pool.map(lambda j: capped_probe(setup, *j), jobs), strict=True):
+            outcomes[(selection, cap)] = outcome
+            progress.say(f"  {len(selection)} units under a {cap:.1f} MB cap: "
+                         f"{'KILLED' if outcome['killed'] else 'fits'} (peak {outcome['peak_mb']:.1f} MB)")
+    devices = {}
+    for name, plan in plans.items():
+        devices[name] = [{"device": d.id, "budget_mb": d.budget_mb, "num_units": len(d.units),
+                          **outcomes[job(d)]}
+                         for d in plan.devices]
+    return {
+        "enabled": True,
+        "reason": None,
+        "description": "every device of every method trained once in its own process under a cgroup v1 "
+                       "memory.limit_in_bytes of its budget less its resident weights, bound after the model, the "
+                       f"batch and one warm-up forward exist ({setup.probe_steps} steps, one thread); "
+                       "the kernel kills a process that needs more",
+        "devices": devices,
+    }
+
+
+def add_caps(out: Path) -> dict[str, Any]:
+    """Run the hard-cap stage for a finished run in ``out`` (its plans, budgets and setup) and re-render it.
+
+    The capped probes are separate processes that depend only on the plans, so running them
+    afterwards gives what the stage gives inside the run; results.json says it was added so.
+    """
+    from experiments import report
+
+    results = json.loads((out / "results.json").read_text())
+    fields_ = {f for f in Setup.__dataclass_fields__}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in results["setup"].items() if k in fields_}
+    setup = Setup(**values)
+    dsparse = Plan.from_json(json.dumps(results["plan"]["dsparse"]))
+    units = model_units(build_model(setup.model, seed=setup.seed))
+    sizes = {name: t.numel() * t.element_size() for name, t in build_model(setup.model).state_dict().items()}
+    ids = [d.id for d in dsparse.devices]
+    estimates = {d.id: d.predicted_mb for d in dsparse.devices}  # only their weights are read
+
+    def same_for_all(selection: Sequence[str]) -> Plan:
+        return plan_from_selections(units, {i: list(selection) for i in ids}, sizes,
+                                    budgets_mb={d.id: d.budget_mb for d in dsparse.devices},
+                                    batch_sizes=dict.fromkeys(ids, setup.batch_size), estimates=estimates)
+
+    smallest = min(dsparse.devices, key=lambda d: d.budget_mb)
+    capped = {"fedavg_capped": same_for_all([u.name for u in units]), "dsparse": dsparse,
+              **({"uniform": same_for_all(smallest.units)} if "uniform" in results["methods"] else {})}
+    progress = Progress()
+    with progress.stage("every device under a hard memory cap of its budget (one process each)"):
+        caps = run_capped(setup, capped, progress)
+    caps["added"] = "after the run, by `python -m experiments.compare --add-caps DIR` (the same plans and budgets)"
+    results["caps"] = caps
+    results["setup"]["hard_caps"], results["setup"]["hard_caps_reason"] = caps["enabled"], caps["reason"]
+    results["summary"] = summarise(results["methods"], results.get("link"), caps)
+    results = json.loads(json.dumps(results, default=float))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report.write_csv(results, out / "results.csv")
+    (out / "REPORT.md").write_text(report.render_report(results))
+    return results
 
 
 # --------------------------------------------------------------------------- Flower simulation (methods 1-4)
@@ -853,7 +1026,13 @@ def link_per_step(link: Mapping[str, Any], method: str, local_steps: int) -> dic
     return {str(rate): value / per for rate, value in link["seconds_per_exchange"][name].items()}
 
 
-def summarise(methods: Mapping[str, Mapping[str, Any]], link: Mapping[str, Any] | None = None) -> dict[str, Any]:
+#: Which capped run stands for each method's devices (methods 3-5 share one plan).
+CAPPED_AS = {"fedavg": None, "uniform": "uniform", "dsparse": "dsparse", "dsparse_k": "dsparse",
+             "collective": "dsparse"}
+
+
+def summarise(methods: Mapping[str, Mapping[str, Any]], link: Mapping[str, Any] | None = None,
+              caps: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The headline ratios against method 1, the way the paper states its figures."""
     full = methods["fedavg"]
 
@@ -886,6 +1065,21 @@ def summarise(methods: Mapping[str, Mapping[str, Any]], link: Mapping[str, Any] 
             summary[name][f"link_aggregation_ratio_{rate}mbit"] = timed[rate] / reference[rate] if timed else None
         if not timed:
             summary[name]["link_aggregation_reason"] = (link or {}).get("reason", "not timed")
+        capped_as = CAPPED_AS[name]
+        if caps and caps.get("enabled") and capped_as in caps["devices"]:
+            summary[name]["oom_killed"] = sum(d["killed"] for d in caps["devices"][capped_as])
+        else:
+            # fedavg is the uncapped reference (its capped twin is summary.fedavg_capped).
+            summary[name]["oom_killed"] = None
+    if caps and caps.get("enabled"):
+        capped = caps["devices"]["fedavg_capped"]
+        summary["fedavg_capped"] = {
+            "oom_killed": sum(d["killed"] for d in capped), "devices": len(capped),
+            "killed_devices": [d["device"] for d in capped if d["killed"]],
+            "budgets_mb": [d["budget_mb"] for d in capped],
+        }
+    else:
+        summary["fedavg_capped"] = {"oom_killed": None, "reason": (caps or {}).get("reason", "no caps")}
     summary["paper_ratios"] = {
         "memory": PAPER["memory_dsparse_mb"] / PAPER["memory_full_mb"],
         "batch": PAPER["batch_dsparse_s"] / PAPER["batch_full_s"],
@@ -989,6 +1183,12 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
                                                   progress).items():
             memory[selection]["step_s_alone"] = seconds
 
+    caps: dict[str, Any] = {"enabled": False, "reason": "skipped (hard_caps off)"}
+    if setup.hard_caps:
+        with progress.stage("every device under a hard memory cap of its budget (one process each)"):
+            capped = {"fedavg_capped": plans.full, "dsparse": plans.dsparse,
+                      **({"uniform": plans.uniform} if "uniform" in methods else {})}
+            caps = run_capped(setup, capped, progress)
     with progress.stage(f"each method's exchange over the emulated edge link "
                         f"({', '.join(f'{r} Mbit/s' for r in setup.link_rates_mbit)})"):
         exchanges = {"full": plans.full, "uniform": plans.uniform, "dsparse": plans.dsparse}
@@ -1031,11 +1231,14 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
         "paper": PAPER,
         "methods": runs,
         "link": link,
-        "summary": summarise(runs, link),
+        "caps": caps,
+        "summary": summarise(runs, link, caps),
         "stage_seconds": dict(progress.stage_seconds),
         "total_seconds": time.perf_counter() - progress.started,
     }
     # Everything below reads the JSON round trip, so the report is exactly what results.json renders to.
+    results["setup"]["hard_caps"] = caps["enabled"]
+    results["setup"]["hard_caps_reason"] = caps["reason"]
     results = json.loads(json.dumps(results, default=float))
     if plots:
         from experiments import plots as plotting
@@ -1126,6 +1329,9 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--add-caps"] and len(argv) == 2:  # the caps stage alone, for a finished run's folder
+        add_caps(Path(argv[1]))
+        return 0
     parser = _configure(argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[1]))
     args = parser.parse_args(argv)
     args.argv, args.prog_prefix = argv, "python -m experiments.compare"

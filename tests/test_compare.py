@@ -110,6 +110,31 @@ def test_every_exchange_is_timed_over_the_emulated_link_or_says_why_not(quick_ru
     assert summary["dsparse"]["link_aggregation_ratio"] < 1.0
 
 
+def test_every_device_runs_under_a_hard_cap_or_the_run_says_why_not(quick_run):
+    _, results = quick_run
+    caps, summary = results["caps"], results["summary"]
+    assert results["setup"]["hard_caps"] is caps["enabled"]
+    if not caps["enabled"]:
+        assert caps["reason"] and results["setup"]["hard_caps_reason"] == caps["reason"]
+        assert summary["fedavg_capped"]["oom_killed"] is None
+        return
+    full = results["methods"]["fedavg"]["devices"][0]["predicted_parts_mb"]
+    for name in ("fedavg_capped", "dsparse", "uniform"):
+        rows = caps["devices"][name]
+        assert [r["budget_mb"] for r in rows] == results["budgets"]["mb"], name
+        for row in rows:  # the cap is the budget less the weights already resident when it binds
+            assert row["cap_mb"] == pytest.approx(row["budget_mb"] - full["weights"]), (name, row)
+            assert row["killed"] == (row["exit_code"] == -9 or row["oom_kills"] > 0), (name, row)
+    # Every budget is below the full update's predicted need; the smallest (about half of it) is
+    # killed for sure, the largest (0.88) only where the kernel's charge exceeds its cap.
+    capped = caps["devices"]["fedavg_capped"]
+    assert capped[0]["killed"] and summary["fedavg_capped"]["oom_killed"] == sum(r["killed"] for r in capped)
+    assert summary["fedavg_capped"]["oom_killed"] >= summary["dsparse"]["oom_killed"]
+    assert summary["dsparse"]["oom_killed"] == sum(r["killed"] for r in caps["devices"]["dsparse"])
+    assert summary["dsparse_k"]["oom_killed"] == summary["dsparse"]["oom_killed"]
+    assert summary["fedavg"]["oom_killed"] is None  # the uncapped reference
+
+
 def test_dsparse_moves_fewer_bytes_per_step_than_fedavg(quick_run):
     _, results = quick_run
     methods = results["methods"]
