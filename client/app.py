@@ -5,23 +5,29 @@ from :mod:`flwr_dsparse.data`, training from :class:`flwr_dsparse.trainer.Sparse
 Every job setting arrives in the server's messages (the same :class:`JobConfig` the
 server parsed), so a node never disagrees with the server about the model or data.
 
-The node's replica of the global model lives in ``context.state`` between rounds;
-the server sends only the tensors it lacks.
+The node's replica of the global model lives in ``context.state`` between rounds (the
+durable copy); the server sends only the tensors it lacks. In a long-lived process
+(Flower's simulation actors) the node's model and momentum also stay alive between its
+messages (:mod:`flwr_dsparse.node_state`), used only while they match ``context.state``.
 """
 
 from __future__ import annotations
 
-from logging import INFO
 from functools import lru_cache
+from logging import INFO
 from typing import Any, Mapping
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from flwr_dsparse import node_state
 from flwr_dsparse.config import JobConfig, load_config
+from flwr_dsparse.data import Split, batches_at, load_dataset, partition_indices
+from flwr_dsparse.memory import peak_rss_mb
+from flwr_dsparse.models import build_model
 from flwr_dsparse.protocol import (
     ARRAYS,
     CONFIG,
@@ -35,10 +41,7 @@ from flwr_dsparse.protocol import (
     read_train_message,
     train_reply_content,
 )
-from flwr_dsparse.data import Split, batches_at, load_dataset, partition_indices
-from flwr_dsparse.memory import peak_rss_mb
-from flwr_dsparse.models import build_model
-from flwr_dsparse.records import from_array_record, tensor_nbytes, to_array_record
+from flwr_dsparse.records import array_of, from_array_record, tensor_nbytes
 from flwr_dsparse.trainer import SparseTrainer, StepResult, make_optimizer_factory
 from flwr_dsparse.units import model_units, unit_tensor_names
 
@@ -160,34 +163,44 @@ def train(msg: Message, context: Context) -> Message:
     """Apply the received tensors to the replica, train the selection, send it back."""
     config, control = _job(msg)
     split, indices, partition = _node_data(config, context.node_config)
-    model = build_model(config.model, seed=config.seed)
-    units = model_units(model)
-    received = from_array_record(msg.content[ARRAYS])
+    arrays = msg.content[ARRAYS]
+    received = from_array_record(arrays, writable=False)  # views: they are only copied into the model
     bytes_recv = tensor_nbytes(received)
-
-    if config.method == "fedavg":
-        state = received  # FedAvg sends the whole model every round
-        selection = [unit.name for unit in units]
+    sparse = config.method != "fedavg"
+    meta = context.state.get(STATE_META, ConfigRecord()) if sparse else ConfigRecord()
+    live = node_state.take(context.run_id, context.node_id, meta.get("token")) if sparse else None
+    if live is not None and len(received) == len(live.model.state_dict()):
+        live = None  # the server resent everything (it thinks this node lost its state): rebuild
+    if live is not None:
+        model = live.model
+        _load_into(model, received)
     else:
-        state = from_array_record(context.state[STATE_REPLICA]) if STATE_REPLICA in context.state else {}
-        state.update(received)
-        meta = context.state.get(STATE_META, ConfigRecord())
+        model = build_model(config.model, seed=config.seed)
+        state = dict(received)
+        if sparse and STATE_REPLICA in context.state:
+            state = {**from_array_record(context.state[STATE_REPLICA], writable=False), **received}
+        expected = model.state_dict()
+        missing = [name for name in expected if name not in state]
+        if missing:
+            # A restarted node lost its replica; failing makes the server resend everything.
+            raise RuntimeError(f"replica lacks {len(missing)} tensors (e.g. {missing[:2]}); the node lost its state")
+        model.load_state_dict(state)
+    units = model_units(model)
+
+    if not sparse:
+        selection = [unit.name for unit in units]  # FedAvg sends the whole model every round
+    else:
         selection = control.units
         if selection is None:
             if "selection" not in meta:
                 raise RuntimeError("no selection: this node has no saved selection and the server sent none")
             selection = [name for name in str(meta["selection"]).split(",") if name]
-        context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection)})
-    expected = model.state_dict()
-    missing = [name for name in expected if name not in state]
-    if missing:
-        # A restarted node lost its replica; failing makes the server resend everything.
-        raise RuntimeError(f"replica lacks {len(missing)} tensors (e.g. {missing[:2]}); the node lost its state")
-    model.load_state_dict(state)
 
     if OPTIMIZER in msg.content.array_records:
         # The server's copy of this node's momentum (after a retry, a restart or a resume).
         momentum_state = from_array_record(msg.content[OPTIMIZER])
+    elif live is not None:
+        momentum_state = live.momentum
     else:
         momentum_state = from_array_record(context.state[STATE_MOMENTUM]) if STATE_MOMENTUM in context.state else {}
     batches = _round_batches(config, split, indices, partition, control.server_round)
@@ -197,11 +210,16 @@ def train(msg: Message, context: Context) -> Message:
         results, momentum_state = train_selection(
             model, selection, batches, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state
         )
-    context.state[STATE_MOMENTUM] = to_array_record(momentum_state)
     trained = model.state_dict()
-    if config.method != "fedavg":
-        context.state[STATE_REPLICA] = to_array_record(trained)
-    reply = {name: trained[name] for name in unit_tensor_names(units, selection)}
+    # Each tensor is encoded once: the reply and the durable copy share the Arrays.
+    reply = {name: array_of(trained[name]) for name in unit_tensor_names(units, selection)}
+    momentum_arrays = {name: array_of(tensor) for name, tensor in momentum_state.items()}
+    context.state[STATE_MOMENTUM] = ArrayRecord(momentum_arrays)
+    if sparse:
+        _write_replica(context, trained, arrays, reply)
+        token = node_state.new_token(control.server_round)
+        context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection), "token": token})
+        node_state.put(context.run_id, context.node_id, node_state.NodeState(token, model, selection, momentum_state))
     examples = sum(r.examples for r in results)
     report = TrainReport(
         server_round=control.server_round,
@@ -211,12 +229,36 @@ def train(msg: Message, context: Context) -> Message:
         step_seconds=sum(r.seconds for r in results) / max(len(results), 1),
         peak_rss_mb=peak_rss_mb(),
         bytes_recv=bytes_recv,
-        bytes_sent=tensor_nbytes(reply),
+        bytes_sent=tensor_nbytes({name: trained[name] for name in reply}),
         # The current budget, so the server re-plans a node whose memory dropped.
         budget_mb=node_budget_mb(context.node_config, config)[0],
     )
-    state_up = to_array_record(momentum_state) if control.send_state else None
-    return Message(train_reply_content(to_array_record(reply), report, state_up), reply_to=msg)
+    state_up = ArrayRecord(dict(momentum_arrays)) if control.send_state else None
+    return Message(train_reply_content(ArrayRecord(reply), report, state_up), reply_to=msg)
+
+
+def _load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into the live model's parameters and buffers (by state-dict name)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor)
+
+
+def _write_replica(context: Context, trained: Mapping[str, torch.Tensor], received: ArrayRecord,
+                   reply: Mapping[str, Array]) -> None:
+    """The durable copy of the replica in ``context.state``, re-encoding only what changed.
+
+    A tensor that is neither received nor trained this round holds the value it had in the
+    previous copy, so its Array is kept; received tensors keep the server's Arrays as they
+    came; trained ones share the reply's.
+    """
+    previous = context.state[STATE_REPLICA] if STATE_REPLICA in context.state else ArrayRecord()
+    context.state[STATE_REPLICA] = ArrayRecord({
+        name: reply[name] if name in reply else received[name] if name in received
+        else previous[name] if name in previous else array_of(tensor)
+        for name, tensor in trained.items()
+    })
 
 
 def _collective_round(

@@ -61,6 +61,7 @@ class JobConfig:
     min_replies: int = 1
     round_retries: int = 2
     checkpoint: bool = True
+    checkpoint_every: int = 10
     resume: bool = False
     transport: str = "server"
     collective_addr: str = "127.0.0.1"
@@ -154,7 +155,8 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
     _one_of("partitioning", config.partitioning, PARTITIONINGS)
     _one_of("transport", config.transport, TRANSPORTS)
     _one_of("plan-objective", config.plan_objective, OBJECTIVES)
-    positive = ("num-server-rounds", "local-steps", "batch-size", "lr", "dirichlet-alpha", "round-timeout", "min-nodes")
+    positive = ("checkpoint-every", "num-server-rounds", "local-steps", "batch-size", "lr", "dirichlet-alpha",
+                "round-timeout", "min-nodes")
     for key in positive + ("min-replies", "collective-timeout"):
         _positive(key, values.get(key, getattr(config, key.replace("-", "_"))))
     for key in ("momentum", "memory-reserve-mb", "train-examples", "test-examples", "round-retries"):

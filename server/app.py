@@ -199,6 +199,7 @@ def _run_job(grid: Grid, config: JobConfig, plan_fn: PlanFn | None) -> dict[str,
             round_retries=config.round_retries,
             # The server keeps the nodes' momentum only when it checkpoints: it costs upload bytes.
             keep_client_state=config.checkpoint and config.momentum > 0,
+            checkpoint_every=config.checkpoint_every,
             checkpoint_path=checkpoint_path(config) if config.checkpoint or config.resume else None,
             resume=config.resume,
             fingerprint=config.to_run_config(),

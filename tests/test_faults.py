@@ -214,7 +214,9 @@ def _kill_tree(process: subprocess.Popen) -> None:
 
 
 # Two Ray simulations share the machine: a generous timeout for the nodes to start.
-SIM_JOB = {**SMALL_JOB, "num-server-rounds": 5, "local-steps": 3, "round-timeout": 240.0}
+# checkpoint-every=1: a kill after any round resumes bit-identically only if that round's
+# checkpoint holds the nodes' momentum (with N > 1 the rounds between hold older momentum).
+SIM_JOB = {**SMALL_JOB, "num-server-rounds": 5, "local-steps": 3, "round-timeout": 240.0, "checkpoint-every": 1}
 
 
 @pytest.mark.slow

@@ -38,12 +38,19 @@ def fused_weighted_mean(names: Sequence[str], updates: Sequence[Update]) -> dict
         raise ValueError("fused_weighted_mean needs at least one update")
     total = sum(update.examples for update in updates)
     first = updates[0].tensors
-    acc = torch.zeros(sum(first[name].numel() for name in names), dtype=torch.float64)
+    sizes = [first[name].numel() for name in names]
+    # Two preallocated float64 buffers: the sum, and one update's fused values. Each tensor is
+    # copied into its slice (the exact widening to float64) with no intermediate concatenation.
+    acc = torch.zeros(sum(sizes), dtype=torch.float64)
+    flat = torch.empty_like(acc)
+    pieces = flat.split(sizes)
     for update in updates:
-        flat = torch.cat([update.tensors[name].reshape(-1).to(torch.float64) for name in names])
+        for piece, name in zip(pieces, names, strict=True):
+            piece.copy_(update.tensors[name].reshape(-1))
         # Multiply then add as two IEEE operations (no fused alpha), so the result is
-        # reproducible by a hand computation.
-        acc += flat * (update.examples / total)
+        # reproducible by a hand computation: the same values as ``acc += flat * w``.
+        flat.mul_(update.examples / total)
+        acc.add_(flat)
     out: dict[str, torch.Tensor] = {}
     offset = 0
     for name in names:

@@ -17,7 +17,14 @@ needs ``min_replies`` accepted replies, else it is retried and then the run stop
 :class:`~.membership.RoundFailed`; nodes that join or leave and budgets that drop re-plan the devices;
 with ``keep_client_state`` the server keeps each node's momentum and restores it whenever
 the node's own copy may differ; with ``checkpoint_path`` every round's end writes an atomic
-checkpoint, and ``resume`` continues from its last complete round.
+checkpoint, and ``resume`` continues from its last complete round. The nodes upload their
+momentum only every ``checkpoint_every`` rounds (and in the last round), so the checkpoints in
+between hold the model and plan of their round and the momentum of the last round that uploaded it.
+
+Encoding (:mod:`flwr_dsparse.records`): each global tensor is encoded once per version and
+the one ``Array`` is shared by every message that carries it and by the returned model; the
+model ``aggregate_train`` returned is not decoded again by the next ``configure_train``;
+replies are read as views of their wire bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
@@ -41,7 +48,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..exchange import TensorVersions
 from ..plan import Plan
 from ..protocol import TrainControl, train_content
-from ..records import from_array_record, tensor_nbytes, to_array_record
+from ..records import array_of, from_array_record, tensor_nbytes, to_array_record
 from .aggregate import aggregate_groups, member_values
 from .membership import Membership, PlanFn
 from .replicas import Replicas
@@ -91,6 +98,9 @@ class DSparse(Strategy):
         How often a round below ``min_replies`` is retried before :class:`~.membership.RoundFailed`.
     keep_client_state : bool (default: False)
         Nodes return their momentum buffers; the server keeps and restores them.
+    checkpoint_every : int (default: 1)
+        With ``keep_client_state``, nodes return their momentum only in rounds divisible by
+        this and in the run's last round (1: every round).
     checkpoint_path : str or Path, optional
         Where every round's end writes its checkpoint.
     resume : bool (default: False)
@@ -118,6 +128,7 @@ class DSparse(Strategy):
         min_replies: int = 0,
         round_retries: int = 2,
         keep_client_state: bool = False,
+        checkpoint_every: int = 1,
         checkpoint_path: str | Path | None = None,
         resume: bool = False,
         fingerprint: Mapping[str, Any] | None = None,
@@ -131,6 +142,8 @@ class DSparse(Strategy):
             raise ValueError(f"min_replies and round_retries must be >= 0, got {min_replies} and {round_retries}")
         if transport not in ("server", "collective"):
             raise ValueError(f"transport is {transport!r}; use \"server\" or \"collective\"")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}; 1 uploads momentum every round")
         if resume and checkpoint_path is None:
             raise ValueError("resume=True needs a checkpoint_path")
         self.membership = Membership(plan_fn, query_config or {}, min_nodes=min_nodes, settle_s=settle_s,
@@ -139,6 +152,8 @@ class DSparse(Strategy):
         self.train_config = dict(train_config or {})
         self.min_replies, self.round_retries = min_replies, round_retries
         self.keep_client_state = keep_client_state
+        self.checkpoint_every = checkpoint_every
+        self.num_rounds: int | None = None  # set by start(): its last round always uploads momentum
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.resume = resume
         self.fingerprint = dict(fingerprint or {})
@@ -150,6 +165,9 @@ class DSparse(Strategy):
         self.rejections: Counter[str] = Counter()
         self.round: RoundState | None = None
         self._global: dict[str, torch.Tensor] = {}
+        # Each global tensor's encoding, by name: (its version, the Array every message shares).
+        self._encoded: dict[str, tuple[int, Array]] = {}
+        self._returned: ArrayRecord | None = None  # the model aggregate_train last returned
 
     # -- the plan and who holds what ---------------------------------------------------------------
     @property
@@ -171,6 +189,41 @@ class DSparse(Strategy):
 
     def set_global(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._global = dict(tensors)
+        self._encoded.clear()
+        self._returned = None
+
+    def uploads_state(self, server_round: int) -> bool:
+        """Whether the nodes return their momentum in ``server_round`` (see ``checkpoint_every``)."""
+        return self.keep_client_state and (server_round % self.checkpoint_every == 0 or server_round == self.num_rounds)
+
+    def _arrays(self, names: Iterable[str]) -> dict[str, Array]:
+        """The encoded ``Array`` of each named global tensor, encoding only those whose version changed."""
+        assert self.versions is not None
+        out = {}
+        for name in names:
+            version = self.versions.current[name]
+            cached = self._encoded.get(name)
+            if cached is None or cached[0] != version:
+                cached = self._encoded[name] = (version, array_of(self._global[name]))
+            out[name] = cached[1]
+        return out
+
+    def global_record(self) -> ArrayRecord:
+        """The global model as an ``ArrayRecord`` of the shared encodings."""
+        record = ArrayRecord(self._arrays(self._global))
+        self._returned = record
+        return record
+
+    def _take_global(self, arrays: ArrayRecord) -> None:
+        """The round's starting model: ours if ``arrays`` is what we returned, else decoded once."""
+        if arrays is self._returned:
+            return
+        self._global = from_array_record(arrays)
+        versions = self.replicas.versions
+        # A model from outside (the first round, a caller's own): its Arrays are already encoded.
+        self._encoded = {name: (versions.current[name] if versions and name in versions.current else 0, array)
+                         for name, array in arrays.items()}
+        self._returned = arrays
 
     def summary(self) -> None:
         """Log the strategy's configuration and its plan."""
@@ -217,10 +270,11 @@ class DSparse(Strategy):
         result = Result()
         arrays = initial_arrays
         first_round = 1
+        self.num_rounds = num_rounds
         if self.resume:
             assert self.checkpoint_path is not None
             first_round = restore(self, load_checkpoint(self.checkpoint_path), grid, timeout) + 1
-            arrays = result.arrays = to_array_record(self._global)
+            arrays = result.arrays = self.global_record()
         else:
             if evaluate_fn:
                 self._evaluate(evaluate_fn, 0, arrays, result)
@@ -254,20 +308,20 @@ class DSparse(Strategy):
         if self.plan is None:
             raise RuntimeError("DSparse has no plan: call start() (which runs the query) or set_plan() first")
         state = RoundState(server_round, time.perf_counter(), self.round_transport)
-        self._global = from_array_record(arrays)
+        self._take_global(arrays)
         versions = self.replicas.track(list(self._global))
         collective = collective_control(self.plan, state, self.collective_addr, self.collective_port_fn)
         job = {**self.train_config, **dict(config), "method": "dsparse"}
         for node, device in sorted(self.membership.node_to_device.items(), key=lambda item: item[1]):
             units = self.plan.device(device).units
             send = versions.missing(device)
-            payload = {name: self._global[name] for name in send}
+            payload = self._arrays(send)  # one encoding per tensor, shared by every message
             restore_state = self.replicas.state_to_restore(device) if self.keep_client_state else None
             control = TrainControl(
                 server_round, selection=",".join(units) if self.replicas.selection_changed(device, units) else None,
-                send_state=self.keep_client_state, **collective, **({"rank": device} if collective else {}),
+                send_state=self.uploads_state(server_round), **collective, **({"rank": device} if collective else {}),
             )
-            content = train_content(to_array_record(payload), job, control,
+            content = train_content(ArrayRecord(payload), job, control,
                                     to_array_record(restore_state) if restore_state is not None else None)
             if restore_state is not None:
                 # The node's momentum may differ from the last accepted one (retry, rejected
@@ -277,7 +331,7 @@ class DSparse(Strategy):
                 Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
             )
             self.replicas.mark_sent(device, send, units)  # optimistic; a node that fails is forgotten
-            state.bytes_down[device] = tensor_nbytes(payload)
+            state.bytes_down[device] = tensor_nbytes({name: self._global[name] for name in send})
         self.round = state
         log(INFO, "configure_train: %d nodes, %.2f MiB down in total", len(state.messages),
             sum(state.bytes_down.values()) / 2**20)
@@ -326,6 +380,10 @@ class DSparse(Strategy):
         for device in tally.updates:
             if tally.states.get(device) is not None:
                 self.replicas.keep_state(device, tally.states[device])  # type: ignore[arg-type]
+            elif self.keep_client_state:
+                # A round between momentum uploads: the node's own momentum is the one to continue
+                # from; the server's (older) copy is restored only if the node fails or is rejected.
+                self.replicas.state_synced.add(device)
             self.membership.note_budget(device, tally.devices[device])
 
         record = round_record(state, tally, plan, updated=len(new), aggregation_s=aggregation_s,
@@ -336,7 +394,7 @@ class DSparse(Strategy):
         metrics = tally_metrics(tally, len(record.missing))
         metrics.update({"train-loss": record.train_loss if record.num_examples else 0.0, "bytes-up": record.bytes_up,
                         "bytes-down": record.bytes_down, "aggregation-seconds": aggregation_s})
-        return to_array_record(self._global), metrics
+        return self.global_record(), metrics
 
     def _no_model(self, state: RoundState, kind: str, reason: str, tally: ReplyTally) -> tuple[None, MetricRecord]:
         """Flower's contract for a round that produced no model: ``None`` and what happened."""

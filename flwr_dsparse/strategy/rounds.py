@@ -48,7 +48,7 @@ __all__ = [
 # Run-config keys that may differ between a run and its resume (they do not change the model).
 RESUMABLE_KEYS = frozenset(
     {"resume", "num-server-rounds", "round-timeout", "out-dir", "min-nodes", "min-replies", "round-retries",
-     "checkpoint", "test-examples", "collective-timeout", "collective-addr", "collective-port"}
+     "checkpoint", "checkpoint-every", "test-examples", "collective-timeout", "collective-addr", "collective-port"}
 )
 
 TOO_FEW_REPLIES = "too-few-replies"

@@ -1,0 +1,27 @@
+"""Scale: a 100-device plan of the tiny model is built and valid (its time is a benchmark figure:
+python -m experiments.sim_scale)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from experiments.sim_scale import job
+from flwr_dsparse.config import load_config
+from flwr_dsparse.data import load_dataset
+from flwr_dsparse.models import build_model
+from flwr_dsparse.protocol import DeviceReport
+from server.app import planner_plan_fn
+
+
+def test_a_100_device_plan_is_built_and_every_device_trains_within_its_budget(one_torch_thread):
+    config = load_config(job(100, 1, Path("unused")))
+    model = build_model("tiny", seed=0)
+    train, _ = load_dataset(config.dataset, seed=config.seed, num_train=128, num_test=10)
+    plan = planner_plan_fn(model, config, (train.x[:64], train.y[:64]))(
+        [DeviceReport(100 + d, d, budget, config.batch_size, 20) for d, budget in enumerate(config.budgets_mb)])
+    assert list(plan.device_ids) == list(range(100))
+    for device in plan.device_ids:
+        entry = plan.device(device)
+        assert entry.units, f"device {device} trains nothing"
+        assert entry.predicted_mb is not None and entry.predicted_mb.total <= entry.budget_mb, device
+        assert any(device in group.members for group in plan.groups)
