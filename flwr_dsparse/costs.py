@@ -15,7 +15,8 @@ Predicted training memory of a selection is the sum of
 
 Why per-unit attribution is enough: once the earliest trained unit ``e`` is
 fixed, every later unit saves either its "trained" or its "frozen pass-through"
-tensors (a frozen conv still saves its input so the gradient can flow past it),
+tensors (with lean frozen layers, :mod:`flwr_dsparse.lean`, only what the input
+gradient needs; with ``lean_frozen=False``, what plain autograd keeps),
 and units before ``e`` save nothing (they run under ``no_grad``). So the
 activations of any selection are ``first[e] + Σ_{j>e} (trained[j] if j selected
 else frozen[j])``: three forwards per unit position give every selection.
@@ -121,6 +122,9 @@ class CostModel:
         (all predicted times are then 0).
     progress : callable, optional
         Called with a line of text as profiling advances.
+    lean_frozen : bool
+        Profile with the trainer's lean frozen layers (its default); must match the
+        ``lean_frozen`` of the :class:`~flwr_dsparse.trainer.SparseTrainer` that trains.
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class CostModel:
         calibration_batches: tuple[int, int] = (4, 8),
         time_batches: tuple[int, int] | None = (8, 32),
         progress: ProgressFn | None = None,
+        lean_frozen: bool = True,
     ) -> None:
         key = (optimizer.lower(), momentum > 0)
         if key not in OPTIMIZER_STATE_FACTOR:
@@ -157,6 +162,7 @@ class CostModel:
         self.calibration_batches = calibration_batches
         self.time_batches = time_batches
         self.progress = progress or (lambda line: None)
+        self.lean_frozen = lean_frozen
         self._unit_costs: list[UnitCost] | None = None
         self._weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
             b.numel() * b.element_size() for b in self.model.buffers()
@@ -187,7 +193,7 @@ class CostModel:
 
     def _saved_by_unit(self, selection: Sequence[str], batch_size: int) -> dict[str, float]:
         """Bytes autograd saves during one forward with ``selection`` applied, per unit."""
-        trainer = SparseTrainer(self.model, selection, units=self.units)
+        trainer = SparseTrainer(self.model, selection, units=self.units, lean_frozen=self.lean_frozen)
         trainer.train_mode()
         meter = SavedTensorMeter.for_tensors(list(self.model.parameters()) + list(self.model.buffers()))
         modules = dict(self.model.named_modules())
@@ -290,7 +296,7 @@ class CostModel:
         state = {k: v.clone() for k, v in self.model.state_dict().items()}
 
         def timed_step(selection: Sequence[str]) -> tuple[list[float], list[float]]:
-            trainer = SparseTrainer(self.model, selection, units=self.units)
+            trainer = SparseTrainer(self.model, selection, units=self.units, lean_frozen=self.lean_frozen)
             trainer.train_mode()
             forward_start: dict[str, float] = {}
             forward_end: dict[str, float] = {}

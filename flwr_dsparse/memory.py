@@ -1,7 +1,9 @@
 """Memory measurement: real autograd saved tensors and process RSS.
 
 These are the measuring instruments the cost model is calibrated with and the
-trainer reports with. Nothing here predicts; it only observes.
+trainer reports with. Nothing here predicts; it only observes. The training probe
+that :func:`measure_training_rss` starts lives in :mod:`flwr_dsparse.probe`, so this
+module imports nothing of the trainer's (the trainer imports it).
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ def measure_training_rss(
     momentum: float = 0.0,
     no_grad_forward: bool = False,
     timeout_s: float = 600.0,
+    threads: int = 1,
+    cold: bool = False,
+    lean_frozen: bool = True,
+    tune_allocator: bool = True,
 ) -> dict[str, float]:
     """Peak RSS increase of a fresh subprocess that trains ``selection`` for ``steps`` steps.
 
@@ -123,7 +129,11 @@ def measure_training_rss(
     an in-process high-water mark carries whatever ran before.
 
     ``selection=None`` trains every unit; ``no_grad_forward=True`` measures a
-    plain inference forward instead.
+    plain inference forward instead. ``cold=True`` skips the warm-up forward, so the
+    runtime's first-forward start-up counts too; ``threads`` is torch's intra-op thread
+    count; ``lean_frozen`` and ``tune_allocator`` switch lean frozen layers and
+    :func:`flwr_dsparse.allocator.tune_allocator` (both on, as in training). The probe
+    itself is :mod:`flwr_dsparse.probe`.
     """
     import json
     import subprocess
@@ -138,9 +148,13 @@ def measure_training_rss(
         "optimizer": optimizer,
         "momentum": momentum,
         "no_grad_forward": no_grad_forward,
+        "threads": threads,
+        "cold": cold,
+        "lean_frozen": lean_frozen,
+        "tune_allocator": tune_allocator,
     }
     completed = subprocess.run(
-        [sys.executable, "-m", "flwr_dsparse.memory", json.dumps(request)],
+        [sys.executable, "-m", "flwr_dsparse.probe", json.dumps(request)],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -149,41 +163,3 @@ def measure_training_rss(
     if completed.returncode != 0:
         raise RuntimeError(f"memory probe failed for {request}:\n{completed.stderr[-2000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def _probe_main(request_json: str) -> None:
-    import json
-
-    from .models import build_model
-    from .trainer import SparseTrainer, make_optimizer_factory
-    from .units import model_units
-
-    request = json.loads(request_json)
-    torch.set_num_threads(1)  # one thread: deterministic workspace, like a small edge CPU
-    model = build_model(request["model"], request["num_classes"], seed=0)
-    units = model_units(model)
-    selection = request["selection"] if request["selection"] is not None else [u.name for u in units]
-    inputs = torch.randn(request["batch_size"], *request["input_shape"])
-    targets = torch.randint(0, request["num_classes"], (request["batch_size"],))
-    trainer = SparseTrainer(
-        model,
-        [] if request["no_grad_forward"] else selection,
-        units=units,
-        optimizer_factory=make_optimizer_factory(request["optimizer"], lr=0.01, momentum=request["momentum"]),
-    )
-    # One tiny inference forward first: it pays the runtime's one-time start-up (thread pool,
-    # oneDNN primitives) into the baseline, because that cost belongs to the runtime reserve,
-    # not to any selection.
-    with torch.no_grad():
-        model.eval()
-        model(inputs[:1])
-    baseline = current_rss_mb()
-    reset_peak_rss()
-    for _ in range(request["steps"]):
-        trainer.step(inputs, targets)
-    increase = peak_rss_mb() - baseline
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "increase_mb": increase}))
-
-
-if __name__ == "__main__":
-    _probe_main(sys.argv[1])

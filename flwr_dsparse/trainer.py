@@ -10,7 +10,10 @@ than forks). Applying a selection means, before any forward:
 * units before the earliest selected unit run under ``no_grad``, so they build
   no graph and keep no activations;
 * the optimizer is built over the selected parameters only, so optimizer state
-  exists only for them.
+  exists only for them;
+* frozen units after the earliest selected one (gradients pass through them) run
+  as lean layers (:mod:`flwr_dsparse.lean`): they keep only what their input
+  gradient needs, unless ``lean_frozen=False``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .lean import LeanHandle, install_lean_layers
 from .memory import SavedTensorMeter, peak_rss_mb, saved_tensors
 from .units import Unit, model_units, validate_unit_names
 
@@ -75,6 +79,9 @@ class SparseTrainer:
         Called with the selected parameters; default plain SGD, ``lr=0.01``.
     loss_fn : callable, optional
         ``loss_fn(outputs, targets)``; default cross-entropy (mean over the batch).
+    lean_frozen : bool
+        Frozen units that gradients pass through keep only what their input gradient
+        needs (default). ``False`` keeps what plain autograd keeps; gradients are the same.
     """
 
     def __init__(
@@ -85,12 +92,15 @@ class SparseTrainer:
         units: Sequence[Unit] | None = None,
         optimizer_factory: OptimizerFactory | None = None,
         loss_fn: LossFn | None = None,
+        lean_frozen: bool = True,
     ) -> None:
         self.model = model
         self.units = list(units) if units is not None else model_units(model)
         self.optimizer_factory = optimizer_factory or make_optimizer_factory("sgd")
         self.loss_fn = loss_fn or F.cross_entropy
+        self.lean_frozen = lean_frozen
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._lean = LeanHandle()
         self._grad_mode_stack: list[bool] = []
         self.selection: tuple[str, ...] = ()
         self.optimizer: torch.optim.Optimizer | None = None
@@ -118,9 +128,7 @@ class SparseTrainer:
         return min(indices) if indices else None
 
     def _install_prefix_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self.close()
         first = self.first_selected_index
         modules = dict(self.model.named_modules())
         prefix = [u for u in self.units if first is None or u.index < first]
@@ -128,6 +136,10 @@ class SparseTrainer:
             module = modules[unit.name]
             self._hooks.append(module.register_forward_pre_hook(self._enter_no_grad))
             self._hooks.append(module.register_forward_hook(self._leave_no_grad))
+        if self.lean_frozen and first is not None:
+            chosen = set(self.selection)
+            self._lean = install_lean_layers(
+                modules[u.name] for u in self.units if u.index > first and u.name not in chosen)
 
     def _enter_no_grad(self, module: nn.Module, args: tuple) -> None:
         # A stack, not a flag: hooks of nested or repeated calls restore in order.
@@ -138,10 +150,11 @@ class SparseTrainer:
         torch.set_grad_enabled(self._grad_mode_stack.pop())
 
     def close(self) -> None:
-        """Remove the trainer's hooks; the model's flags stay as they are."""
+        """Remove the trainer's hooks and lean layers; the model's flags stay as they are."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._lean.remove()
 
     # -- optimizer state ------------------------------------------------------------------------------
     def _sgd_momentum(self) -> bool:
