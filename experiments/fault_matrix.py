@@ -283,6 +283,9 @@ KILL_JOB: dict[str, Any] = {
     "num-server-rounds": 3,
     "min-nodes": 3,
     "collective-timeout": 20.0,
+    # The memory-only plan: the kill needs device 2 to train units of its own, which these budgets
+    # give deterministically (the balanced plan's choice depends on timed steps).
+    "plan-objective": "criticality",
     # Long enough for the SuperLink to declare the dead node offline (two missed 30 s
     # heartbeats), after which it answers the node's message with an error itself.
     "round-timeout": 150.0,
