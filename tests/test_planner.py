@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from flwr_dsparse.costs import CostModel
+from flwr_dsparse.costs import CostModel, UnitCost
 from flwr_dsparse.models import build_model
 from flwr_dsparse.plan import Plan
 from flwr_dsparse.planner import (
@@ -29,9 +30,39 @@ def tiny_cost() -> CostModel:
     return CostModel(build_model("tiny"), (3, 32, 32), time_batches=None)
 
 
+class FixedTimesCostModel(CostModel):
+    """The tiny model's measured memory with fixed step times: each unit's work proportional to its
+    trained activations and weights (made up, but the shape a calibration gives).
+
+    The planner's exactness is what these tests check, so its inputs must not move between runs;
+    timed on a shared machine, a calibration once made the whole model 6x faster than its
+    classifier alone and a step cap unsatisfiable.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(build_model("tiny"), (3, 32, 32), time_batches=None)
+        timed = []
+        for cost in super().unit_costs:
+            work = 2e-10 * (cost.act_trained[1] + cost.param_bytes / 16)  # seconds per sample
+            timed.append(
+                replace(
+                    cost,
+                    forward_s=(1e-4, work),
+                    backward_trained_s=(2e-4, 2 * work),
+                    backward_frozen_s=(1e-4, work),
+                    forward_inference_s=(5e-5, 0.8 * work),
+                )
+            )
+        self._fixed_times = timed
+
+    @property
+    def unit_costs(self) -> list[UnitCost]:
+        return self._fixed_times
+
+
 @pytest.fixture(scope="module")
 def timed_tiny_cost() -> CostModel:
-    return CostModel(build_model("tiny"), (3, 32, 32), time_batches=(4, 8))
+    return FixedTimesCostModel()
 
 
 # -- memory only (objective criticality, the paper's planner) ---------------------------------------
@@ -61,8 +92,7 @@ def test_exact_search_equals_brute_force(tiny_cost: CostModel) -> None:
 def test_budgets_respected_and_score_monotone_in_budget(tiny_cost: CostModel) -> None:
     scores = [0.3, 0.1, 0.5, 0.2, 0.4, 0.9]
     budgets = list(np.linspace(tiny_cost.selection_terms(64)[0].min() + 0.01, 40, 25))
-    plan = make_plan([DeviceSpec(i, b, 64) for i, b in enumerate(budgets)], tiny_cost, scores,
-                     objective="criticality")
+    plan = make_plan([DeviceSpec(i, b, 64) for i, b in enumerate(budgets)], tiny_cost, scores, objective="criticality")
     previous = -1.0
     for device, budget in zip(plan.devices, budgets, strict=True):
         assert device.predicted_mb.total <= budget + 1e-6
@@ -77,11 +107,17 @@ def test_plan_is_deterministic_and_round_trips_json(timed_tiny_cost: CostModel) 
     assert first.to_json() == second.to_json() and first.digest() == second.digest()
     assert Plan.from_json(first.to_json()) == first
 
+
 # -- bad input ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "text,message",
-    [("80,abc", r"item 1 \('abc'\) is not a number"), ("80,-5", "item 1 is -5.0"), ("", "empty"),
-     ("80,0", "item 1 is 0.0"), ("nan", "item 0 is nan")],
+    [
+        ("80,abc", r"item 1 \('abc'\) is not a number"),
+        ("80,-5", "item 1 is -5.0"),
+        ("", "empty"),
+        ("80,0", "item 1 is 0.0"),
+        ("nan", "item 0 is nan"),
+    ],
 )
 def test_parse_budgets_rejects_bad_values(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -114,8 +150,13 @@ def test_budget_below_cheapest_selection_names_device_budget_and_minimum(
     with pytest.raises(ValueError, match=r"budget 1 MB for device 3 is below the [\d.]+ MB .* at batch 32"):
         make_plan([DeviceSpec(3, 1.0, 32)], timed_tiny_cost, scores)  # the balanced planner says the same
     for cost, objective in ((tiny_cost, "criticality"), (timed_tiny_cost, "balanced")):
-        plan = make_plan([DeviceSpec(3, 1.0, 32), DeviceSpec(4, 40.0, 32)], cost, scores, objective=objective,
-                         allow_inference_only=True)
+        plan = make_plan(
+            [DeviceSpec(3, 1.0, 32), DeviceSpec(4, 40.0, 32)],
+            cost,
+            scores,
+            objective=objective,
+            allow_inference_only=True,
+        )
         assert plan.device(3).inference_only and not plan.device(4).inference_only
         assert all(3 not in g.members and 3 in g.broadcast.receivers for g in plan.groups)
 
@@ -124,11 +165,13 @@ def test_scores_must_match_units(tiny_cost: CostModel) -> None:
     with pytest.raises(ValueError, match="got 2 scores for 6 units"):
         make_plan([DeviceSpec(0, 40, 8)], tiny_cost, [1.0, 2.0])
 
+
 def test_best_selection_returns_none_when_nothing_fits() -> None:
     assert best_selection(np.array([5.0, 6.0]), np.zeros((2, 2)), [1.0, 1.0], 4.0) is None
 
 
 # -- step-time cap by hand ----------------------------------------------------------------------------
+
 
 def test_step_time_terms_agree_with_step_time(timed_tiny_cost: CostModel) -> None:
     base, increments = timed_tiny_cost.step_time_terms(16)
@@ -148,13 +191,13 @@ def test_step_cap_is_the_exact_best_under_both_limits(timed_tiny_cost: CostModel
     budget = cost.predict(names, 16).total + 5  # the whole model fits
     uncapped = make_plan([DeviceSpec(0, budget, 16)], cost, scores, objective="criticality")
     assert list(uncapped.device(0).units) == names
-    capped = make_plan([DeviceSpec(0, budget, 16)], cost, scores, objective="criticality",
-                       max_step_fraction=0.6)
+    capped = make_plan([DeviceSpec(0, budget, 16)], cost, scores, objective="criticality", max_step_fraction=0.6)
     chosen = list(capped.device(0).units)
     assert cost.step_time(chosen, 16) <= 0.6 * full_s * (1 + 1e-9) and chosen != names
     best = max(
         (sum(scores[i] for i in combo), [names[i] for i in combo])
-        for size in range(1, len(names) + 1) for combo in itertools.combinations(range(len(names)), size)
+        for size in range(1, len(names) + 1)
+        for combo in itertools.combinations(range(len(names)), size)
         if cost.step_time([names[i] for i in combo], 16) <= 0.6 * full_s * (1 + 1e-9)
         and cost.predict([names[i] for i in combo], 16).total <= budget
     )
@@ -170,8 +213,9 @@ def test_step_cap_errors_name_the_fix(timed_tiny_cost: CostModel, tiny_cost: Cos
     with pytest.raises(ValueError, match="raise max-step-fraction"):
         make_plan([DeviceSpec(0, budget, 16)], timed_tiny_cost, [1.0] * len(names), max_step_fraction=1e-6)
     with pytest.raises(ValueError, match="max-step-fraction < 1 needs a cost model calibrated for step time"):
-        make_plan([DeviceSpec(0, budget, 16)], tiny_cost, [1.0] * len(names), objective="criticality",
-                  max_step_fraction=0.5)
+        make_plan(
+            [DeviceSpec(0, budget, 16)], tiny_cost, [1.0] * len(names), objective="criticality", max_step_fraction=0.5
+        )
 
 
 # -- balanced (the default) ------------------------------------------------------------------------------
@@ -219,6 +263,7 @@ def test_balanced_plan_is_optimal_by_brute_force_over_every_plan(timed_tiny_cost
     high_value = total.max()
     high_step = slowest[total >= high_value * (1 - 1e-12)].min()
     if high_value > low_value and high_step > fastest:
+
         def knee(value, step):
             return (value - low_value) / (high_value - low_value) - (step - fastest) / (high_step - fastest)
 
@@ -239,8 +284,10 @@ def test_balanced_plan_is_never_slower_than_the_memory_only_plan(timed_tiny_cost
     for scores in ([1.0, 0.5, 2.0, 0.7, 1.5, 3.0], depth_scores(None, cost.units), [3.0, 2.0, 1.0, 1.0, 0.5, 0.1]):
         balanced = make_plan(devices, cost, scores)
         memory_only = make_plan(devices, cost, scores, objective="criticality")
-        slowest = {name: max(d.predicted_step_s for d in p.devices)
-                   for name, p in (("balanced", balanced), ("memory", memory_only))}
+        slowest = {
+            name: max(d.predicted_step_s for d in p.devices)
+            for name, p in (("balanced", balanced), ("memory", memory_only))
+        }
         assert slowest["balanced"] <= slowest["memory"] * (1 + 1e-9)
         assert sum(d.score for d in balanced.devices) <= sum(d.score for d in memory_only.devices) + 1e-9
         assert memory_only.meta["objective"] == "criticality"
@@ -268,8 +315,9 @@ def test_objective_errors_name_the_choices_and_the_fix(tiny_cost: CostModel, tim
     scores = [1.0] * len(timed_tiny_cost.unit_names)
     with pytest.raises(ValueError, match="objective 'fastest' is unknown; choose 'balanced'.*or 'criticality'"):
         make_plan([DeviceSpec(0, budget, 16)], timed_tiny_cost, scores, objective="fastest")
-    with pytest.raises(ValueError, match="objective='balanced' needs a cost model calibrated for step time.*"
-                                         "objective='criticality'"):
+    with pytest.raises(
+        ValueError, match="objective='balanced' needs a cost model calibrated for step time.*objective='criticality'"
+    ):
         make_plan([DeviceSpec(0, budget, 16)], tiny_cost, scores)
 
 
@@ -281,8 +329,9 @@ def test_balanced_with_a_hand_cap_stays_within_both(timed_tiny_cost: CostModel) 
     # Halfway between the fastest selection's step and the full update's: feasible however the timing fell.
     full_s = cost.step_time(names, 16)
     fraction = min(1.0, (min(cost.step_time([name], 16) for name in names) / full_s + 1) / 2)
-    hand = make_plan([DeviceSpec(0, budget, 16), DeviceSpec(1, budget * 0.7, 16)], cost, scores,
-                     max_step_fraction=fraction)
+    hand = make_plan(
+        [DeviceSpec(0, budget, 16), DeviceSpec(1, budget * 0.7, 16)], cost, scores, max_step_fraction=fraction
+    )
     for device in hand.devices:
         assert device.predicted_step_s <= fraction * full_s * (1 + 1e-9)
         assert device.predicted_mb.total <= device.budget_mb + 1e-6
