@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from flwr_dsparse import node_state
+from flwr_dsparse.allocator import tune_allocator
 from flwr_dsparse.config import JobConfig, load_config
 from flwr_dsparse.data import Split, batches_at, load_dataset, partition_indices
 from flwr_dsparse.memory import peak_rss_mb
@@ -44,6 +45,9 @@ from flwr_dsparse.protocol import (
 from flwr_dsparse.records import array_of, from_array_record, tensor_nbytes
 from flwr_dsparse.trainer import SparseTrainer, StepResult, make_optimizer_factory
 from flwr_dsparse.units import model_units, unit_tensor_names
+
+# Every process that trains (simulation actor, deployed ClientApp) runs with the tuned allocator.
+tune_allocator()
 
 __all__ = ["app", "train_selection", "node_budget_mb"]
 

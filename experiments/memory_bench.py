@@ -1,15 +1,18 @@
-"""Memory benchmark: predicted training memory against the measured peak RSS increase.
+"""Memory benchmark: does every device's planned selection fit under a hard cap of its budget?
 
-Each selection is measured in a fresh subprocess that trains it for 5 steps
-(:func:`flwr_dsparse.memory.measure_training_rss`), because an allocator never
-returns memory and an in-process reading would carry what ran before. The
-prediction compared is what training adds on top of the loaded model: total
-minus weights and reserve.
+For the 7-device plans (``dsparse plan --model mobilenet_v2 --input 3x32x32 --batch-size B
+--budgets 80,110,140,170,200,240,280``, memory-only objective) each device's selection is
+trained for 5 steps in a *cold* fresh process (:mod:`flwr_dsparse.probe`: model and batch
+built, no warm-up forward) that then joins a hard memory cap of its budget less the resident
+weights (:func:`flwr_dsparse.hardcap.run_capped`). The cgroup's peak is the measured training
+memory; the prediction beside it is the cost model's total less weights and reserve.
 
-    python -m experiments.memory_bench [--quick] [--json PATH] [--fit]
+Configurations: threads (1, 2) x lean frozen layers (on, off) x allocator (tuned, stock).
 
-``--fit`` also prints the least-squares workspace coefficients for this
-machine, to pass as :class:`flwr_dsparse.costs.WorkspaceCoefficients`.
+    python -m experiments.memory_bench [--quick] [--batch-sizes 128,32] [--threads 1,2]
+        [--lean on,off] [--allocator tuned,stock] [--json PATH]
+
+``--quick`` (for tests): TinyNet, batch 16, two budgets, one configuration.
 """
 
 from __future__ import annotations
@@ -18,117 +21,111 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from flwr_dsparse.costs import CostModel
-from flwr_dsparse.memory import measure_training_rss
+from flwr_dsparse.allocator import allocator_env
+from flwr_dsparse.hardcap import hard_caps_available, run_capped
 from flwr_dsparse.models import build_model
+from flwr_dsparse.planner import DeviceSpec
+from flwr_dsparse.planning import plan_model
 
-TARGET_ERROR = 0.20
-
-
-def benchmark_selections(unit_names: list[str]) -> dict[str, list[str]]:
-    """The six selections the issue names, for a ``features.* + classifier`` model."""
-    blocks = [name for name in unit_names if name != "classifier"]
-    middle = blocks[len(blocks) // 2]
-    return {
-        "classifier only": ["classifier"],
-        "last 1 block": blocks[-1:] + ["classifier"],
-        "last 4 blocks": blocks[-4:] + ["classifier"],
-        "last 8 blocks": blocks[-8:] + ["classifier"],
-        "full": list(unit_names),
-        f"middle block {middle} only": [middle],
-    }
+BUDGETS = [80.0, 110.0, 140.0, 170.0, 200.0, 240.0, 280.0]
+TARGET_ERROR = 0.10
 
 
-def run(model_name: str, batch_sizes: list[int], *, steps: int, repeats: int = 3, progress: bool = True) -> list[dict]:
-    torch.set_num_threads(1)  # the probes use one thread; profile the same way
-    cost = CostModel(build_model(model_name), (3, 32, 32), time_batches=None)
-    rows = []
-    for batch in batch_sizes:
-        for label, selection in benchmark_selections(cost.unit_names).items():
-            started = time.perf_counter()
-            estimate = cost.predict(selection, batch)
-            # The median of several fresh processes: glibc's adaptive mmap threshold makes a single
-            # peak reading wander by several MB from run to run.
-            readings = [
-                measure_training_rss(model_name, selection, batch_size=batch, steps=steps)["increase_mb"]
-                for _ in range(repeats)
-            ]
-            measured = float(np.median(readings))
-            predicted = estimate.total - estimate.weights - estimate.reserve
-            rows.append(
-                {
-                    "model": model_name,
-                    "batch_size": batch,
-                    "selection": label,
-                    "units": len(selection),
-                    "predicted_mb": round(predicted, 2),
-                    "measured_mb": round(measured, 2),
-                    "measured_runs_mb": [round(r, 2) for r in readings],
-                    "error": round((predicted - measured) / measured, 4),
-                    "parts_mb": estimate.to_dict(),
-                }
-            )
-            if progress:
-                print(
-                    f"  [{len(rows)}] batch {batch:4d} {label:28s} predicted {predicted:7.1f} MB"
-                    f"  measured {measured:7.1f} MB  error {rows[-1]['error']:+.1%}  ({time.perf_counter() - started:.1f}s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    return rows
+def plan_devices(model_name: str, budgets: list[float], batch: int, *, lean: bool) -> list[dict]:
+    """The memory-only plan of ``budgets`` at ``batch``: per device its selection and prediction."""
+    model = build_model(model_name, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    calibration = (torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator))
+    planned = plan_model(model, [DeviceSpec(i, b, batch) for i, b in enumerate(budgets)], calibration,
+                         cost_options={"time_batches": None, "lean_frozen": lean}, objective="criticality")
+    devices = []
+    for device in planned.plan.devices:
+        estimate = planned.cost.predict(list(device.units), batch)
+        devices.append({"budget_mb": device.budget_mb, "units": list(device.units), "score": device.score,
+                        "weights_mb": estimate.weights,
+                        "predicted_mb": estimate.total - estimate.weights - estimate.reserve})
+    return devices
 
 
-def fit_workspace(rows: list[dict], cost: CostModel) -> dict[str, float]:
-    """Least-squares workspace coefficients from the measured residuals."""
-    features, residuals = [], []
-    costs = cost.unit_costs
-    widest = max(c.max_leaf_bytes_per_sample for c in costs) / 2**20
-    for row in rows:
-        selection = benchmark_selections(cost.unit_names)[row["selection"]]
-        first = min(cost.unit_names.index(name) for name in selection)
-        widest_from = max(c.max_leaf_bytes_per_sample for c in costs[first:]) / 2**20
-        parts = row["parts_mb"]
-        known = parts["grads"] + parts["optimizer"] + parts["activations"]
-        features.append([widest * row["batch_size"], parts["grads"], widest_from * row["batch_size"]])
-        residuals.append(row["measured_mb"] - known)
-    solution, *_ = np.linalg.lstsq(np.array(features), np.array(residuals), rcond=None)
-    return {"forward": float(solution[0]), "backward": float(solution[1]), "trained_forward": float(solution[2])}
+def measure(model_name: str, device: dict, batch: int, *, threads: int, lean: bool, tuned: bool,
+            steps: int) -> dict:
+    """One cold capped probe of ``device``'s selection; the row of the JSON."""
+    cap = device["budget_mb"] - device["weights_mb"]
+    request = {"model": model_name, "selection": device["units"], "batch_size": batch, "steps": steps,
+               "threads": threads, "cold": True, "lean_frozen": lean, "tune_allocator": tuned}
+    result = run_capped([sys.executable, "-m", "flwr_dsparse.probe", json.dumps(request)], cap, join="self",
+                        env=allocator_env() if tuned else None, label=", ".join(device["units"]))
+    if result.returncode != 0 and not result.oom_killed:
+        raise RuntimeError(f"probe failed: {result.describe()}\n{result.stderr[-2000:]}")
+    measured = result.peak_mb
+    return {"batch_size": batch, "threads": threads, "lean": lean, "allocator": "tuned" if tuned else "stock",
+            "budget_mb": device["budget_mb"], "cap_mb": round(cap, 2), "units": device["units"],
+            "predicted_mb": round(device["predicted_mb"], 2), "measured_mb": round(measured, 2),
+            "killed": result.oom_killed, "capped": result.capped, "seconds": round(result.seconds, 1),
+            "error": round((device["predicted_mb"] - measured) / measured, 4), "result": result.describe()}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| batch | threads | lean | allocator | budget MB | cap MB | predicted MB | measured MB | error | killed |",
+             "|---:|---:|:---|:---|---:|---:|---:|---:|---:|:---|"]
+    for r in rows:
+        lines.append(f"| {r['batch_size']} | {r['threads']} | {'on' if r['lean'] else 'off'} | {r['allocator']} "
+                     f"| {r['budget_mb']:.0f} | {r['cap_mb']:.1f} | {r['predicted_mb']:.1f} | {r['measured_mb']:.1f} "
+                     f"| {r['error']:+.1%} | {'KILLED' if r['killed'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def _flags(text: str, on: str, off: str) -> list[bool]:
+    values = [v.strip() for v in text.split(",")]
+    bad = [v for v in values if v not in (on, off)]
+    if bad:
+        raise SystemExit(f"unknown value(s) {bad}; use {on} and/or {off}")
+    return [v == on for v in values]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mobilenet_v2")
-    parser.add_argument("--batch-sizes", default="32,128", help="comma-separated")
+    parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
+    parser.add_argument("--batch-sizes", default="128,32")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--lean", default="on", help="on,off")
+    parser.add_argument("--allocator", default="tuned", help="tuned,stock")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per selection (median)")
-    parser.add_argument("--quick", action="store_true", help="batch 32 only")
-    parser.add_argument("--json", type=Path, help="write the rows and summary here")
-    parser.add_argument("--fit", action="store_true", help="also fit workspace coefficients")
+    parser.add_argument("--quick", action="store_true", help="TinyNet, batch 16, budgets 12,14, one thread")
+    parser.add_argument("--json", type=Path, help="write rows and summary here")
     args = parser.parse_args(argv)
-    batches = [32] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
-    print(
-        f"memory benchmark: {args.model}, batches {batches}, {args.steps} steps per fresh subprocess, "
-        f"median of {args.repeats}",
-        file=sys.stderr,
-    )
-    rows = run(args.model, batches, steps=args.steps, repeats=args.repeats)
-    print(f"\n{'batch':>5} {'selection':28s} {'predicted MB':>12} {'measured MB':>12} {'error':>8}")
-    for row in rows:
-        print(f"{row['batch_size']:>5} {row['selection']:28s} {row['predicted_mb']:>12.1f} {row['measured_mb']:>12.1f} {row['error']:>+8.1%}")
-    worst = max(abs(row["error"]) for row in rows)
-    within = sum(abs(row["error"]) <= TARGET_ERROR for row in rows)
-    print(f"\nworst error {worst:.1%}; {within}/{len(rows)} within ±{TARGET_ERROR:.0%}")
-    summary = {"rows": rows, "worst_error": worst, "within_target": within, "target": TARGET_ERROR}
-    if args.fit:
-        cost = CostModel(build_model(args.model), (3, 32, 32), time_batches=None)
-        summary["fitted_workspace"] = fit_workspace(rows, cost)
-        print(f"fitted workspace coefficients: {summary['fitted_workspace']}")
+    if args.quick:
+        args.model, args.budgets, args.batch_sizes, args.threads, args.steps = "tiny", "12,14", "16", "1", 2
+    available, reason = hard_caps_available()
+    print(f"hard caps: {'yes' if available else 'NO'} ({reason})", file=sys.stderr)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    rows: list[dict] = []
+    plans: dict[str, list[dict]] = {}
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for lean in _flags(args.lean, "on", "off"):
+            devices = plan_devices(args.model, budgets, batch, lean=lean)
+            plans[f"batch {batch} lean {'on' if lean else 'off'}"] = devices
+            for threads in (int(t) for t in args.threads.split(",")):
+                for tuned in _flags(args.allocator, "tuned", "stock"):
+                    for device in devices:
+                        started = time.perf_counter()
+                        rows.append(measure(args.model, device, batch, threads=threads, lean=lean, tuned=tuned,
+                                            steps=args.steps))
+                        print(f"  [{len(rows)}] {rows[-1]['result']}  predicted {rows[-1]['predicted_mb']:.1f} "
+                              f"error {rows[-1]['error']:+.1%} ({time.perf_counter() - started:.0f}s)",
+                              file=sys.stderr, flush=True)
+    table = markdown(rows)
+    print(table)
+    killed = sum(r["killed"] for r in rows)
+    within = sum(abs(r["error"]) <= TARGET_ERROR and r["error"] >= 0 for r in rows)
+    print(f"\n{killed}/{len(rows)} killed; {within}/{len(rows)} predictions within +{TARGET_ERROR:.0%} above measured")
+    summary = {"hard_caps": {"available": available, "reason": reason}, "model": args.model, "budgets": budgets,
+               "plans": plans, "rows": rows, "killed": killed, "within_target": within, "target": TARGET_ERROR}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
