@@ -419,78 +419,41 @@ def time_selections(setup: Setup, plans: Mapping[str, Plan], state: Mapping[str,
 
 # --------------------------------------------------------------------------- hard memory caps
 
-MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
-
-
-def _own_memory_cgroup() -> Path | None:
-    """This process's cgroup v1 memory cgroup (the ``memory:`` line of /proc/self/cgroup)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return MEMORY_CGROUP_ROOT / path.lstrip("/")
-    return None
-
-
 def caps_unavailable() -> str | None:
-    """Why no hard memory cap can bind here (None: one can)."""
-    own = _own_memory_cgroup()
-    if own is None or not (MEMORY_CGROUP_ROOT / "cgroup.procs").exists():
-        return "no cgroup v1 memory controller at /sys/fs/cgroup/memory (cgroup v2 delegation is not handled here)"
-    if not os.access(own, os.W_OK):
-        return f"this process's memory cgroup {own} is not writable (needs root or a delegated cgroup)"
-    return None
+    """Why no hard memory cap can bind here (None: one can; :mod:`flwr_dsparse.hardcap`)."""
+    from flwr_dsparse.hardcap import hard_caps_available
+
+    available, reason = hard_caps_available()
+    return None if available else reason
 
 
 def capped_probe(setup: Setup, selection: Sequence[str], cap_mb: float, *, timeout_s: float = 600.0) -> dict[str, Any]:
     """Train ``selection`` for ``probe_steps`` steps in a fresh process under a hard memory cap.
 
     The process builds the model and its batch and runs one tiny forward (the runtime's
-    start-up), then moves itself into a new child of this process's memory cgroup whose
-    ``memory.limit_in_bytes`` is ``cap_mb``: charges taken before the move stay behind, so
-    the cap binds exactly what training adds. The kernel kills it if training needs more.
-    Returns ``killed``, ``peak_mb`` (the cgroup's ``memory.max_usage_in_bytes``) and the
-    exit code. One process per device: a Flower simulation actor serves several devices.
+    start-up), then joins its cap (:func:`flwr_dsparse.hardcap.run_capped` with
+    ``join="self"``): charges taken before it joins stay outside, so the cap binds exactly
+    what training adds, and the kernel kills it if training needs more. One process per
+    device: a Flower simulation actor serves several devices.
     """
-    import subprocess
-    import uuid
+    from flwr_dsparse.hardcap import run_capped as run_under_cap
 
-    own = _own_memory_cgroup()
-    assert own is not None
-    group = own / f"dsparse-cap-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(int(cap_mb * MB)))
-        request = {"model": setup.model, "selection": list(selection), "batch_size": setup.batch_size,
-                   "steps": setup.probe_steps, "momentum": setup.momentum, "cgroup": str(group)}
-        completed = subprocess.run([sys.executable, "-c", _CAPPED_PROBE, json.dumps(request)],
-                                   capture_output=True, text=True, timeout=timeout_s, check=False,
-                                   cwd=Path(__file__).resolve().parent.parent)
-        control = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
-        peak_mb = int((group / "memory.max_usage_in_bytes").read_text()) / MB
-        oom_kills = int(control.get("oom_kill", 0))
-        killed = oom_kills > 0 or completed.returncode == -9
-        if not killed and completed.returncode != 0:
-            raise RuntimeError(f"capped probe of {len(selection)} units failed: {completed.stderr[-1500:]}")
-        return {"killed": killed, "cap_mb": cap_mb, "peak_mb": peak_mb, "oom_kills": oom_kills,
-                "exit_code": completed.returncode}
-    finally:
-        for _ in range(100):  # the dead process leaves the cgroup a moment after it exits
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.05)
+    request = {"model": setup.model, "selection": list(selection), "batch_size": setup.batch_size,
+               "steps": setup.probe_steps, "momentum": setup.momentum}
+    result = run_under_cap([sys.executable, "-c", _CAPPED_PROBE, json.dumps(request)], cap_mb, join="self",
+                           timeout_s=timeout_s, label=f"{len(selection)} units", require=True)
+    if not result.ok and not result.oom_killed:
+        raise RuntimeError(f"capped probe of {len(selection)} units failed: {result.stderr[-1500:]}")
+    return {"killed": result.oom_killed, "cap_mb": cap_mb, "peak_mb": result.peak_mb,
+            "oom_kills": int(result.oom_killed), "exit_code": result.returncode}
 
 
 # The capped probe's process, run with ``python -c``: it imports only torch and the trainer, so
 # the many probes of a run start fast. Set up, warm up, move into the capped cgroup, train.
 _CAPPED_PROBE = """
-import json, os, sys
+import json, sys
 import torch
+from flwr_dsparse.hardcap import join_cap_from_env
 from flwr_dsparse.models import build_model
 from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
 from flwr_dsparse.units import model_units
@@ -505,8 +468,7 @@ trainer = SparseTrainer(model, request["selection"], units=model_units(model),
 with torch.no_grad():
     model.eval()
     model(inputs[:1])
-with open(os.path.join(request["cgroup"], "cgroup.procs"), "w") as procs:
-    procs.write(str(os.getpid()))
+join_cap_from_env()
 for _ in range(request["steps"]):
     trainer.step(inputs, targets)
 print(json.dumps({"ok": True}))
@@ -541,8 +503,9 @@ def run_capped(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> d
     return {
         "enabled": True,
         "reason": None,
-        "description": "every device of every method trained once in its own process under a cgroup v1 "
-                       "memory.limit_in_bytes of its budget less its resident weights, bound after the model, the "
+        "description": "every device of every method trained once in its own process under a hard memory cap "
+                       "(flwr_dsparse.hardcap, a cgroup) of its budget less its resident weights, bound after the "
+                       "model, the "
                        f"batch and one warm-up forward exist ({setup.probe_steps} steps, one thread); "
                        "the kernel kills a process that needs more",
         "devices": devices,
