@@ -27,8 +27,8 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch

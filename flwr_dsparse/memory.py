@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Iterable
 
 import torch
 
@@ -75,7 +75,7 @@ class SavedTensorMeter:
     owner: str = ""
 
     @classmethod
-    def for_tensors(cls, tensors: Iterable[torch.Tensor]) -> "SavedTensorMeter":
+    def for_tensors(cls, tensors: Iterable[torch.Tensor]) -> SavedTensorMeter:
         return cls(exclude={t.untyped_storage().data_ptr() for t in tensors})
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:

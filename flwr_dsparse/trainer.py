@@ -19,8 +19,8 @@ than forks). Applying a selection means, before any forward:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
