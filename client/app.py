@@ -13,9 +13,10 @@ messages (:mod:`flwr_dsparse.node_state`), used only while they match ``context.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from logging import INFO
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,9 @@ def node_budget_mb(node_config: Mapping[str, Any], config: JobConfig) -> tuple[f
     if "memory-mb" in node_config:
         value = node_config["memory-mb"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"node-config memory-mb is {value!r}; set it to a positive number of MB, e.g. memory-mb=512")
+            raise ValueError(
+                f"node-config memory-mb is {value!r}; set it to a positive number of MB, e.g. memory-mb=512"
+            )
         return float(value), "node-config memory-mb"
     budgets = config.budgets_mb
     partition = int(node_config.get("partition-id", -1))
@@ -122,7 +125,9 @@ def _train_split(dataset: str, root: str, seed: int, train_examples: int) -> Spl
 def _partition(config: JobConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
     split = _train_split(config.dataset, config.data_root, config.seed, config.train_examples)
     return tuple(
-        partition_indices(split.y, num_partitions, method=config.partitioning, alpha=config.dirichlet_alpha, seed=config.seed)
+        partition_indices(
+            split.y, num_partitions, method=config.partitioning, alpha=config.dirichlet_alpha, seed=config.seed
+        )
     )
 
 
@@ -131,7 +136,7 @@ def _node_data(config: JobConfig, node_config: Mapping[str, Any]) -> tuple[Split
         partition, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
     except KeyError as missing:
         raise ValueError(
-            f"node config lacks {missing}; start the SuperNode with --node-config \"partition-id=0 num-partitions=7\""
+            f'node config lacks {missing}; start the SuperNode with --node-config "partition-id=0 num-partitions=7"'
         ) from None
     split = _train_split(config.dataset, config.data_root, config.seed, config.train_examples)
     return split, _partition(config, count)[partition], partition
@@ -141,8 +146,14 @@ def _round_batches(config: JobConfig, split: Split, indices: np.ndarray, partiti
     # The same deterministic stream for DSparse and FedAvg: round r uses steps (r-1)*K .. r*K-1
     # of the node's stream, computed directly (O(K), not a replay of the (r-1)*K before them),
     # so a node rebuilt between rounds resumes exactly.
-    return batches_at(split, indices, config.batch_size, seed=config.seed * 10_007 + partition,
-                      start=(server_round - 1) * config.local_steps, count=config.local_steps)
+    return batches_at(
+        split,
+        indices,
+        config.batch_size,
+        seed=config.seed * 10_007 + partition,
+        start=(server_round - 1) * config.local_steps,
+        count=config.local_steps,
+    )
 
 
 def _job(message: Message) -> tuple[JobConfig, TrainControl]:
@@ -249,8 +260,9 @@ def _load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> N
             state[name].copy_(tensor)
 
 
-def _write_replica(context: Context, trained: Mapping[str, torch.Tensor], received: ArrayRecord,
-                   reply: Mapping[str, Array]) -> None:
+def _write_replica(
+    context: Context, trained: Mapping[str, torch.Tensor], received: ArrayRecord, reply: Mapping[str, Array]
+) -> None:
     """The durable copy of the replica in ``context.state``, re-encoding only what changed.
 
     A tensor that is neither received nor trained this round holds the value it had in the
@@ -258,15 +270,26 @@ def _write_replica(context: Context, trained: Mapping[str, torch.Tensor], receiv
     came; trained ones share the reply's.
     """
     previous = context.state[STATE_REPLICA] if STATE_REPLICA in context.state else ArrayRecord()
-    context.state[STATE_REPLICA] = ArrayRecord({
-        name: reply[name] if name in reply else received[name] if name in received
-        else previous[name] if name in previous else array_of(tensor)
-        for name, tensor in trained.items()
-    })
+    context.state[STATE_REPLICA] = ArrayRecord(
+        {
+            name: reply[name]
+            if name in reply
+            else received[name]
+            if name in received
+            else previous[name]
+            if name in previous
+            else array_of(tensor)
+            for name, tensor in trained.items()
+        }
+    )
 
 
 def _collective_round(
-    config: JobConfig, control: TrainControl, model: torch.nn.Module, units, batches,
+    config: JobConfig,
+    control: TrainControl,
+    model: torch.nn.Module,
+    units,
+    batches,
     momentum_state: Mapping[str, torch.Tensor],
 ) -> tuple[list[StepResult], dict[str, torch.Tensor]]:
     """The round's K steps as per-step synchronous AllReduce/Broadcast among the nodes.
@@ -280,11 +303,23 @@ def _collective_round(
     from flwr_dsparse.plan import Plan
 
     result = run_collective_round(
-        Plan.from_json(control.plan), control.rank, control.world_size,
-        control.collective_addr, control.collective_port, model, batches, config.local_steps,
-        make_optimizer_factory("sgd", lr=config.lr, momentum=config.momentum), config.collective_timeout,
-        units=units, sync_start=False, momentum_state=momentum_state,
+        Plan.from_json(control.plan),
+        control.rank,
+        control.world_size,
+        control.collective_addr,
+        control.collective_port,
+        model,
+        batches,
+        config.local_steps,
+        make_optimizer_factory("sgd", lr=config.lr, momentum=config.momentum),
+        config.collective_timeout,
+        units=units,
+        sync_start=False,
+        momentum_state=momentum_state,
     )
-    seconds = [c + a for c, a in zip(result.compute_seconds, result.aggregation_seconds)]
-    steps = [StepResult(loss, len(batch[1]), s, peak_rss_mb(), 0.0) for loss, batch, s in zip(result.losses, batches, seconds)]
+    seconds = [c + a for c, a in zip(result.compute_seconds, result.aggregation_seconds, strict=False)]
+    steps = [
+        StepResult(loss, len(batch[1]), s, peak_rss_mb(), 0.0)
+        for loss, batch, s in zip(result.losses, batches, seconds, strict=False)
+    ]
     return steps, result.momentum_state

@@ -43,8 +43,9 @@ def build(config_overrides: dict | None = None) -> tuple[DSparse, ArrayRecord]:
     model = build_model(config.model, seed=config.seed)
     train, _ = load_dataset(config.dataset, seed=config.seed, num_train=256, num_test=10)
     plan_fn = planner_plan_fn(model, config, (train.x[:64], train.y[:64]))
-    reports = [DeviceReport(NODE_OFFSET + d, d, budget, config.batch_size, 100)
-               for d, budget in enumerate(config.budgets_mb)]
+    reports = [
+        DeviceReport(NODE_OFFSET + d, d, budget, config.batch_size, 100) for d, budget in enumerate(config.budgets_mb)
+    ]
     plan = plan_fn(reports)
     strategy = DSparse(plan_fn=plan_fn, train_config=config.to_run_config())
     strategy.set_plan(plan, {report.node_id: report.device for report in reports})
@@ -58,12 +59,13 @@ def replies_for(strategy: DSparse, messages: Sequence[Message], server_round: in
         device = strategy.membership.node_to_device[message.metadata.dst_node_id]
         selected, _ = selection_of(strategy.plan, strategy.global_tensors, device)
         gen = torch.Generator().manual_seed(device)
-        tensors = {name: (t + 0.01 * torch.randn(t.shape, generator=gen)).to(t.dtype) if t.dtype.is_floating_point
-                   else t + 1 for name, t in selected.items()}
+        tensors = {
+            name: (t + 0.01 * torch.randn(t.shape, generator=gen)).to(t.dtype) if t.dtype.is_floating_point else t + 1
+            for name, t in selected.items()
+        }
         budget = strategy.plan.device(device).budget_mb
         report = TrainReport(server_round, device, 32, 1.0, 0.1, 100.0, 0, tensor_nbytes(tensors), budget)
-        out.append(Message(train_reply_content(to_array_record(tensors), report),
-                           reply_to=message))
+        out.append(Message(train_reply_content(to_array_record(tensors), report), reply_to=message))
     return out
 
 
@@ -88,15 +90,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert arrays is not None and metrics["num-accepted"] == len(messages), metrics
     result = {
         "what": "DSparse.aggregate_train on 7 MobileNetV2 replies (default budgets, batch 32, memory-only plan)",
-        "replies": len(messages), "repeats": args.repeats, "median-aggregate-train-s": statistics.median(aggregate_s),
+        "replies": len(messages),
+        "repeats": args.repeats,
+        "median-aggregate-train-s": statistics.median(aggregate_s),
         "median-configure-train-s": statistics.median(configure_s[1:] or configure_s),
-        "first-configure-train-s": configure_s[0], "aggregate-train-s": aggregate_s, "configure-train-s": configure_s,
-        "reply-mib": up_bytes[0] / 2**20, "grouped-mean-s": [row["aggregation-seconds"] for row in strategy.history],
-        "load-average": os.getloadavg(), "torch-threads": torch.get_num_threads(),
+        "first-configure-train-s": configure_s[0],
+        "aggregate-train-s": aggregate_s,
+        "configure-train-s": configure_s,
+        "reply-mib": up_bytes[0] / 2**20,
+        "grouped-mean-s": [row["aggregation-seconds"] for row in strategy.history],
+        "load-average": os.getloadavg(),
+        "torch-threads": torch.get_num_threads(),
     }
-    print(f"aggregate_train: median {result['median-aggregate-train-s'] * 1e3:.1f} ms for {len(messages)} replies "
-          f"({result['reply-mib']:.1f} MiB); configure_train: median {result['median-configure-train-s'] * 1e3:.1f} ms "
-          f"(first round {configure_s[0] * 1e3:.1f} ms); load {result['load-average'][0]:.1f}")
+    print(
+        f"aggregate_train: median {result['median-aggregate-train-s'] * 1e3:.1f} ms for {len(messages)} replies "
+        f"({result['reply-mib']:.1f} MiB); configure_train: median {result['median-configure-train-s'] * 1e3:.1f} ms "
+        f"(first round {configure_s[0] * 1e3:.1f} ms); load {result['load-average'][0]:.1f}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

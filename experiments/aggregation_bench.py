@@ -106,7 +106,9 @@ def paper_like_plan(plan_path: Path | None = None) -> tuple[Plan, str]:
         model = build_model(MODEL)
         sizes = {name: t.numel() * t.element_size() for name, t in model.state_dict().items()}
         plan = plan_from_selections(
-            model_units(model), PAPER_LIKE_SELECTIONS, sizes,
+            model_units(model),
+            PAPER_LIKE_SELECTIONS,
+            sizes,
             budgets_mb=dict(enumerate(map(float, PAPER_BUDGETS_MB))),
             batch_sizes=dict.fromkeys(range(WORLD_SIZE), BATCH_SIZE),
             meta={"model": MODEL, "source": "PAPER_LIKE_SELECTIONS (planner not available)"},
@@ -120,14 +122,22 @@ def paper_like_plan(plan_path: Path | None = None) -> tuple[Plan, str]:
         source = package / name
         key.update(source.read_bytes() if source.exists() else b"")
     cached = PLAN_CACHE / f"paper_budgets_{key.hexdigest()[:16]}.json"
-    described = (f"flwr_dsparse planner (as `dsparse plan --model {MODEL} --input 3x32x32 --batch-size {BATCH_SIZE} "
-                 f"--budgets {','.join(map(str, PAPER_BUDGETS_MB))}`, scorer gradient)")
+    described = (
+        f"flwr_dsparse planner (as `dsparse plan --model {MODEL} --input 3x32x32 --batch-size {BATCH_SIZE} "
+        f"--budgets {','.join(map(str, PAPER_BUDGETS_MB))}`, scorer gradient)"
+    )
     if cached.exists():
         return Plan.from_json(cached.read_text()), f"{described}, cached in {cached}"
     start = time.monotonic()
     print(f"building the plan with the planner (profiles {MODEL}; minutes on a busy machine) …", flush=True)
-    plan = build_cli_plan(model_name=MODEL, input_shape=INPUT_SHAPE, batch_size=BATCH_SIZE,
-                          budgets=[float(b) for b in PAPER_BUDGETS_MB], scorer="gradient", progress=False)
+    plan = build_cli_plan(
+        model_name=MODEL,
+        input_shape=INPUT_SHAPE,
+        batch_size=BATCH_SIZE,
+        budgets=[float(b) for b in PAPER_BUDGETS_MB],
+        scorer="gradient",
+        progress=False,
+    )
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(plan.to_json())
     return plan, f"{described}, built in {time.monotonic() - start:.0f} s and cached in {cached}"
@@ -178,18 +188,47 @@ def _set_rate(rate_mbit: int | None) -> None:
     if rate_mbit is None:
         subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False, capture_output=True)
         return
-    subprocess.run(["tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", f"{rate_mbit}mbit",
-                    "burst", "256kb", "latency", "200ms"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            "lo",
+            "root",
+            "tbf",
+            "rate",
+            f"{rate_mbit}mbit",
+            "burst",
+            "256kb",
+            "latency",
+            "200ms",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
-def bench_rank(rank: int, world_size: int, master_addr: str, master_port: int, plan_json: str,
-               phases: list[dict[str, Any]], timeout_s: float) -> dict[str, Any] | None:
+def bench_rank(
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    plan_json: str,
+    phases: list[dict[str, Any]],
+    timeout_s: float,
+) -> dict[str, Any] | None:
     """Time every variant in every phase; rank 0 switches the link rate between phases."""
     from datetime import timedelta
 
     plan = Plan.from_json(plan_json)
-    dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
     try:
         comms = build_group_comms(plan, rank, timeout_s=timeout_s)
         model = build_model(MODEL, seed=0)
@@ -225,9 +264,12 @@ def bench_rank(rank: int, world_size: int, master_addr: str, master_port: int, p
                 wire = (_lo_tx_bytes() - tx_before) if phase.get("emulated") else None
                 payloads = [None] * world_size
                 dist.all_gather_object(payloads, payload)
-                phase_result[key] = {"step_s": times, "median_s": statistics.median(times),
-                                     "payload_bytes_per_rank": payloads,
-                                     "wire_bytes_per_step": None if wire is None else wire / phase["steps"]}
+                phase_result[key] = {
+                    "step_s": times,
+                    "median_s": statistics.median(times),
+                    "payload_bytes_per_rank": payloads,
+                    "wire_bytes_per_step": None if wire is None else wire / phase["steps"],
+                }
             results[phase["name"]] = phase_result
         return results if rank == 0 else None
     finally:
@@ -235,8 +277,9 @@ def bench_rank(rank: int, world_size: int, master_addr: str, master_port: int, p
 
 
 def run_phases(plan: Plan, phases: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
-    outcomes = launch_local(bench_rank, WORLD_SIZE, (plan.to_json(), phases, timeout_s), start_method="fork",
-                            deadline_s=1800.0)
+    outcomes = launch_local(
+        bench_rank, WORLD_SIZE, (plan.to_json(), phases, timeout_s), start_method="fork", deadline_s=1800.0
+    )
     failed = [f"rank {o.rank}: {(o.error or '').splitlines()[0]}" for o in outcomes if not o.ok]
     if failed:
         raise RuntimeError("benchmark ranks failed: " + "; ".join(failed))
@@ -262,8 +305,12 @@ class Namespace:
         except subprocess.CalledProcessError as error:
             raise NamespaceUnavailable(f"`ip netns add` failed ({error.stderr.strip()})") from error
         try:
-            subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up", "mtu", "1500"],
-                           check=True, capture_output=True, text=True)
+            subprocess.run(
+                ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up", "mtu", "1500"],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         except BaseException:
             self.delete()
             raise
@@ -282,8 +329,9 @@ def link_unavailable() -> str | None:
         return "not root: network namespaces and tc need root"
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
-        return (f"{' and '.join(missing)} not found: the emulated edge link needs iproute2 "
-                "(`apt-get install -y iproute2`)")
+        return (
+            f"{' and '.join(missing)} not found: the emulated edge link needs iproute2 (`apt-get install -y iproute2`)"
+        )
     return None
 
 
@@ -308,8 +356,16 @@ def run_in_namespace(module_args: Sequence[str]) -> None:
     if reason:
         raise NamespaceUnavailable(reason)
     with Namespace() as namespace:
-        command = ["ip", "netns", "exec", namespace.name, sys.executable, "-m", "experiments.aggregation_bench",
-                   *module_args]
+        command = [
+            "ip",
+            "netns",
+            "exec",
+            namespace.name,
+            sys.executable,
+            "-m",
+            "experiments.aggregation_bench",
+            *module_args,
+        ]
         # The namespace has no resolver, and c10d warns for every rank that it cannot name its peer.
         env = {**os.environ, "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
         subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent, env=env)
@@ -322,15 +378,22 @@ def exchange_rank(rank: int, world_size: int, master_addr: str, master_port: int
     """Time every named plan's fused per-step exchange at every rate; rank 0 sets the rate."""
     from datetime import timedelta
 
-    dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=spec["timeout_s"]))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=spec["timeout_s"]),
+    )
     try:
         model = build_model(spec["model"], seed=0)
         generator = torch.Generator().manual_seed(rank)
         for param in model.parameters():
             param.grad = torch.randn(param.shape, generator=generator)
-        exchanges = {name: build_group_comms(Plan.from_json(plan), rank, timeout_s=spec["timeout_s"])
-                     for name, plan in spec["plans"].items()}
+        exchanges = {
+            name: build_group_comms(Plan.from_json(plan), rank, timeout_s=spec["timeout_s"])
+            for name, plan in spec["plans"].items()
+        }
         results: dict[str, Any] = {}
         for rate in spec["rates_mbit"]:
             if rank == 0:
@@ -350,16 +413,21 @@ def exchange_rank(rank: int, world_size: int, master_addr: str, master_port: int
                 wire = _lo_tx_bytes() - tx_before
                 payloads = [None] * world_size
                 dist.all_gather_object(payloads, payload)
-                phase[name] = {"step_s": times, "median_s": statistics.median(times),
-                               "payload_bytes_per_rank": payloads, "wire_bytes_per_step": wire / spec["steps"]}
+                phase[name] = {
+                    "step_s": times,
+                    "median_s": statistics.median(times),
+                    "payload_bytes_per_rank": payloads,
+                    "wire_bytes_per_step": wire / spec["steps"],
+                }
             results[str(rate)] = phase
         return results if rank == 0 else None
     finally:
         dist.destroy_process_group()
 
 
-def time_exchanges_on_link(model: str, plans: dict[str, Plan], rates_mbit: Sequence[int], *, steps: int = 1,
-                           timeout_s: float = 600.0) -> dict[str, dict[str, Any]]:
+def time_exchanges_on_link(
+    model: str, plans: dict[str, Plan], rates_mbit: Sequence[int], *, steps: int = 1, timeout_s: float = 600.0
+) -> dict[str, dict[str, Any]]:
     """Each plan's per-step exchange (its groups, fused: all-reduce among members, broadcast to the
     rest), timed over the emulated shared edge link at each rate.
 
@@ -374,9 +442,18 @@ def time_exchanges_on_link(model: str, plans: dict[str, Plan], rates_mbit: Seque
         raise ValueError(f"the plans have {sorted(sizes)} devices; time plans of one cluster together")
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"model": model, "plans": {name: plan.to_json() for name, plan in plans.items()},
-                                    "rates_mbit": list(rates_mbit), "steps": steps, "timeout_s": timeout_s,
-                                    "world_size": sizes.pop()}))
+        spec.write_text(
+            json.dumps(
+                {
+                    "model": model,
+                    "plans": {name: plan.to_json() for name, plan in plans.items()},
+                    "rates_mbit": list(rates_mbit),
+                    "steps": steps,
+                    "timeout_s": timeout_s,
+                    "world_size": sizes.pop(),
+                }
+            )
+        )
         run_in_namespace(["--inner-exchange", str(spec), "--json", str(out)])
         return json.loads(out.read_text())
 
@@ -387,14 +464,17 @@ def rate_phases(rates: Sequence[int], *, quick: bool) -> list[dict[str, Any]]:
     Below 1 Gbit/s the link dominates every step (seconds each), so no warm-up step is spent
     there; at 20 Mbit/s one step of the four variants already takes about two and a half minutes.
     """
+
     def warmup(rate: int) -> int:
         return 0 if quick or rate < 1000 else 1
 
     def steps(rate: int) -> int:
         return 2 if quick else (3 if rate >= 100 else 1)
 
-    return [{"name": f"{rate}mbit", "rate_mbit": rate, "emulated": True, "warmup": warmup(rate), "steps": steps(rate)}
-            for rate in rates]
+    return [
+        {"name": f"{rate}mbit", "rate_mbit": rate, "emulated": True, "warmup": warmup(rate), "steps": steps(rate)}
+        for rate in rates
+    ]
 
 
 def run_emulated(plan: Plan, phases: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
@@ -437,8 +517,9 @@ def summarise(raw: dict[str, Any], rates: dict[str, int | None]) -> dict[str, An
             "reduction_pct_d_vs_b": 100 * (1 - ratios["d_over_b"]),
             "payload_mb_per_rank_max": {key: value / 2**20 for key, value in payload.items()},
             "payload_mb_per_rank_mean": {key: value / 2**20 for key, value in mean_payload.items()},
-            "wire_mb_per_rank_per_step": {key: (None if value is None else value / WORLD_SIZE / 2**20)
-                                          for key, value in wire.items()},
+            "wire_mb_per_rank_per_step": {
+                key: (None if value is None else value / WORLD_SIZE / 2**20) for key, value in wire.items()
+            },
             "link_utilisation": utilisation,
             "cpu_bound": cpu_bound,
             "steps": len(variants["a_ddp_per_tensor"]["step_s"]),
@@ -451,21 +532,28 @@ def print_report(summary: dict[str, Any], plan_source: str, notes: list[str]) ->
     for note in notes:
         print(f"note: {note}")
     for phase, result in summary.items():
-        link = "plain loopback (MTU 65536, no rate limit)" if result["rate_mbit"] is None else (
-            f"emulated shared edge link: tbf {result['rate_mbit']} Mbit/s, MTU 1500, no latency emulation")
+        link = (
+            "plain loopback (MTU 65536, no rate limit)"
+            if result["rate_mbit"] is None
+            else (f"emulated shared edge link: tbf {result['rate_mbit']} Mbit/s, MTU 1500, no latency emulation")
+        )
         print(f"\n== {phase}: {link}; median of {result['steps']} steps, {WORLD_SIZE} ranks")
         print(f"{'variant':48s} {'ms/step':>10s} {'buffer MB/rank':>16s} {'wire MB/rank':>13s} {'link use':>9s}  bound")
         for key, label in VARIANTS.items():
             wire = result["wire_mb_per_rank_per_step"][key]
             use = result["link_utilisation"].get(key)
-            print(f"{label:48s} {result['median_ms'][key]:10.1f} {result['payload_mb_per_rank_mean'][key]:16.2f} "
-                  f"{'-' if wire is None else f'{wire:.2f}':>13s} {'-' if use is None else f'{use:.0%}':>9s}  "
-                  f"{'CPU' if result['cpu_bound'][key] else 'link'}")
+            print(
+                f"{label:48s} {result['median_ms'][key]:10.1f} {result['payload_mb_per_rank_mean'][key]:16.2f} "
+                f"{'-' if wire is None else f'{wire:.2f}':>13s} {'-' if use is None else f'{use:.0%}':>9s}  "
+                f"{'CPU' if result['cpu_bound'][key] else 'link'}"
+            )
         ratios = result["ratios"]
-        print(f"ratios: (c)/(a) {ratios['c_over_a']:.3f}   (d)/(a) {ratios['d_over_a']:.3f}   "
-              f"(d)/(b) {ratios['d_over_b']:.3f}"
-              f"   -> (d) vs (a): {_less(result['reduction_pct_d_vs_a'])}, (d) vs (b): "
-              f"{_less(result['reduction_pct_d_vs_b'])}   (paper: {PAPER_REDUCTION_PCT}% less)")
+        print(
+            f"ratios: (c)/(a) {ratios['c_over_a']:.3f}   (d)/(a) {ratios['d_over_a']:.3f}   "
+            f"(d)/(b) {ratios['d_over_b']:.3f}"
+            f"   -> (d) vs (a): {_less(result['reduction_pct_d_vs_a'])}, (d) vs (b): "
+            f"{_less(result['reduction_pct_d_vs_b'])}   (paper: {PAPER_REDUCTION_PCT}% less)"
+        )
 
 
 def _less(reduction_pct: float) -> str:
@@ -473,15 +561,26 @@ def _less(reduction_pct: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.aggregation_bench",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.aggregation_bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps and only the 1000 Mbit link (about 1 minute)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--rate", type=int, nargs="+", default=None, metavar="MBIT",
-                        help=f"emulated link rates in Mbit/s (default {' '.join(map(str, DEFAULT_RATES_MBIT))}; "
-                             "20 adds about 3 minutes)")
-    parser.add_argument("--plan", type=Path, default=None,
-                        help="plan JSON to use (default: the planner's plan for the paper-like budgets, cached)")
+    parser.add_argument(
+        "--rate",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="MBIT",
+        help=f"emulated link rates in Mbit/s (default {' '.join(map(str, DEFAULT_RATES_MBIT))}; "
+        "20 adds about 3 minutes)",
+    )
+    parser.add_argument(
+        "--plan",
+        type=Path,
+        default=None,
+        help="plan JSON to use (default: the planner's plan for the paper-like budgets, cached)",
+    )
     parser.add_argument("--loopback-only", action="store_true", help="skip the emulated link")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-collective timeout in seconds")
     parser.add_argument("--inner", type=Path, default=None, help=argparse.SUPPRESS)  # runs inside the namespace
@@ -514,16 +613,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(plan.devices) != WORLD_SIZE:
         parser.error(f"the plan has {len(plan.devices)} devices; this benchmark runs {WORLD_SIZE} ranks")
     started = time.monotonic()  # the benchmark's own time, without building the plan
-    notes = [f"{WORLD_SIZE} ranks share {os.cpu_count()} CPU cores: figures marked CPU are bound by "
-             "scheduling and copying, not by the link (loopback always; a rate phase when the link is <"
-             f"{CPU_BOUND_UTILISATION:.0%} used)",
-             "buffer MB/rank: bytes each rank hands to collectives per step (mean over ranks); wire MB/rank: "
-             "bytes counted on the namespace's lo per step, divided by the ranks (TCP payload and headers)",
-             "(a)/(b) move gradients only (DDP's per-forward buffer broadcast is not counted, which favours them); "
-             "(c)/(d) also average and broadcast BatchNorm statistics, as the transport does"]
+    notes = [
+        f"{WORLD_SIZE} ranks share {os.cpu_count()} CPU cores: figures marked CPU are bound by "
+        "scheduling and copying, not by the link (loopback always; a rate phase when the link is <"
+        f"{CPU_BOUND_UTILISATION:.0%} used)",
+        "buffer MB/rank: bytes each rank hands to collectives per step (mean over ranks); wire MB/rank: "
+        "bytes counted on the namespace's lo per step, divided by the ranks (TCP payload and headers)",
+        "(a)/(b) move gradients only (DDP's per-forward buffer broadcast is not counted, which favours them); "
+        "(c)/(d) also average and broadcast BatchNorm statistics, as the transport does",
+    ]
     loop_steps = 2 if args.quick else 3
-    raw = run_phases(plan, [{"name": "loopback", "rate_mbit": None, "warmup": 1, "steps": loop_steps}],
-                     args.timeout)
+    raw = run_phases(plan, [{"name": "loopback", "rate_mbit": None, "warmup": 1, "steps": loop_steps}], args.timeout)
     phase_rates: dict[str, int | None] = {"loopback": None}
     emulated = "skipped (--loopback-only)"
     if not args.loopback_only:
@@ -545,13 +645,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\ntotal {elapsed:.0f} s")
     if args.json:
         document = {
-            "world_size": WORLD_SIZE, "model": MODEL, "plan_source": plan_source, "plan_digest": plan.digest(),
-            "groups": [{"members": list(g.members), "units": list(g.units), "bytes": g.allreduce.bytes}
-                       for g in plan.groups],
+            "world_size": WORLD_SIZE,
+            "model": MODEL,
+            "plan_source": plan_source,
+            "plan_digest": plan.digest(),
+            "groups": [
+                {"members": list(g.members), "units": list(g.units), "bytes": g.allreduce.bytes} for g in plan.groups
+            ],
             "plan": plan.to_dict(),
-            "emulated_link": emulated, "latency_emulated": False, "cpu_cores": os.cpu_count(),
-            "paper_reduction_pct": PAPER_REDUCTION_PCT, "notes": notes, "phases": summary, "raw": raw,
-            "seconds": elapsed, "quick": args.quick,
+            "emulated_link": emulated,
+            "latency_emulated": False,
+            "cpu_cores": os.cpu_count(),
+            "paper_reduction_pct": PAPER_REDUCTION_PCT,
+            "notes": notes,
+            "phases": summary,
+            "raw": raw,
+            "seconds": elapsed,
+            "quick": args.quick,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=2))

@@ -50,10 +50,11 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -150,9 +151,23 @@ class Setup:
         if bad and not self.budgets_mb:
             raise ValueError(f"--budget-fractions {bad} must be in (0, 1]: shares of the full update's predicted need")
         if self.plan_objective not in OBJECTIVES:
-            raise ValueError(f"--plan-objective {self.plan_objective!r} is unknown; choose one of: {', '.join(OBJECTIVES)}")
-        for name in ("batch_size", "steps", "local_steps", "eval_every", "train_examples", "test_examples",
-                     "probe_steps", "probe_workers", "timing_rounds", "timing_steps", "num_cpus", "baseline_steps"):
+            raise ValueError(
+                f"--plan-objective {self.plan_objective!r} is unknown; choose one of: {', '.join(OBJECTIVES)}"
+            )
+        for name in (
+            "batch_size",
+            "steps",
+            "local_steps",
+            "eval_every",
+            "train_examples",
+            "test_examples",
+            "probe_steps",
+            "probe_workers",
+            "timing_rounds",
+            "timing_steps",
+            "num_cpus",
+            "baseline_steps",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.steps % self.local_steps:
@@ -252,8 +267,13 @@ class Progress:
 
 def load_splits(setup: Setup) -> tuple[Split, Split]:
     """The train split exactly as the ClientApp loads it, and the held-out split as the server does."""
-    return load_dataset(setup.dataset, root=setup.data_root or None, seed=setup.seed,
-                        num_train=setup.train_examples, num_test=setup.test_examples)
+    return load_dataset(
+        setup.dataset,
+        root=setup.data_root or None,
+        seed=setup.seed,
+        num_train=setup.train_examples,
+        num_test=setup.test_examples,
+    )
 
 
 def evaluate_state(model: torch.nn.Module, test: Split, batch_size: int = 250) -> tuple[float, float]:
@@ -267,28 +287,55 @@ def evaluate_state(model: torch.nn.Module, test: Split, batch_size: int = 250) -
 
 
 def _checkpoint_key(setup: Setup) -> str:
-    fields = ("model", "dataset", "data_root", "seed", "train_examples", "pretrain_steps", "pretrain_batch_size",
-              "pretrain_lr", "pretrain_classes", "momentum")
+    fields = (
+        "model",
+        "dataset",
+        "data_root",
+        "seed",
+        "train_examples",
+        "pretrain_steps",
+        "pretrain_batch_size",
+        "pretrain_lr",
+        "pretrain_classes",
+        "momentum",
+    )
     text = json.dumps({name: getattr(setup, name) for name in fields}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def pretrain_checkpoint(setup: Setup, train: Split, progress: Progress) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every unit trained centrally on the first ``pretrain_classes`` classes (:func:`flwr_dsparse.weights.pretrain`)."""
+    """Every unit trained centrally on the first ``pretrain_classes`` classes.
+
+    (:func:`flwr_dsparse.weights.pretrain`)
+    """
     every = max(1, setup.pretrain_steps // 5)
 
     def report(step: int, loss: float) -> None:
         if step % every == 0:
             progress.say(f"  pre-training step {step}/{setup.pretrain_steps}, loss {loss:.3f}")
 
-    state, info = pretrain(setup.model, train, steps=setup.pretrain_steps, batch_size=setup.pretrain_batch_size,
-                           lr=setup.pretrain_lr, momentum=setup.momentum, classes=setup.pretrain_classes,
-                           seed=setup.seed, on_step=report)
-    return state, {"steps": info.steps, "classes": info.classes, "examples": info.examples, "final_loss": info.final_loss}
+    state, info = pretrain(
+        setup.model,
+        train,
+        steps=setup.pretrain_steps,
+        batch_size=setup.pretrain_batch_size,
+        lr=setup.pretrain_lr,
+        momentum=setup.momentum,
+        classes=setup.pretrain_classes,
+        seed=setup.seed,
+        on_step=report,
+    )
+    return state, {
+        "steps": info.steps,
+        "classes": info.classes,
+        "examples": info.examples,
+        "final_loss": info.final_loss,
+    }
 
 
-def starting_checkpoint(setup: Setup, out: Path, weights: Path | None, train: Split, test: Split,
-                        progress: Progress) -> tuple[Path, dict[str, torch.Tensor], dict]:
+def starting_checkpoint(
+    setup: Setup, out: Path, weights: Path | None, train: Split, test: Split, progress: Progress
+) -> tuple[Path, dict[str, torch.Tensor], dict]:
     """The checkpoint every method fine-tunes from: the user's, the cached one, or a new pre-training."""
     if weights is not None:
         state = load_weights(weights, setup.model, key="--weights")
@@ -298,7 +345,11 @@ def starting_checkpoint(setup: Setup, out: Path, weights: Path | None, train: Sp
     if path.exists() and info_path.exists():
         progress.say(f"using the cached starting checkpoint {path}")
         info = json.loads(info_path.read_text())
-        return path, load_weights(path, setup.model, key="cached checkpoint"), {**info, "source": f"cached pre-training ({path.name})"}
+        return (
+            path,
+            load_weights(path, setup.model, key="cached checkpoint"),
+            {**info, "source": f"cached pre-training ({path.name})"},
+        )
     with progress.stage(f"pre-training {setup.model} on classes 0..{setup.pretrain_classes - 1}"):
         state, info = pretrain_checkpoint(setup, train, progress)
     torch.save(state, path)
@@ -336,16 +387,23 @@ def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) ->
     torch.set_num_threads(1)  # the memory probes use one thread; profile the same way
     # The balanced objective and a hand cap need the step-time calibration; memory only does not.
     timed = setup.plan_objective == "balanced" or setup.max_step_fraction < 1
-    cost = CostModel(model, (3, 32, 32), optimizer="sgd", momentum=setup.momentum,
-                     **({} if timed else {"time_batches": None}))
+    cost = CostModel(
+        model, (3, 32, 32), optimizer="sgd", momentum=setup.momentum, **({} if timed else {"time_batches": None})
+    )
     calibration = min(64, len(train))
     scores = get_scorer(setup.scorer)(model, cost.units, train.x[:calibration], train.y[:calibration])
     full_mb = cost.predict(cost.unit_names, setup.batch_size).total
     budgets = resolve_budgets(setup, full_mb)
     devices = [DeviceSpec(device, budget, setup.batch_size) for device, budget in enumerate(budgets)]
     meta = {"model": setup.model, "scorer": setup.scorer, "input_shape": [3, 32, 32], "source": "experiments.compare"}
-    dsparse = make_plan(devices, cost, scores, objective=setup.plan_objective, max_step_fraction=setup.max_step_fraction,
-                        meta={**meta, "method": "dsparse", "max_step_fraction": setup.max_step_fraction})
+    dsparse = make_plan(
+        devices,
+        cost,
+        scores,
+        objective=setup.plan_objective,
+        max_step_fraction=setup.max_step_fraction,
+        meta={**meta, "method": "dsparse", "max_step_fraction": setup.max_step_fraction},
+    )
     smallest = min(dsparse.devices, key=lambda d: d.budget_mb)
     all_units = cost.unit_names
 
@@ -353,13 +411,24 @@ def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) ->
         estimate = cost.predict(selection, setup.batch_size)
         ids = range(setup.num_devices)
         return plan_from_selections(
-            cost.units, {d: list(selection) for d in ids}, cost.tensor_bytes(),
-            budgets_mb=dict(enumerate(budgets)), batch_sizes=dict.fromkeys(ids, setup.batch_size),
-            estimates=dict.fromkeys(ids, estimate), meta={**meta, "method": method},
+            cost.units,
+            {d: list(selection) for d in ids},
+            cost.tensor_bytes(),
+            budgets_mb=dict(enumerate(budgets)),
+            batch_sizes=dict.fromkeys(ids, setup.batch_size),
+            estimates=dict.fromkeys(ids, estimate),
+            meta={**meta, "method": method},
         )
 
-    return Plans(dsparse, same_for_all(smallest.units, "uniform"), same_for_all(all_units, "fedavg"), cost, scores,
-                 budgets, full_mb)
+    return Plans(
+        dsparse,
+        same_for_all(smallest.units, "uniform"),
+        same_for_all(all_units, "fedavg"),
+        cost,
+        scores,
+        budgets,
+        full_mb,
+    )
 
 
 def measure_memory(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> dict[tuple[str, ...], dict]:
@@ -368,19 +437,28 @@ def measure_memory(setup: Setup, plans: Mapping[str, Plan], progress: Progress) 
     results: dict[tuple[str, ...], dict] = {}
 
     def probe(selection: tuple[str, ...]) -> tuple[tuple[str, ...], dict]:
-        return selection, measure_training_rss(setup.model, list(selection), batch_size=setup.batch_size,
-                                               steps=setup.probe_steps, optimizer="sgd", momentum=setup.momentum)
+        return selection, measure_training_rss(
+            setup.model,
+            list(selection),
+            batch_size=setup.batch_size,
+            steps=setup.probe_steps,
+            optimizer="sgd",
+            momentum=setup.momentum,
+        )
 
     with ThreadPoolExecutor(max_workers=setup.probe_workers) as pool:
         for done, (selection, measured) in enumerate(pool.map(probe, selections), start=1):
             results[selection] = measured
-            progress.say(f"  memory probe {done}/{len(selections)}: {len(selection)} units, "
-                         f"+{measured['increase_mb']:.1f} MB peak RSS")
+            progress.say(
+                f"  memory probe {done}/{len(selections)}: {len(selection)} units, "
+                f"+{measured['increase_mb']:.1f} MB peak RSS"
+            )
     return results
 
 
-def time_selections(setup: Setup, plans: Mapping[str, Plan], state: Mapping[str, torch.Tensor], train: Split,
-                    progress: Progress) -> dict[tuple[str, ...], float]:
+def time_selections(
+    setup: Setup, plans: Mapping[str, Plan], state: Mapping[str, torch.Tensor], train: Split, progress: Progress
+) -> dict[tuple[str, ...], float]:
     """Median step time of every distinct selection, alone on one thread in this process.
 
     The simulation times two devices at once on two cores, so a device's step there depends on
@@ -398,8 +476,11 @@ def time_selections(setup: Setup, plans: Mapping[str, Plan], state: Mapping[str,
         for selection in selections:
             model = build_model(setup.model, seed=setup.seed)
             model.load_state_dict(state)
-            trainer = SparseTrainer(model, list(selection),
-                                    optimizer_factory=make_optimizer_factory("sgd", lr=setup.lr, momentum=setup.momentum))
+            trainer = SparseTrainer(
+                model,
+                list(selection),
+                optimizer_factory=make_optimizer_factory("sgd", lr=setup.lr, momentum=setup.momentum),
+            )
             for _ in range(2):
                 trainer.step(*batch)  # one-time allocations and kernel set-up
             trainers[selection] = trainer
@@ -418,6 +499,7 @@ def time_selections(setup: Setup, plans: Mapping[str, Plan], state: Mapping[str,
 
 
 # --------------------------------------------------------------------------- hard memory caps
+
 
 def caps_unavailable() -> str | None:
     """Why no hard memory cap can bind here (None: one can; :mod:`flwr_dsparse.hardcap`)."""
@@ -438,14 +520,30 @@ def capped_probe(setup: Setup, selection: Sequence[str], cap_mb: float, *, timeo
     """
     from flwr_dsparse.hardcap import run_capped as run_under_cap
 
-    request = {"model": setup.model, "selection": list(selection), "batch_size": setup.batch_size,
-               "steps": setup.probe_steps, "momentum": setup.momentum}
-    result = run_under_cap([sys.executable, "-c", _CAPPED_PROBE, json.dumps(request)], cap_mb, join="self",
-                           timeout_s=timeout_s, label=f"{len(selection)} units", require=True)
+    request = {
+        "model": setup.model,
+        "selection": list(selection),
+        "batch_size": setup.batch_size,
+        "steps": setup.probe_steps,
+        "momentum": setup.momentum,
+    }
+    result = run_under_cap(
+        [sys.executable, "-c", _CAPPED_PROBE, json.dumps(request)],
+        cap_mb,
+        join="self",
+        timeout_s=timeout_s,
+        label=f"{len(selection)} units",
+        require=True,
+    )
     if not result.ok and not result.oom_killed:
         raise RuntimeError(f"capped probe of {len(selection)} units failed: {result.stderr[-1500:]}")
-    return {"killed": result.oom_killed, "cap_mb": cap_mb, "peak_mb": result.peak_mb,
-            "oom_kills": int(result.oom_killed), "exit_code": result.returncode}
+    return {
+        "killed": result.oom_killed,
+        "cap_mb": cap_mb,
+        "peak_mb": result.peak_mb,
+        "oom_kills": int(result.oom_killed),
+        "exit_code": result.returncode,
+    }
 
 
 # The capped probe's process, run with ``python -c``: it imports only torch and the trainer, so
@@ -485,6 +583,7 @@ def run_capped(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> d
     if reason:
         progress.say(f"  no hard caps: {reason}")
         return {"enabled": False, "reason": reason}
+
     def job(device: Any) -> tuple[tuple[str, ...], float]:
         return tuple(device.units), device.budget_mb - (device.predicted_mb.weights if device.predicted_mb else 0.0)
 
@@ -493,21 +592,24 @@ def run_capped(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> d
     with ThreadPoolExecutor(max_workers=setup.probe_workers) as pool:
         for (selection, cap), outcome in zip(jobs, pool.map(lambda j: capped_probe(setup, *j), jobs), strict=True):
             outcomes[(selection, cap)] = outcome
-            progress.say(f"  {len(selection)} units under a {cap:.1f} MB cap: "
-                         f"{'KILLED' if outcome['killed'] else 'fits'} (peak {outcome['peak_mb']:.1f} MB)")
+            progress.say(
+                f"  {len(selection)} units under a {cap:.1f} MB cap: "
+                f"{'KILLED' if outcome['killed'] else 'fits'} (peak {outcome['peak_mb']:.1f} MB)"
+            )
     devices = {}
     for name, plan in plans.items():
-        devices[name] = [{"device": d.id, "budget_mb": d.budget_mb, "num_units": len(d.units),
-                          **outcomes[job(d)]}
-                         for d in plan.devices]
+        devices[name] = [
+            {"device": d.id, "budget_mb": d.budget_mb, "num_units": len(d.units), **outcomes[job(d)]}
+            for d in plan.devices
+        ]
     return {
         "enabled": True,
         "reason": None,
         "description": "every device of every method trained once in its own process under a hard memory cap "
-                       "(flwr_dsparse.hardcap, a cgroup) of its budget less its resident weights, bound after the "
-                       "model, the "
-                       f"batch and one warm-up forward exist ({setup.probe_steps} steps, one thread); "
-                       "the kernel kills a process that needs more",
+        "(flwr_dsparse.hardcap, a cgroup) of its budget less its resident weights, bound after the "
+        "model, the "
+        f"batch and one warm-up forward exist ({setup.probe_steps} steps, one thread); "
+        "the kernel kills a process that needs more",
         "devices": devices,
     }
 
@@ -531,13 +633,21 @@ def add_caps(out: Path) -> dict[str, Any]:
     estimates = {d.id: d.predicted_mb for d in dsparse.devices}  # only their weights are read
 
     def same_for_all(selection: Sequence[str]) -> Plan:
-        return plan_from_selections(units, {i: list(selection) for i in ids}, sizes,
-                                    budgets_mb={d.id: d.budget_mb for d in dsparse.devices},
-                                    batch_sizes=dict.fromkeys(ids, setup.batch_size), estimates=estimates)
+        return plan_from_selections(
+            units,
+            {i: list(selection) for i in ids},
+            sizes,
+            budgets_mb={d.id: d.budget_mb for d in dsparse.devices},
+            batch_sizes=dict.fromkeys(ids, setup.batch_size),
+            estimates=estimates,
+        )
 
     smallest = min(dsparse.devices, key=lambda d: d.budget_mb)
-    capped = {"fedavg_capped": same_for_all([u.name for u in units]), "dsparse": dsparse,
-              **({"uniform": same_for_all(smallest.units)} if "uniform" in results["methods"] else {})}
+    capped = {
+        "fedavg_capped": same_for_all([u.name for u in units]),
+        "dsparse": dsparse,
+        **({"uniform": same_for_all(smallest.units)} if "uniform" in results["methods"] else {}),
+    }
     progress = Progress()
     with progress.stage("every device under a hard memory cap of its budget (one process each)"):
         caps = run_capped(setup, capped, progress)
@@ -582,8 +692,16 @@ def _timed(base: type) -> type:
 class _Evaluator:
     """Flower's ``evaluate_fn``: held-out accuracy every ``eval_every`` steps, timed apart from training."""
 
-    def __init__(self, model: torch.nn.Module, test: Split, local_steps: int, eval_every: int, rounds: int,
-                 progress: Progress, label: str) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        test: Split,
+        local_steps: int,
+        eval_every: int,
+        rounds: int,
+        progress: Progress,
+        label: str,
+    ) -> None:
         self.model, self.test, self.local_steps = model, test, local_steps
         self.every_rounds = eval_every // local_steps
         self.rounds, self.progress, self.label = rounds, progress, label
@@ -603,10 +721,19 @@ class _Evaluator:
             return None
         self.model.load_state_dict(from_array_record(arrays))
         loss, accuracy = evaluate_state(self.model, self.test)
-        self.rows.append({"round": server_round, "step": server_round * self.local_steps,
-                          "sim_wall_s": now - self.started - self.eval_seconds, "accuracy": accuracy, "loss": loss})
+        self.rows.append(
+            {
+                "round": server_round,
+                "step": server_round * self.local_steps,
+                "sim_wall_s": now - self.started - self.eval_seconds,
+                "accuracy": accuracy,
+                "loss": loss,
+            }
+        )
         self.eval_seconds += time.perf_counter() - now
-        self.progress.say(f"  {self.label}: step {server_round * self.local_steps:3d}, held-out accuracy {accuracy:.3f}")
+        self.progress.say(
+            f"  {self.label}: step {server_round * self.local_steps:3d}, held-out accuracy {accuracy:.3f}"
+        )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
@@ -622,8 +749,9 @@ def _quiet_flower() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def run_flower_method(method: str, setup: Setup, state: Mapping[str, torch.Tensor], plan: Plan | None, test: Split,
-                      progress: Progress) -> dict[str, Any]:
+def run_flower_method(
+    method: str, setup: Setup, state: Mapping[str, torch.Tensor], plan: Plan | None, test: Split, progress: Progress
+) -> dict[str, Any]:
     """Run one of methods 1-4 in Flower's in-process simulation; returns its history and evaluations."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -651,22 +779,46 @@ def run_flower_method(method: str, setup: Setup, state: Mapping[str, torch.Tenso
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            evaluator = _Evaluator(build_model(config.model, seed=config.seed), test, config.local_steps,
-                                   setup.eval_every, config.num_server_rounds, progress, method)
+            evaluator = _Evaluator(
+                build_model(config.model, seed=config.seed),
+                test,
+                config.local_steps,
+                setup.eval_every,
+                config.num_server_rounds,
+                progress,
+                method,
+            )
             initial = to_array_record(dict(state))
             if method == "fedavg":
-                strategy = _timed(MeasuredFedAvg)(fraction_evaluate=0.0, min_train_nodes=setup.num_devices,
-                                                  min_available_nodes=setup.num_devices)
-                strategy.start(grid, initial, num_rounds=config.num_server_rounds, timeout=config.round_timeout,
-                               train_config=ConfigRecord(config.to_run_config()), evaluate_fn=evaluator)
+                strategy = _timed(MeasuredFedAvg)(
+                    fraction_evaluate=0.0, min_train_nodes=setup.num_devices, min_available_nodes=setup.num_devices
+                )
+                strategy.start(
+                    grid,
+                    initial,
+                    num_rounds=config.num_server_rounds,
+                    timeout=config.round_timeout,
+                    train_config=ConfigRecord(config.to_run_config()),
+                    evaluate_fn=evaluator,
+                )
             else:
-                strategy = _timed(DSparse)(plan_fn=fixed_plan, train_config=config.to_run_config(),
-                                           query_config=config.to_run_config(), min_nodes=setup.num_devices,
-                                           settle_s=0.5)
-                strategy.start(grid, initial, num_rounds=config.num_server_rounds, timeout=config.round_timeout,
-                               evaluate_fn=evaluator)
-            record.update(history=strategy.history, aggregate_train_s=strategy.aggregate_train_seconds,
-                          evaluations=evaluator.rows)
+                strategy = _timed(DSparse)(
+                    plan_fn=fixed_plan,
+                    train_config=config.to_run_config(),
+                    query_config=config.to_run_config(),
+                    min_nodes=setup.num_devices,
+                    settle_s=0.5,
+                )
+                strategy.start(
+                    grid,
+                    initial,
+                    num_rounds=config.num_server_rounds,
+                    timeout=config.round_timeout,
+                    evaluate_fn=evaluator,
+                )
+            record.update(
+                history=strategy.history, aggregate_train_s=strategy.aggregate_train_seconds, evaluations=evaluator.rows
+            )
         except BaseException as error:  # the simulation runtime only logs a ServerApp's exception
             record["error"] = error
             raise
@@ -674,10 +826,18 @@ def run_flower_method(method: str, setup: Setup, state: Mapping[str, torch.Tenso
     started = time.perf_counter()
     with _quiet_flower():
         run_simulation(
-            server_app, client_app, num_supernodes=setup.num_devices,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": setup.num_cpus, "include_dashboard": False,
-                                          "logging_level": "ERROR", "log_to_driver": False}},
+            server_app,
+            client_app,
+            num_supernodes=setup.num_devices,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": setup.num_cpus,
+                    "include_dashboard": False,
+                    "logging_level": "ERROR",
+                    "log_to_driver": False,
+                },
+            },
         )
     if "error" in record:
         raise RuntimeError(f"method {method} failed in the simulation: {record['error']!r}") from record["error"]
@@ -702,8 +862,13 @@ def _collective_rank(rank: int, world_size: int, master_addr: str, master_port: 
 
     from flwr_dsparse.collective import Rendezvous, init_collective, run_collective_steps
 
-    setup = Setup(**{**job["setup"], "budgets_mb": tuple(job["setup"]["budgets_mb"]),
-                     "budget_fractions": tuple(job["setup"]["budget_fractions"])})
+    setup = Setup(
+        **{
+            **job["setup"],
+            "budgets_mb": tuple(job["setup"]["budgets_mb"]),
+            "budget_fractions": tuple(job["setup"]["budget_fractions"]),
+        }
+    )
     train, test = load_splits(setup)
     checkpoint = torch.load(job["checkpoint"], map_location="cpu", weights_only=True)
     indices = job["partitions"][rank]
@@ -715,26 +880,46 @@ def _collective_rank(rank: int, world_size: int, master_addr: str, master_port: 
             model = build_model(setup.model, seed=setup.seed)
             model.load_state_dict(checkpoint)
             batches = batch_iterator(train, indices, setup.batch_size, seed=setup.seed * 10_007 + rank)
-            trainer = SparseTrainer(model, plan.device(rank).units,
-                                    optimizer_factory=make_optimizer_factory("sgd", lr=setup.lr, momentum=setup.momentum))
+            trainer = SparseTrainer(
+                model,
+                plan.device(rank).units,
+                optimizer_factory=make_optimizer_factory("sgd", lr=setup.lr, momentum=setup.momentum),
+            )
             # Evaluation uses its own copy: a second trainer on the training model would change its flags.
             judge = build_model(setup.model, seed=setup.seed) if rank == 0 and phase["evaluate"] else None
-            out: dict[str, Any] = {"rank": rank, "compute_s": [], "aggregation_s": [], "losses": [],
-                                   "payload_bytes": 0, "curve": [], "steps": phase["steps"]}
+            out: dict[str, Any] = {
+                "rank": rank,
+                "compute_s": [],
+                "aggregation_s": [],
+                "losses": [],
+                "payload_bytes": 0,
+                "curve": [],
+                "steps": phase["steps"],
+            }
             try:
                 comms = init_collective(rendezvous, plan, timeout_s=setup.collective_timeout_s)
                 started, eval_seconds, done = time.perf_counter(), 0.0, 0
 
+                # Called only within this iteration (B023's late binding is what is meant here).
                 def evaluate() -> None:
                     nonlocal eval_seconds
                     eval_started = time.perf_counter()
-                    judge.load_state_dict(model.state_dict())
-                    loss, accuracy = evaluate_state(judge, test)
-                    out["curve"].append({"step": done, "wall_s": eval_started - started - eval_seconds,
-                                         "accuracy": accuracy, "loss": loss})
+                    judge.load_state_dict(model.state_dict())  # noqa: B023
+                    loss, accuracy = evaluate_state(judge, test)  # noqa: B023
+                    out["curve"].append(  # noqa: B023
+                        {
+                            "step": done,  # noqa: B023
+                            "wall_s": eval_started - started - eval_seconds,  # noqa: B023
+                            "accuracy": accuracy,
+                            "loss": loss,
+                        }
+                    )
                     eval_seconds += time.perf_counter() - eval_started
-                    print(f"[compare]   collective: step {done:3d}, held-out accuracy {accuracy:.3f}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[compare]   collective: step {done:3d}, held-out accuracy {accuracy:.3f}",  # noqa: B023
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
                 if judge is not None:
                     evaluate()
@@ -773,20 +958,35 @@ def run_collective(phases: Sequence[Mapping[str, Any]], setup: Setup, checkpoint
     # The ClientApp's partitions (partition id = rank), computed once here: flwr-datasets is a
     # heavy import for seven processes.
     partitions = [p.tolist() for p in partition_indices(train.y, setup.num_devices, method="iid", seed=setup.seed)]
-    job = {"setup": asdict(setup), "checkpoint": str(checkpoint), "partitions": partitions,
-           "phases": [{**phase, "plan": phase["plan"].to_json()} for phase in phases]}
+    job = {
+        "setup": asdict(setup),
+        "checkpoint": str(checkpoint),
+        "partitions": partitions,
+        "phases": [{**phase, "plan": phase["plan"].to_json()} for phase in phases],
+    }
     started = time.perf_counter()
-    outcomes = launch_local(_collective_rank, setup.num_devices, (job,), deadline_s=setup.collective_timeout_s * 4,
-                            threads_per_rank=1)
+    outcomes = launch_local(
+        _collective_rank, setup.num_devices, (job,), deadline_s=setup.collective_timeout_s * 4, threads_per_rank=1
+    )
     # A rank that reported its result but was slow to exit is killed by the launcher after 30 s
     # (exit code -9); its result is complete, so only a missing result or an error is a failure.
-    failed = [f"rank {o.rank}: {(o.error or '').strip().splitlines()[0] if o.error else f'exit code {o.exitcode}'}"
-              for o in outcomes if o.error is not None or o.result is None]
+    failed = [
+        f"rank {o.rank}: {(o.error or '').strip().splitlines()[0] if o.error else f'exit code {o.exitcode}'}"
+        for o in outcomes
+        if o.error is not None or o.result is None
+    ]
     if failed:
         raise RuntimeError("the collective run failed: " + "; ".join(failed))
     seconds = time.perf_counter() - started
-    return [{"ranks": [o.result[index] for o in outcomes], "steps": phase["steps"], "fused": phase["fused"],
-             "run_seconds": seconds} for index, phase in enumerate(phases)]
+    return [
+        {
+            "ranks": [o.result[index] for o in outcomes],
+            "steps": phase["steps"],
+            "fused": phase["fused"],
+            "run_seconds": seconds,
+        }
+        for index, phase in enumerate(phases)
+    ]
 
 
 # --------------------------------------------------------------------------- measures
@@ -804,19 +1004,23 @@ def _device_rows(plan: Plan, memory: Mapping[tuple[str, ...], dict]) -> list[dic
     rows = []
     for device in plan.devices:
         predicted = device.predicted_mb
-        rows.append({
-            "device": device.id,
-            "budget_mb": device.budget_mb,
-            "units": list(device.units),
-            "num_units": len(device.units),
-            "predicted_mb": predicted.total if predicted else float("nan"),
-            "predicted_parts_mb": predicted.to_dict() if predicted else {},
-            # What training adds on top of the loaded model, the part a selection changes.
-            "predicted_training_mb": (predicted.total - predicted.weights - predicted.reserve) if predicted else float("nan"),
-            "measured_mb": memory[tuple(device.units)]["increase_mb"],
-            # The selection's step timed alone (time_selections): free of the simulation's co-scheduling.
-            "isolated_step_s": memory[tuple(device.units)]["step_s_alone"],
-        })
+        rows.append(
+            {
+                "device": device.id,
+                "budget_mb": device.budget_mb,
+                "units": list(device.units),
+                "num_units": len(device.units),
+                "predicted_mb": predicted.total if predicted else float("nan"),
+                "predicted_parts_mb": predicted.to_dict() if predicted else {},
+                # What training adds on top of the loaded model, the part a selection changes.
+                "predicted_training_mb": (predicted.total - predicted.weights - predicted.reserve)
+                if predicted
+                else float("nan"),
+                "measured_mb": memory[tuple(device.units)]["increase_mb"],
+                # The selection's step timed alone (time_selections): free of the simulation's co-scheduling.
+                "isolated_step_s": memory[tuple(device.units)]["step_s_alone"],
+            }
+        )
     return rows
 
 
@@ -836,20 +1040,28 @@ def flower_measures(method: str, run: Mapping[str, Any], plan: Plan, memory: Map
         row["bytes_total"] = float(sum(r["bytes-up"] + r["bytes-down"] for r in rounds))
     per_round_compute = [
         max(entry["devices"][d]["step-seconds"] for d in entry["devices"] if entry["devices"][d].get("status") == "ok")
-        * local_steps for entry in history
+        * local_steps
+        for entry in history
     ]
     aggregate_train = list(run["aggregate_train_s"])
     averaging = [entry["aggregation-seconds"] for entry in history]
     cluster_time = []
     total = 0.0
-    for compute, aggregate in zip(per_round_compute, aggregate_train):
+    for compute, aggregate in zip(per_round_compute, aggregate_train, strict=False):
         total += compute + aggregate
         cluster_time.append(total)
     curve = []
     for row in run["evaluations"]:
         rounds = row["round"]
-        curve.append({"step": row["step"], "cluster_s": cluster_time[rounds - 1] if rounds else 0.0,
-                      "sim_wall_s": row["sim_wall_s"], "accuracy": row["accuracy"], "loss": row["loss"]})
+        curve.append(
+            {
+                "step": row["step"],
+                "cluster_s": cluster_time[rounds - 1] if rounds else 0.0,
+                "sim_wall_s": row["sim_wall_s"],
+                "accuracy": row["accuracy"],
+                "loss": row["loss"],
+            }
+        )
     return {
         "label": METHOD_LABELS[method],
         "path": "flower-simulation",
@@ -870,7 +1082,8 @@ def flower_measures(method: str, run: Mapping[str, Any], plan: Plan, memory: Map
         "run_seconds": run["run_seconds"],
         "total_cluster_s": cluster_time[-1],
         "accepted_every_round": all(entry["accepted"] == list(range(setup.num_devices)) for entry in history)
-        if method != "fedavg" else True,
+        if method != "fedavg"
+        else True,
     }
 
 
@@ -886,12 +1099,17 @@ def _per_step(ranks: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[flo
     return cluster, aggregation
 
 
-def collective_measures(run: Mapping[str, Any], baseline: Mapping[str, Any], plan: Plan, memory: Mapping,
-                        test_accuracy0: float | None = None) -> dict[str, Any]:
+def collective_measures(
+    run: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    plan: Plan,
+    memory: Mapping,
+    test_accuracy0: float | None = None,
+) -> dict[str, Any]:
     """Method 5's row, plus the full-model run over the same transport as its timing baseline."""
     ranks = sorted(run["ranks"], key=lambda r: r["rank"])
     devices = _device_rows(plan, memory)
-    for row, rank in zip(devices, ranks):
+    for row, rank in zip(devices, ranks, strict=False):
         row["step_s"] = _median(rank["compute_s"])
         # A collective's payload is what the rank hands to all-reduce and broadcast: sent and
         # received are the same buffer, so it counts for both directions.
@@ -905,9 +1123,16 @@ def collective_measures(run: Mapping[str, Any], baseline: Mapping[str, Any], pla
     for value in cluster:
         total += value
         cumulative.append(total)
-    curve = [{"step": point["step"], "cluster_s": cumulative[point["step"] - 1] if point["step"] else 0.0,
-              "sim_wall_s": point["wall_s"], "accuracy": point["accuracy"], "loss": point["loss"]}
-             for point in ranks[0]["curve"]]
+    curve = [
+        {
+            "step": point["step"],
+            "cluster_s": cumulative[point["step"] - 1] if point["step"] else 0.0,
+            "sim_wall_s": point["wall_s"],
+            "accuracy": point["accuracy"],
+            "loss": point["loss"],
+        }
+        for point in ranks[0]["curve"]
+    ]
     return {
         "label": METHOD_LABELS["collective"],
         "path": "collective-launcher (7 local gloo processes; no Flower server)",
@@ -940,8 +1165,13 @@ def collective_measures(run: Mapping[str, Any], baseline: Mapping[str, Any], pla
 
 
 #: Which exchange each method makes per step, and how many local steps share one.
-LINK_EXCHANGES = {"fedavg": ("full", 1), "uniform": ("uniform", 1), "dsparse": ("dsparse", 1),
-                  "dsparse_k": ("dsparse", None), "collective": ("dsparse", 1)}
+LINK_EXCHANGES = {
+    "fedavg": ("full", 1),
+    "uniform": ("uniform", 1),
+    "dsparse": ("dsparse", 1),
+    "dsparse_k": ("dsparse", None),
+    "collective": ("dsparse", 1),
+}
 
 
 def time_link(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> dict[str, Any]:
@@ -957,8 +1187,13 @@ def time_link(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> di
     if not setup.link_rates_mbit:
         return {"available": False, "reason": "skipped (no link rates)", "rates_mbit": []}
     try:
-        raw = time_exchanges_on_link(setup.model, dict(plans), setup.link_rates_mbit, steps=setup.link_steps,
-                                     timeout_s=setup.collective_timeout_s * 2)
+        raw = time_exchanges_on_link(
+            setup.model,
+            dict(plans),
+            setup.link_rates_mbit,
+            steps=setup.link_steps,
+            timeout_s=setup.collective_timeout_s * 2,
+        )
     except NamespaceUnavailable as error:
         progress.say(f"  no emulated link: {error}")
         return {"available": False, "reason": str(error), "rates_mbit": list(setup.link_rates_mbit)}
@@ -970,12 +1205,15 @@ def time_link(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> di
         "reason": None,
         "rates_mbit": list(setup.link_rates_mbit),
         "emulation": "private network namespace, lo MTU 1500, tc tbf burst 256kb latency 200ms (bandwidth only, "
-                     f"shared by all {setup.num_devices} ranks); fused group exchange, {setup.link_steps} step(s)",
+        f"shared by all {setup.num_devices} ranks); fused group exchange, {setup.link_steps} step(s)",
         "seconds_per_exchange": seconds,
-        "payload_mb_per_rank_mean": {name: statistics.fmean(raw[str(setup.link_rates_mbit[0])][name]
-                                                            ["payload_bytes_per_rank"]) / MB for name in plans},
-        "wire_mb_per_exchange": {name: raw[str(setup.link_rates_mbit[0])][name]["wire_bytes_per_step"] / MB
-                                 for name in plans},
+        "payload_mb_per_rank_mean": {
+            name: statistics.fmean(raw[str(setup.link_rates_mbit[0])][name]["payload_bytes_per_rank"]) / MB
+            for name in plans
+        },
+        "wire_mb_per_exchange": {
+            name: raw[str(setup.link_rates_mbit[0])][name]["wire_bytes_per_step"] / MB for name in plans
+        },
         "raw": raw,
     }
 
@@ -990,12 +1228,20 @@ def link_per_step(link: Mapping[str, Any], method: str, local_steps: int) -> dic
 
 
 #: Which capped run stands for each method's devices (methods 3-5 share one plan).
-CAPPED_AS = {"fedavg": None, "uniform": "uniform", "dsparse": "dsparse", "dsparse_k": "dsparse",
-             "collective": "dsparse"}
+CAPPED_AS = {
+    "fedavg": None,
+    "uniform": "uniform",
+    "dsparse": "dsparse",
+    "dsparse_k": "dsparse",
+    "collective": "dsparse",
+}
 
 
-def summarise(methods: Mapping[str, Mapping[str, Any]], link: Mapping[str, Any] | None = None,
-              caps: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def summarise(
+    methods: Mapping[str, Mapping[str, Any]],
+    link: Mapping[str, Any] | None = None,
+    caps: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The headline ratios against method 1, the way the paper states its figures."""
     full = methods["fedavg"]
 
@@ -1037,7 +1283,8 @@ def summarise(methods: Mapping[str, Mapping[str, Any]], link: Mapping[str, Any] 
     if caps and caps.get("enabled"):
         capped = caps["devices"]["fedavg_capped"]
         summary["fedavg_capped"] = {
-            "oom_killed": sum(d["killed"] for d in capped), "devices": len(capped),
+            "oom_killed": sum(d["killed"] for d in capped),
+            "devices": len(capped),
             "killed_devices": [d["device"] for d in capped if d["killed"]],
             "budgets_mb": [d["budget_mb"] for d in capped],
         }
@@ -1074,14 +1321,16 @@ def summarise(methods: Mapping[str, Mapping[str, Any]], link: Mapping[str, Any] 
     collective = methods.get("collective")
     if collective is not None:
         base = collective["full_update_same_transport"]
-        summary["collective"]["same_transport_cluster_step_ratio"] = collective["cluster_step_s"] / base["cluster_step_s"]
+        summary["collective"]["same_transport_cluster_step_ratio"] = (
+            collective["cluster_step_s"] / base["cluster_step_s"]
+        )
         summary["collective"]["same_transport_aggregation_ratio"] = (
-            collective["aggregation_s_per_step"] / base["aggregation_s_per_step"])
-        summary["collective"]["same_transport_bytes_ratio"] = (
-            collective["bytes_up_per_step"] / base["bytes_per_step"])
+            collective["aggregation_s_per_step"] / base["aggregation_s_per_step"]
+        )
+        summary["collective"]["same_transport_bytes_ratio"] = collective["bytes_up_per_step"] / base["bytes_per_step"]
         if "dsparse" in methods:
             # Methods 3 and 5 compute the same update by different transports (see the report).
-            pairs = zip(methods["dsparse"]["curve"], collective["curve"])
+            pairs = zip(methods["dsparse"]["curve"], collective["curve"], strict=False)
             summary["collective"]["max_loss_gap_vs_dsparse"] = max(abs(a["loss"] - b["loss"]) for a, b in pairs)
     return summary
 
@@ -1093,28 +1342,48 @@ def _versions() -> dict[str, str]:
     import flwr
     import torchvision
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "flwr": getattr(flwr, "__version__", "?"), "platform": platform.platform(),
-            "cpu_count": str(os.cpu_count())}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "flwr": getattr(flwr, "__version__", "?"),
+        "platform": platform.platform(),
+        "cpu_count": str(os.cpu_count()),
+    }
 
 
-def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command: str = "",
-                methods: Sequence[str] = METHODS, progress: Progress | None = None, plots: bool = True) -> dict[str, Any]:
+def run_compare(
+    out: Path,
+    setup: Setup,
+    *,
+    weights: Path | None = None,
+    command: str = "",
+    methods: Sequence[str] = METHODS,
+    progress: Progress | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
     """Run the comparison and write ``results.json``, ``results.csv``, the plots and ``REPORT.md`` to ``out``."""
     from experiments import report
 
     setup.check()
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "fedavg" not in methods:
-        raise ValueError(f"methods {list(methods)}: every run needs 'fedavg' (the reference); known: {', '.join(METHODS)}")
+        raise ValueError(
+            f"methods {list(methods)}: every run needs 'fedavg' (the reference); known: {', '.join(METHODS)}"
+        )
     progress = progress or Progress()
     out.mkdir(parents=True, exist_ok=True)
     quick = setup == QUICK
     budgets_given = bool(setup.budgets_mb)
-    budgets = (f"budgets {', '.join(f'{b:g}' for b in setup.budgets_mb)} MB" if setup.budgets_mb else
-               f"budgets {', '.join(f'{f:g}' for f in setup.budget_fractions)} of the full update's need")
-    progress.say(f"{setup.num_devices} devices, {budgets}, {setup.model}, {setup.dataset}, {setup.steps} steps at "
-                 f"batch {setup.batch_size}, {setup.plan_objective} plan; output {out}")
+    budgets = (
+        f"budgets {', '.join(f'{b:g}' for b in setup.budgets_mb)} MB"
+        if setup.budgets_mb
+        else f"budgets {', '.join(f'{f:g}' for f in setup.budget_fractions)} of the full update's need"
+    )
+    progress.say(
+        f"{setup.num_devices} devices, {budgets}, {setup.model}, {setup.dataset}, {setup.steps} steps at "
+        f"batch {setup.batch_size}, {setup.plan_objective} plan; output {out}"
+    )
     train, test = load_splits(setup)
     checkpoint, state, checkpoint_info = starting_checkpoint(setup, out, weights, train, test, progress)
     start_model = build_model(setup.model, seed=setup.seed)
@@ -1122,8 +1391,10 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
     start_loss, start_accuracy = evaluate_state(start_model, test)
     old = test.y < setup.pretrain_classes
     checkpoint_info.update(held_out_accuracy=start_accuracy, held_out_loss=start_loss)
-    progress.say(f"starting checkpoint: held-out accuracy {start_accuracy:.3f} over all 10 classes "
-                 f"({int(old.sum())} of {len(test)} test examples are of the pre-training classes)")
+    progress.say(
+        f"starting checkpoint: held-out accuracy {start_accuracy:.3f} over all 10 classes "
+        f"({int(old.sum())} of {len(test)} test examples are of the pre-training classes)"
+    )
 
     threads = torch.get_num_threads()
     with progress.stage("profiling memory and planning"):
@@ -1131,29 +1402,44 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
     torch.set_num_threads(threads)
     # From here on every method runs with the budgets in MB (the simulation's sim-budgets-mb).
     setup = replace(setup, budgets_mb=plans.budgets_mb)
-    progress.say(f"  full update predicted {plans.full_mb:.1f} MB; budgets "
-                 f"{', '.join(f'{b:g}' for b in plans.budgets_mb)} MB "
-                 f"(mean {100 * statistics.fmean(plans.budgets_mb) / plans.full_mb:.0f}% of it)")
-    method_plans = {"fedavg": plans.full, "uniform": plans.uniform, "dsparse": plans.dsparse,
-                    "dsparse_k": plans.dsparse, "collective": plans.dsparse}
+    progress.say(
+        f"  full update predicted {plans.full_mb:.1f} MB; budgets "
+        f"{', '.join(f'{b:g}' for b in plans.budgets_mb)} MB "
+        f"(mean {100 * statistics.fmean(plans.budgets_mb) / plans.full_mb:.0f}% of it)"
+    )
+    method_plans = {
+        "fedavg": plans.full,
+        "uniform": plans.uniform,
+        "dsparse": plans.dsparse,
+        "dsparse_k": plans.dsparse,
+        "collective": plans.dsparse,
+    }
     for device in plans.dsparse.devices:
-        progress.say(f"  device {device.id}: budget {device.budget_mb:g} MB -> {len(device.units)} units, "
-                     f"predicted {device.predicted_mb.total:.1f} MB")
+        progress.say(
+            f"  device {device.id}: budget {device.budget_mb:g} MB -> {len(device.units)} units, "
+            f"predicted {device.predicted_mb.total:.1f} MB"
+        )
     with progress.stage("measuring memory (fresh subprocess per selection)"):
         memory = measure_memory(setup, {m: method_plans[m] for m in methods}, progress)
     with progress.stage("timing each selection alone (one thread, interleaved)"):
-        for selection, seconds in time_selections(setup, {m: method_plans[m] for m in methods}, state, train,
-                                                  progress).items():
+        for selection, seconds in time_selections(
+            setup, {m: method_plans[m] for m in methods}, state, train, progress
+        ).items():
             memory[selection]["step_s_alone"] = seconds
 
     caps: dict[str, Any] = {"enabled": False, "reason": "skipped (hard_caps off)"}
     if setup.hard_caps:
         with progress.stage("every device under a hard memory cap of its budget (one process each)"):
-            capped = {"fedavg_capped": plans.full, "dsparse": plans.dsparse,
-                      **({"uniform": plans.uniform} if "uniform" in methods else {})}
+            capped = {
+                "fedavg_capped": plans.full,
+                "dsparse": plans.dsparse,
+                **({"uniform": plans.uniform} if "uniform" in methods else {}),
+            }
             caps = run_capped(setup, capped, progress)
-    with progress.stage(f"each method's exchange over the emulated edge link "
-                        f"({', '.join(f'{r} Mbit/s' for r in setup.link_rates_mbit)})"):
+    with progress.stage(
+        f"each method's exchange over the emulated edge link "
+        f"({', '.join(f'{r} Mbit/s' for r in setup.link_rates_mbit)})"
+    ):
         exchanges = {"full": plans.full, "uniform": plans.uniform, "dsparse": plans.dsparse}
         link = time_link(setup, {name: exchanges[name] for name in {LINK_EXCHANGES[m][0] for m in methods}}, progress)
 
@@ -1162,16 +1448,21 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
         if method == "collective":
             continue
         with progress.stage(f"method {METHOD_LABELS[method]}"):
-            run = run_flower_method(method, setup, state, None if method == "fedavg" else method_plans[method], test,
-                                    progress)
+            run = run_flower_method(
+                method, setup, state, None if method == "fedavg" else method_plans[method], test, progress
+            )
         runs[method] = flower_measures(method, run, method_plans[method], memory, setup)
     if "collective" in methods:
         label = f"method {METHOD_LABELS['collective']}, then the full model over the same transport (timing baseline)"
         with progress.stage(label):
-            collective, baseline = run_collective([
-                {"plan": plans.dsparse, "steps": setup.steps, "evaluate": True, "fused": True},
-                {"plan": plans.full, "steps": setup.baseline_steps, "evaluate": False, "fused": True},
-            ], setup, checkpoint)
+            collective, baseline = run_collective(
+                [
+                    {"plan": plans.dsparse, "steps": setup.steps, "evaluate": True, "fused": True},
+                    {"plan": plans.full, "steps": setup.baseline_steps, "evaluate": False, "fused": True},
+                ],
+                setup,
+                checkpoint,
+            )
         runs["collective"] = collective_measures(collective, baseline, plans.dsparse, memory)
 
     results = {
@@ -1188,9 +1479,14 @@ def run_compare(out: Path, setup: Setup, *, weights: Path | None = None, command
         },
         "machine": _versions(),
         "checkpoint": checkpoint_info,
-        "plan": {"dsparse": plans.dsparse.to_dict(), "digest": plans.dsparse.digest(),
-                 "unit_names": list(plans.cost.unit_names), "scores": plans.scores,
-                 "groups": len(plans.dsparse.groups), "frozen_units": list(plans.dsparse.frozen_units)},
+        "plan": {
+            "dsparse": plans.dsparse.to_dict(),
+            "digest": plans.dsparse.digest(),
+            "unit_names": list(plans.cost.unit_names),
+            "scores": plans.scores,
+            "groups": len(plans.dsparse.groups),
+            "frozen_units": list(plans.dsparse.frozen_units),
+        },
         "paper": PAPER,
         "methods": runs,
         "link": link,
@@ -1221,26 +1517,47 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (the checkpoint is cached here too)")
     parser.add_argument("--quick", action="store_true", help="the CI size: TinyNet, 6 steps (under 3 minutes)")
     parser.add_argument("--weights", type=Path, default=None, help="start from this state dict instead of pre-training")
-    parser.add_argument("--model", default=None, choices=sorted(MODELS), help="default mobilenet_v2 (tiny with --quick)")
-    parser.add_argument("--budgets", default=None,
-                        help="MB per device, comma-separated (default: --budget-fractions of the full update's need)")
-    parser.add_argument("--budget-fractions", default=None,
-                        help="each device's budget as a share of the full update's predicted need, comma-separated "
-                        "(default 0.25,0.28,0.32,0.38,0.44,0.53,0.60: mean 0.40, as in the paper)")
-    parser.add_argument("--plan-objective", default=None, choices=OBJECTIVES,
-                        help="DSparse planner: balanced (default: also picks the cluster's step cap) or criticality "
-                        "(memory only, the paper's planner)")
+    parser.add_argument(
+        "--model", default=None, choices=sorted(MODELS), help="default mobilenet_v2 (tiny with --quick)"
+    )
+    parser.add_argument(
+        "--budgets",
+        default=None,
+        help="MB per device, comma-separated (default: --budget-fractions of the full update's need)",
+    )
+    parser.add_argument(
+        "--budget-fractions",
+        default=None,
+        help="each device's budget as a share of the full update's predicted need, comma-separated "
+        "(default 0.25,0.28,0.32,0.38,0.44,0.53,0.60: mean 0.40, as in the paper)",
+    )
+    parser.add_argument(
+        "--plan-objective",
+        default=None,
+        choices=OBJECTIVES,
+        help="DSparse planner: balanced (default: also picks the cluster's step cap) or criticality "
+        "(memory only, the paper's planner)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="local steps per device, every method (default 40)")
     parser.add_argument("--local-steps", type=int, default=None, help="K of method 4 (default 4)")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--dataset", default=None, choices=DATASETS,
-                        help="default fashion-mnist where Debian's dataset-fashion-mnist is installed, else synthetic "
-                        "(embedded); cifar10 reads --data-root")
-    parser.add_argument("--data-root", default=None,
-                        help="folder that holds cifar-10-batches-py, or Fashion-MNIST's four IDX files")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        choices=DATASETS,
+        help="default fashion-mnist where Debian's dataset-fashion-mnist is installed, else synthetic "
+        "(embedded); cifar10 reads --data-root",
+    )
+    parser.add_argument(
+        "--data-root", default=None, help="folder that holds cifar-10-batches-py, or Fashion-MNIST's four IDX files"
+    )
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs for the simulation (default 2)")
-    parser.add_argument("--max-step-fraction", type=float, default=None,
-                        help="DSparse planner's step-time cap by hand, a fraction of a full update's step (default 1: none)")
+    parser.add_argument(
+        "--max-step-fraction",
+        type=float,
+        default=None,
+        help="DSparse planner's step-time cap by hand, a fraction of a full update's step (default 1: none)",
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (fedavg is required)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.set_defaults(func=_cli_main)
@@ -1254,8 +1571,17 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         # Real images where Debian's package is installed, else the embedded set; the first line says which.
         changes["dataset"], changes["data_root"], note = default_dataset()
         print(f"[compare] {note}", file=sys.stderr, flush=True)
-    for name in ("model", "steps", "local_steps", "batch_size", "dataset", "data_root", "num_cpus", "max_step_fraction",
-                 "plan_objective"):
+    for name in (
+        "model",
+        "steps",
+        "local_steps",
+        "batch_size",
+        "dataset",
+        "data_root",
+        "num_cpus",
+        "max_step_fraction",
+        "plan_objective",
+    ):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -1284,8 +1610,11 @@ def _cli_main(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``dsparse compare``."""
-    parser = subparsers.add_parser("compare", help="the paper's comparison: FedAvg, uniform sparse and DSparse, "
-                                   "measured here (results.json, plots, REPORT.md)")
+    parser = subparsers.add_parser(
+        "compare",
+        help="the paper's comparison: FedAvg, uniform sparse and DSparse, "
+        "measured here (results.json, plots, REPORT.md)",
+    )
     parser.set_defaults(argv=None, prog_prefix="dsparse")
     return _configure(parser)
 
@@ -1295,7 +1624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--add-caps"] and len(argv) == 2:  # the caps stage alone, for a finished run's folder
         add_caps(Path(argv[1]))
         return 0
-    parser = _configure(argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[1]))
+    parser = _configure(
+        argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[1])
+    )
     args = parser.parse_args(argv)
     args.argv, args.prog_prefix = argv, "python -m experiments.compare"
     try:

@@ -40,42 +40,80 @@ def plan_devices(model_name: str, budgets: list[float], batch: int, *, lean: boo
     model = build_model(model_name, seed=0)
     generator = torch.Generator().manual_seed(0)
     calibration = (torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator))
-    planned = plan_model(model, [DeviceSpec(i, b, batch) for i, b in enumerate(budgets)], calibration,
-                         cost_options={"time_batches": None, "lean_frozen": lean}, objective="criticality")
+    planned = plan_model(
+        model,
+        [DeviceSpec(i, b, batch) for i, b in enumerate(budgets)],
+        calibration,
+        cost_options={"time_batches": None, "lean_frozen": lean},
+        objective="criticality",
+    )
     devices = []
     for device in planned.plan.devices:
         estimate = planned.cost.predict(list(device.units), batch)
-        devices.append({"budget_mb": device.budget_mb, "units": list(device.units), "score": device.score,
-                        "weights_mb": estimate.weights,
-                        "predicted_mb": estimate.total - estimate.weights - estimate.reserve})
+        devices.append(
+            {
+                "budget_mb": device.budget_mb,
+                "units": list(device.units),
+                "score": device.score,
+                "weights_mb": estimate.weights,
+                "predicted_mb": estimate.total - estimate.weights - estimate.reserve,
+            }
+        )
     return devices
 
 
-def measure(model_name: str, device: dict, batch: int, *, threads: int, lean: bool, tuned: bool,
-            steps: int) -> dict:
+def measure(model_name: str, device: dict, batch: int, *, threads: int, lean: bool, tuned: bool, steps: int) -> dict:
     """One cold capped probe of ``device``'s selection; the row of the JSON."""
     cap = device["budget_mb"] - device["weights_mb"]
-    request = {"model": model_name, "selection": device["units"], "batch_size": batch, "steps": steps,
-               "threads": threads, "cold": True, "lean_frozen": lean, "tune_allocator": tuned}
-    result = run_capped([sys.executable, "-m", "flwr_dsparse.probe", json.dumps(request)], cap, join="self",
-                        env=allocator_env() if tuned else None, label=", ".join(device["units"]))
+    request = {
+        "model": model_name,
+        "selection": device["units"],
+        "batch_size": batch,
+        "steps": steps,
+        "threads": threads,
+        "cold": True,
+        "lean_frozen": lean,
+        "tune_allocator": tuned,
+    }
+    result = run_capped(
+        [sys.executable, "-m", "flwr_dsparse.probe", json.dumps(request)],
+        cap,
+        join="self",
+        env=allocator_env() if tuned else None,
+        label=", ".join(device["units"]),
+    )
     if result.returncode != 0 and not result.oom_killed:
         raise RuntimeError(f"probe failed: {result.describe()}\n{result.stderr[-2000:]}")
     measured = result.peak_mb
-    return {"batch_size": batch, "threads": threads, "lean": lean, "allocator": "tuned" if tuned else "stock",
-            "budget_mb": device["budget_mb"], "cap_mb": round(cap, 2), "units": device["units"],
-            "predicted_mb": round(device["predicted_mb"], 2), "measured_mb": round(measured, 2),
-            "killed": result.oom_killed, "capped": result.capped, "seconds": round(result.seconds, 1),
-            "error": round((device["predicted_mb"] - measured) / measured, 4), "result": result.describe()}
+    return {
+        "batch_size": batch,
+        "threads": threads,
+        "lean": lean,
+        "allocator": "tuned" if tuned else "stock",
+        "budget_mb": device["budget_mb"],
+        "cap_mb": round(cap, 2),
+        "units": device["units"],
+        "predicted_mb": round(device["predicted_mb"], 2),
+        "measured_mb": round(measured, 2),
+        "killed": result.oom_killed,
+        "capped": result.capped,
+        "seconds": round(result.seconds, 1),
+        "error": round((device["predicted_mb"] - measured) / measured, 4),
+        "result": result.describe(),
+    }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| batch | threads | lean | allocator | budget MB | cap MB | predicted MB | measured MB | error | killed |",
-             "|---:|---:|:---|:---|---:|---:|---:|---:|---:|:---|"]
+    lines = [
+        "| batch | threads | lean | allocator | budget MB | cap MB | predicted MB | measured MB | error | killed |",
+        "|---:|---:|:---|:---|---:|---:|---:|---:|---:|:---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['batch_size']} | {r['threads']} | {'on' if r['lean'] else 'off'} | {r['allocator']} "
-                     f"| {r['budget_mb']:.0f} | {r['cap_mb']:.1f} | {r['predicted_mb']:.1f} | {r['measured_mb']:.1f} "
-                     f"| {r['error']:+.1%} | {'KILLED' if r['killed'] else 'no'} |")
+        lines.append(
+            f"| {r['batch_size']} | {r['threads']} | {'on' if r['lean'] else 'off'} | {r['allocator']} "
+            f"| {r['budget_mb']:.0f} | {r['cap_mb']:.1f} | {r['predicted_mb']:.1f} | {r['measured_mb']:.1f} "
+            f"| {r['error']:+.1%} | {'KILLED' if r['killed'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -114,18 +152,32 @@ def main(argv: list[str] | None = None) -> int:
                 for tuned in _flags(args.allocator, "tuned", "stock"):
                     for device in devices:
                         started = time.perf_counter()
-                        rows.append(measure(args.model, device, batch, threads=threads, lean=lean, tuned=tuned,
-                                            steps=args.steps))
-                        print(f"  [{len(rows)}] {rows[-1]['result']}  predicted {rows[-1]['predicted_mb']:.1f} "
-                              f"error {rows[-1]['error']:+.1%} ({time.perf_counter() - started:.0f}s)",
-                              file=sys.stderr, flush=True)
+                        rows.append(
+                            measure(
+                                args.model, device, batch, threads=threads, lean=lean, tuned=tuned, steps=args.steps
+                            )
+                        )
+                        print(
+                            f"  [{len(rows)}] {rows[-1]['result']}  predicted {rows[-1]['predicted_mb']:.1f} "
+                            f"error {rows[-1]['error']:+.1%} ({time.perf_counter() - started:.0f}s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     table = markdown(rows)
     print(table)
     killed = sum(r["killed"] for r in rows)
     within = sum(abs(r["error"]) <= TARGET_ERROR and r["error"] >= 0 for r in rows)
     print(f"\n{killed}/{len(rows)} killed; {within}/{len(rows)} predictions within +{TARGET_ERROR:.0%} above measured")
-    summary = {"hard_caps": {"available": available, "reason": reason}, "model": args.model, "budgets": budgets,
-               "plans": plans, "rows": rows, "killed": killed, "within_target": within, "target": TARGET_ERROR}
+    summary = {
+        "hard_caps": {"available": available, "reason": reason},
+        "model": args.model,
+        "budgets": budgets,
+        "plans": plans,
+        "rows": rows,
+        "killed": killed,
+        "within_target": within,
+        "target": TARGET_ERROR,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["write_plots"]
 
@@ -26,16 +27,22 @@ def _memory(results: Mapping[str, Any], path: Path) -> None:
     budgets = [d["budget_mb"] for d in methods["fedavg"]["devices"]]
     width = 0.8 / len(methods)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
-    for ax, key, title in ((axes[0], "predicted_mb", "predicted (cost model, total)"),
-                           (axes[1], "measured_mb", "measured (peak RSS increase, fresh process)")):
-        for index, (name, method) in enumerate(methods.items()):
+    for ax, key, title in (
+        (axes[0], "predicted_mb", "predicted (cost model, total)"),
+        (axes[1], "measured_mb", "measured (peak RSS increase, fresh process)"),
+    ):
+        for index, (_name, method) in enumerate(methods.items()):
             values = [d[key] for d in method["devices"]]
-            ax.bar([x + (index - (len(methods) - 1) / 2) * width for x in range(len(devices))], values, width,
-                   label=method["label"])
+            ax.bar(
+                [x + (index - (len(methods) - 1) / 2) * width for x in range(len(devices))],
+                values,
+                width,
+                label=method["label"],
+            )
         if key == "predicted_mb":
             ax.scatter(range(len(devices)), budgets, marker="_", s=400, color="black", zorder=3, label="budget")
         ax.set_xticks(range(len(devices)))
-        ax.set_xticklabels([f"{d}\n{b:g} MB" for d, b in zip(devices, budgets)])
+        ax.set_xticklabels([f"{d}\n{b:g} MB" for d, b in zip(devices, budgets, strict=False)])
         ax.set_xlabel("device (budget)")
         ax.set_ylabel("MB")
         ax.set_title(f"Memory per device: {title}")
@@ -48,10 +55,11 @@ def _memory(results: Mapping[str, Any], path: Path) -> None:
 def _accuracy(results: Mapping[str, Any], path: Path, x_key: str, x_label: str, title: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, method in results["methods"].items():
+    for _name, method in results["methods"].items():
         curve = method["curve"]
-        ax.plot([p[x_key] for p in curve], [p["accuracy"] for p in curve], marker="o", markersize=3,
-                label=method["label"])
+        ax.plot(
+            [p[x_key] for p in curve], [p["accuracy"] for p in curve], marker="o", markersize=3, label=method["label"]
+        )
     ax.set_xlabel(x_label)
     ax.set_ylabel("held-out accuracy")
     ax.set_title(title)
@@ -94,9 +102,19 @@ def write_plots(results: Mapping[str, Any], out: Path) -> dict[str, str]:
         "Aggregation time and bytes per method": "aggregation_bytes.png",
     }
     _memory(results, out / files["Memory per device, per method"])
-    _accuracy(results, out / files["Accuracy against steps"], "step", "local steps per device",
-              "Held-out accuracy against steps")
-    _accuracy(results, out / files["Accuracy against cluster time"], "cluster_s",
-              "cluster time, s (slowest device's compute + aggregation)", "Held-out accuracy against time")
+    _accuracy(
+        results,
+        out / files["Accuracy against steps"],
+        "step",
+        "local steps per device",
+        "Held-out accuracy against steps",
+    )
+    _accuracy(
+        results,
+        out / files["Accuracy against cluster time"],
+        "cluster_s",
+        "cluster time, s (slowest device's compute + aggregation)",
+        "Held-out accuracy against time",
+    )
     _aggregation_bytes(results, out / files["Aggregation time and bytes per method"])
     return files

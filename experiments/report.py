@@ -13,16 +13,29 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from flwr_dsparse.units import compress_unit_names
 
 __all__ = ["render_report", "write_csv", "CSV_COLUMNS"]
 
 CSV_COLUMNS = [
-    "method", "device", "path", "budget_mb", "num_units", "predicted_mb", "measured_mb", "step_s",
-    "isolated_step_s", "bytes_up_per_step", "bytes_down_per_step", "cluster_step_s", "aggregation_s_per_step", "final_accuracy",
+    "method",
+    "device",
+    "path",
+    "budget_mb",
+    "num_units",
+    "predicted_mb",
+    "measured_mb",
+    "step_s",
+    "isolated_step_s",
+    "bytes_up_per_step",
+    "bytes_down_per_step",
+    "cluster_step_s",
+    "aggregation_s_per_step",
+    "final_accuracy",
     "measured_saving_pct",
 ]
 KIB = 1024
@@ -35,21 +48,44 @@ def write_csv(results: Mapping[str, Any], path: Path) -> None:
         writer.writeheader()
         for name, method in results["methods"].items():
             for device in method["devices"]:
-                writer.writerow({
-                    "method": name, "device": device["device"], "path": method["path"],
-                    **{key: device[key] for key in ("budget_mb", "num_units", "predicted_mb", "measured_mb", "step_s",
-                                                    "isolated_step_s", "bytes_up_per_step", "bytes_down_per_step")},
-                })
+                writer.writerow(
+                    {
+                        "method": name,
+                        "device": device["device"],
+                        "path": method["path"],
+                        **{
+                            key: device[key]
+                            for key in (
+                                "budget_mb",
+                                "num_units",
+                                "predicted_mb",
+                                "measured_mb",
+                                "step_s",
+                                "isolated_step_s",
+                                "bytes_up_per_step",
+                                "bytes_down_per_step",
+                            )
+                        },
+                    }
+                )
             summary = results["summary"][name]
-            writer.writerow({
-                "method": name, "device": "cluster", "path": method["path"],
-                "predicted_mb": summary["mean_predicted_mb"], "measured_mb": summary["mean_measured_mb"],
-                "step_s": method["mean_device_step_s"], "bytes_up_per_step": method["bytes_up_per_step"],
-                "isolated_step_s": max(d["isolated_step_s"] for d in method["devices"]),
-                "bytes_down_per_step": method["bytes_down_per_step"], "cluster_step_s": method["cluster_step_s"],
-                "aggregation_s_per_step": method["aggregation_s_per_step"],
-                "final_accuracy": method["final_accuracy"], "measured_saving_pct": summary["measured_saving_pct"],
-            })
+            writer.writerow(
+                {
+                    "method": name,
+                    "device": "cluster",
+                    "path": method["path"],
+                    "predicted_mb": summary["mean_predicted_mb"],
+                    "measured_mb": summary["mean_measured_mb"],
+                    "step_s": method["mean_device_step_s"],
+                    "bytes_up_per_step": method["bytes_up_per_step"],
+                    "isolated_step_s": max(d["isolated_step_s"] for d in method["devices"]),
+                    "bytes_down_per_step": method["bytes_down_per_step"],
+                    "cluster_step_s": method["cluster_step_s"],
+                    "aggregation_s_per_step": method["aggregation_s_per_step"],
+                    "final_accuracy": method["final_accuracy"],
+                    "measured_saving_pct": summary["measured_saving_pct"],
+                }
+            )
 
 
 def _pct(value: float) -> str:
@@ -84,16 +120,21 @@ def _goals(results: Mapping[str, Any]) -> list[str]:
         f"| {_met(s_ds['isolated_cluster_step_ratio'] <= GOALS['batch_ratio'])} |",
     ]
     if s_ds.get("link_aggregation_ratio") is not None:
-        others = "; ".join(f"{_x(s_ds[f'link_aggregation_ratio_{r}mbit'])} at {r} Mbit/s" for r in rates[1:]
-                           if s_ds.get(f"link_aggregation_ratio_{r}mbit") is not None)
+        others = "; ".join(
+            f"{_x(s_ds[f'link_aggregation_ratio_{r}mbit'])} at {r} Mbit/s"
+            for r in rates[1:]
+            if s_ds.get(f"link_aggregation_ratio_{r}mbit") is not None
+        )
         lines.append(
             f"| aggregation per step over the edge link ({rates[0]} Mbit/s), DSparse's fused groups vs the full model "
             f"| {_x(ratios['aggregation'])} | ≤ {_x(GOALS['aggregation_ratio'])} | {_x(s_ds['link_aggregation_ratio'])}"
             f"{'; ' + others if others else ''} | {_met(s_ds['link_aggregation_ratio'] <= GOALS['aggregation_ratio'])} |"
         )
     else:
-        lines.append(f"| aggregation per step over the edge link | {_x(ratios['aggregation'])} "
-                     f"| ≤ {_x(GOALS['aggregation_ratio'])} | not timed: {link.get('reason', 'no link timing')} | – |")
+        lines.append(
+            f"| aggregation per step over the edge link | {_x(ratios['aggregation'])} "
+            f"| ≤ {_x(GOALS['aggregation_ratio'])} | not timed: {link.get('reason', 'no link timing')} | – |"
+        )
     acc = 100 * s_ds["accuracy_delta"]
     lines.append(
         f"| final held-out accuracy, DSparse vs full update ({results['setup']['steps']} steps) | {paper['accuracy']} "
@@ -175,8 +216,10 @@ def _budget_lines(results: Mapping[str, Any]) -> list[str]:
     budgets = results.get("budgets")
     mb = ", ".join(f"{b:g}" for b in setup["budgets_mb"])
     if not budgets:
-        return [f"- {len(setup['budgets_mb'])} devices with budgets {mb} MB (the largest {facts['budget_spread']:.1f}× "
-                "the smallest)."]
+        return [
+            f"- {len(setup['budgets_mb'])} devices with budgets {mb} MB (the largest {facts['budget_spread']:.1f}× "
+            "the smallest)."
+        ]
     shares = ", ".join(f"{f:.2f}" for f in budgets["fractions_of_full"])
     return [
         f"- {len(budgets['mb'])} devices. Budgets ({budgets['source']}): {mb} MB, that is {shares} of the full update's "
@@ -190,16 +233,20 @@ def _budget_lines(results: Mapping[str, Any]) -> list[str]:
 def _objective_note(results: Mapping[str, Any]) -> str:
     if results["setup"].get("plan_objective") != "balanced":
         return " (memory only: every device trains its most critical selection that fits)"
-    return (" (the planner also chooses the cluster's step cap: the knee of criticality against the slowest predicted "
-            "step, then every device trains its most critical selection within its memory and that step)")
+    return (
+        " (the planner also chooses the cluster's step cap: the knee of criticality against the slowest predicted "
+        "step, then every device trains its most critical selection within its memory and that step)"
+    )
 
 
 def _link_and_caps_lines(results: Mapping[str, Any]) -> list[str]:
     link, caps = results.get("link") or {}, results.get("caps") or {}
     lines = []
     if link.get("available"):
-        lines.append(f"- Edge link: each method's per-step exchange timed over an emulated shared link at "
-                     f"{', '.join(f'{r} Mbit/s' for r in link['rates_mbit'])} ({link['emulation']}).")
+        lines.append(
+            f"- Edge link: each method's per-step exchange timed over an emulated shared link at "
+            f"{', '.join(f'{r} Mbit/s' for r in link['rates_mbit'])} ({link['emulation']})."
+        )
     elif link:
         lines.append(f"- Edge link: not timed ({link.get('reason')}).")
     if caps.get("enabled"):
@@ -224,11 +271,16 @@ def _caps_table(results: Mapping[str, Any]) -> list[str]:
         "|---|" + "---|" * (len(caps["devices"]["fedavg_capped"]) + 1),
     ]
     for name, rows in caps["devices"].items():
-        cells = [f"{r['num_units']} unit{'s' if r['num_units'] != 1 else ''}, cap {r['cap_mb']:.1f} MB: "
-                 f"{'**killed**' if r['killed'] else 'fits'}"
-                 for r in rows]
-        lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells)
-                     + f" | {sum(r['killed'] for r in rows)} of {len(rows)} |")
+        cells = [
+            f"{r['num_units']} unit{'s' if r['num_units'] != 1 else ''}, cap {r['cap_mb']:.1f} MB: "
+            f"{'**killed**' if r['killed'] else 'fits'}"
+            for r in rows
+        ]
+        lines.append(
+            f"| {labels.get(name, name)} | "
+            + " | ".join(cells)
+            + f" | {sum(r['killed'] for r in rows)} of {len(rows)} |"
+        )
     return [*lines, ""]
 
 
@@ -253,10 +305,13 @@ def _methods_table(results: Mapping[str, Any]) -> list[str]:
 def _device_tables(results: Mapping[str, Any]) -> list[str]:
     all_units = results["plan"]["unit_names"]
     lines: list[str] = []
-    for name, method in results["methods"].items():
-        lines += [f"**{method['label']}**", "",
-                  "| device | budget MB | trains | predicted MB | measured MB | step s | step s alone | KiB up/step | KiB down/step |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+    for _name, method in results["methods"].items():
+        lines += [
+            f"**{method['label']}**",
+            "",
+            "| device | budget MB | trains | predicted MB | measured MB | step s | step s alone | KiB up/step | KiB down/step |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for d in method["devices"]:
             lines.append(
                 f"| {d['device']} | {d['budget_mb']:g} | {compress_unit_names(d['units'], all_units, short=True)} ({d['num_units']}) "
@@ -287,8 +342,10 @@ def _shortfalls(results: Mapping[str, Any]) -> list[str]:
             "workspace are paid by every device whatever it trains."
         )
     else:
-        lines.append(f"- Memory: the measured saving {_pct(-s_ds['measured_saving_pct'])} matches or beats the paper's "
-                     f"{_pct(-paper['memory_saving_pct'])}.")
+        lines.append(
+            f"- Memory: the measured saving {_pct(-s_ds['measured_saving_pct'])} matches or beats the paper's "
+            f"{_pct(-paper['memory_saving_pct'])}."
+        )
     if s_ds["isolated_cluster_step_ratio"] > ratios["batch"]:
         lines.append(
             f"- **Batch time: {_x(s_ds['isolated_cluster_step_ratio'])} of the full update's cluster step with every "
@@ -336,8 +393,11 @@ def _shortfalls(results: Mapping[str, Any]) -> list[str]:
         units = [d["num_units"] for d in methods["dsparse"]["devices"]]
         share = 100 * sum(units) / (len(units) * facts["unit_count"])
         # Only the methods this run has (``--methods`` may leave some out).
-        others = [f"{label} {100 * summary[name]['accuracy_delta']:+.1f}" for name, label in
-                  (("uniform", "uniform sparse ends"), ("dsparse_k", "DSparse with K local steps")) if name in summary]
+        others = [
+            f"{label} {100 * summary[name]['accuracy_delta']:+.1f}"
+            for name, label in (("uniform", "uniform sparse ends"), ("dsparse_k", "DSparse with K local steps"))
+            if name in summary
+        ]
         lines.append(
             f"- **Accuracy: DSparse ends {acc:+.1f} points below the full update after {steps} steps** (the paper: "
             f"{paper['accuracy']}){'; ' + ', '.join(others) + ' points' if others else ''}. A DSparse device trains "
@@ -352,14 +412,18 @@ def _pressure_note(results: Mapping[str, Any]) -> str:
     caps = results.get("caps") or {}
     if caps.get("enabled"):
         killed = results["summary"]["fedavg_capped"]["oom_killed"]
-        return (f"The budgets bind as hard caps in one process per device (the full update is killed on {killed} of "
-                f"{results['summary']['fedavg_capped']['devices']}), but the timed steps run uncapped (a simulation "
-                "actor serves several devices, so no per-device cap can bind there), so a full update never pages or "
-                "thrashes here and costs only its arithmetic: whatever part of the paper's gap came from memory "
-                "pressure on its edge devices cannot appear in these times.")
-    return ("No device here is physically short of memory: the budgets are the planner's, not the hardware's, so a "
-            "full update never pages or thrashes on this machine and costs only its arithmetic. Whatever part of the "
-            "paper's gap came from memory pressure on the edge devices cannot appear here.")
+        return (
+            f"The budgets bind as hard caps in one process per device (the full update is killed on {killed} of "
+            f"{results['summary']['fedavg_capped']['devices']}), but the timed steps run uncapped (a simulation "
+            "actor serves several devices, so no per-device cap can bind there), so a full update never pages or "
+            "thrashes here and costs only its arithmetic: whatever part of the paper's gap came from memory "
+            "pressure on its edge devices cannot appear in these times."
+        )
+    return (
+        "No device here is physically short of memory: the budgets are the planner's, not the hardware's, so a "
+        "full update never pages or thrashes on this machine and costs only its arithmetic. Whatever part of the "
+        "paper's gap came from memory pressure on the edge devices cannot appear here."
+    )
 
 
 def _cross_checks(results: Mapping[str, Any]) -> list[str]:

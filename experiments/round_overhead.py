@@ -72,17 +72,24 @@ def round_rows(metrics: dict[str, Any], local_steps: int, cores: int) -> list[di
             continue  # round 0: the initial evaluation, no training
         round_s = float(row["round-seconds"])
         compute_s = compute_seconds(devices, local_steps, cores)
-        rows.append({
-            "round": row["round"], "round-s": round_s, "compute-s": compute_s, "overhead-s": round_s - compute_s,
-            "down-bytes": {pid: float(d.get("bytes-down", d.get("bytes-recv", 0))) for pid, d in devices.items()},
-            "up-bytes": {pid: float(d.get("bytes-up", d.get("bytes-sent", 0))) for pid, d in devices.items()},
-        })
+        rows.append(
+            {
+                "round": row["round"],
+                "round-s": round_s,
+                "compute-s": compute_s,
+                "overhead-s": round_s - compute_s,
+                "down-bytes": {pid: float(d.get("bytes-down", d.get("bytes-recv", 0))) for pid, d in devices.items()},
+                "up-bytes": {pid: float(d.get("bytes-up", d.get("bytes-sent", 0))) for pid, d in devices.items()},
+            }
+        )
     return rows
 
 
 def echo_rows(result: dict[str, Any]) -> list[dict[str, float]]:
-    return [{"round": r["round"], "round-s": r["round-seconds"], "compute-s": 0.0, "overhead-s": r["round-seconds"]}
-            for r in result["rounds"]]
+    return [
+        {"round": r["round"], "round-s": r["round-seconds"], "compute-s": 0.0, "overhead-s": r["round-seconds"]}
+        for r in result["rounds"]
+    ]
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -90,7 +97,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
         return statistics.median(row[key] for row in rows) if rows else float("nan")
 
     return {
-        "rounds": len(rows), "median-round-s": median("round-s"), "median-compute-s": median("compute-s"),
+        "rounds": len(rows),
+        "median-round-s": median("round-s"),
+        "median-compute-s": median("compute-s"),
         "median-overhead-s": median("overhead-s"),
         "max-overhead-s": max((row["overhead-s"] for row in rows), default=float("nan")),
     }
@@ -129,21 +138,42 @@ class Bench:
 
     def job(self, method: str, rounds: int, nodes: int, out: Path) -> dict[str, Any]:
         job: dict[str, Any] = {
-            "method": method, "num-server-rounds": rounds, "min-nodes": nodes, "out-dir": str(out),
+            "method": method,
+            "num-server-rounds": rounds,
+            "min-nodes": nodes,
+            "out-dir": str(out),
             "local-steps": self.args.local_steps,
         }
         if self.args.quick:
-            job.update({"model": "tiny", "batch-size": 16, "lr": 0.05, "train-examples": 600, "test-examples": 200,
-                        "sim-budgets-mb": QUICK_BUDGETS})
+            job.update(
+                {
+                    "model": "tiny",
+                    "batch-size": 16,
+                    "lr": 0.05,
+                    "train-examples": 600,
+                    "test-examples": 200,
+                    "sim-budgets-mb": QUICK_BUDGETS,
+                }
+            )
         return job
 
     def add(self, runtime: str, method: str, app: str, nodes: int, rows: list[dict[str, Any]], wall_s: float) -> None:
-        entry = {"runtime": runtime, "method": method, "app": app, "nodes": nodes, "run-wall-s": wall_s,
-                 "summary": summarize(rows), "rounds": rows}
+        entry = {
+            "runtime": runtime,
+            "method": method,
+            "app": app,
+            "nodes": nodes,
+            "run-wall-s": wall_s,
+            "summary": summarize(rows),
+            "rounds": rows,
+        }
         self.results.append(entry)
         s = entry["summary"]
-        print(f"[{time.strftime('%H:%M:%S')}] {runtime:<10} {method:<7} {app:<6} "
-              f"median round {s['median-round-s']:.2f} s, overhead {s['median-overhead-s']:.2f} s", flush=True)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {runtime:<10} {method:<7} {app:<6} "
+            f"median round {s['median-round-s']:.2f} s, overhead {s['median-overhead-s']:.2f} s",
+            flush=True,
+        )
 
     def app_rows(self, runtime: str, method: str) -> list[dict[str, Any]]:
         for entry in self.results:
@@ -156,9 +186,15 @@ class Bench:
         rows = self.app_rows(runtime, method)
         down, up = payload_sizes(rows, "down-bytes"), payload_sizes(rows, "up-bytes")
         tensors, total = model_tensors("tiny" if self.args.quick else "mobilenet_v2")
-        return {"num-server-rounds": rounds, "down-bytes": join(down), "up-bytes": join(up),
-                "down-arrays": join(array_counts(down, tensors, total)),
-                "up-arrays": join(array_counts(up, tensors, total)), "min-nodes": nodes, "out-dir": str(out)}
+        return {
+            "num-server-rounds": rounds,
+            "down-bytes": join(down),
+            "up-bytes": join(up),
+            "down-arrays": join(array_counts(down, tensors, total)),
+            "up-arrays": join(array_counts(up, tensors, total)),
+            "min-nodes": nodes,
+            "out-dir": str(out),
+        }
 
     # ------------------------------------------------------------------ deployment
 
@@ -167,11 +203,18 @@ class Bench:
         rounds = args.stock_rounds if mode == "stock" else args.rounds
         began = time.perf_counter()
         deployment = start_deployment(
-            nodes, port=None, home=self.work / f"home-{mode}", state_dir=self.work / f"state-{mode}",
-            fast=mode == "fast", timeout=300.0,
+            nodes,
+            port=None,
+            home=self.work / f"home-{mode}",
+            state_dir=self.work / f"state-{mode}",
+            fast=mode == "fast",
+            timeout=300.0,
         )
-        print(f"[{time.strftime('%H:%M:%S')}] {mode} deployment up in {time.perf_counter() - began:.1f} s"
-              f" (fast mode {'on' if deployment.fast else 'off'})", flush=True)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {mode} deployment up in {time.perf_counter() - began:.1f} s"
+            f" (fast mode {'on' if deployment.fast else 'off'})",
+            flush=True,
+        )
         try:
             for method in args.methods:
                 out = self.work / f"{mode}-{method}"
@@ -179,8 +222,14 @@ class Bench:
                 job = self.job(method, rounds, nodes, out)
                 self._run(deployment, REPO, job, out.with_suffix(".log"), "metrics.json")
                 metrics = json.loads((out / "metrics.json").read_text())
-                self.add(mode, method, "app", nodes, round_rows(metrics, args.local_steps, self.cores),
-                         time.perf_counter() - wall)
+                self.add(
+                    mode,
+                    method,
+                    "app",
+                    nodes,
+                    round_rows(metrics, args.local_steps, self.cores),
+                    time.perf_counter() - wall,
+                )
                 echo_out = self.work / f"{mode}-{method}-echo"
                 config = self.echo_config(mode, method, rounds, nodes, echo_out)
                 wall = time.perf_counter()
@@ -194,8 +243,10 @@ class Bench:
         """``flwr run`` of ``app`` on ``deployment``; fails unless it wrote ``out-dir/output``."""
         result = run_app(deployment, app, config, timeout=self.args.timeout, log=log)
         if result.returncode != 0 or not (Path(config["out-dir"]) / output).is_file():
-            raise RuntimeError(f"flwr run {app.name} failed (exit {result.returncode}, no {output}); log {log}:\n"
-                               f"{(result.stdout + result.stderr)[-3000:]}")
+            raise RuntimeError(
+                f"flwr run {app.name} failed (exit {result.returncode}, no {output}); log {log}:\n"
+                f"{(result.stdout + result.stderr)[-3000:]}"
+            )
 
     # ------------------------------------------------------------------ simulation
 
@@ -208,46 +259,76 @@ class Bench:
         from server.app import make_server_app
 
         args, nodes = self.args, self.args.sim_nodes
-        backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                   "init_args": {"num_cpus": self.cores, "include_dashboard": False}}
+        backend = {
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": self.cores, "include_dashboard": False},
+        }
         for method in args.methods:
             out = self.work / f"sim-{method}"
             wall = time.perf_counter()
-            run_simulation(make_server_app(self.job(method, args.rounds, nodes, out)), client_app,
-                           num_supernodes=nodes, backend_config=backend)
+            run_simulation(
+                make_server_app(self.job(method, args.rounds, nodes, out)),
+                client_app,
+                num_supernodes=nodes,
+                backend_config=backend,
+            )
             metrics = json.loads((out / "metrics.json").read_text())
-            self.add("simulation", method, "app", nodes, round_rows(metrics, args.local_steps, self.cores),
-                     time.perf_counter() - wall)
+            self.add(
+                "simulation",
+                method,
+                "app",
+                nodes,
+                round_rows(metrics, args.local_steps, self.cores),
+                time.perf_counter() - wall,
+            )
             echo_out = self.work / f"sim-{method}-echo"
             wall = time.perf_counter()
-            run_simulation(make_echo_server(self.echo_config("simulation", method, args.rounds, nodes, echo_out)),
-                           echo_client, num_supernodes=nodes, backend_config=backend)
+            run_simulation(
+                make_echo_server(self.echo_config("simulation", method, args.rounds, nodes, echo_out)),
+                echo_client,
+                num_supernodes=nodes,
+                backend_config=backend,
+            )
             echo = json.loads((echo_out / "echo.json").read_text())
             self.add("simulation", method, "echo", nodes, echo_rows(echo), time.perf_counter() - wall)
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"\n{'runtime':<11} {'method':<8} {'nodes':>5} {'rounds':>6} {'round s':>8} {'compute s':>9} "
-          f"{'overhead s':>10} {'echo floor s':>12} {'overhead/floor':>14}")
+    print(
+        f"\n{'runtime':<11} {'method':<8} {'nodes':>5} {'rounds':>6} {'round s':>8} {'compute s':>9} "
+        f"{'overhead s':>10} {'echo floor s':>12} {'overhead/floor':>14}"
+    )
     for entry in results:
         if entry["app"] != "app":
             continue
         s = entry["summary"]
-        floor = next((e["summary"]["median-round-s"] for e in results
-                      if e["app"] == "echo" and e["runtime"] == entry["runtime"] and e["method"] == entry["method"]),
-                     float("nan"))
+        floor = next(
+            (
+                e["summary"]["median-round-s"]
+                for e in results
+                if e["app"] == "echo" and e["runtime"] == entry["runtime"] and e["method"] == entry["method"]
+            ),
+            float("nan"),
+        )
         ratio = s["median-overhead-s"] / floor if floor == floor and floor > 0 else float("nan")
-        print(f"{entry['runtime']:<11} {entry['method']:<8} {entry['nodes']:>5} {s['rounds']:>6} "
-              f"{s['median-round-s']:>8.2f} {s['median-compute-s']:>9.2f} {s['median-overhead-s']:>10.2f} "
-              f"{floor:>12.2f} {ratio:>14.2f}")
-    print("(medians over the training rounds; overhead = round - compute; compute = sum of the nodes' step "
-          "times / min(nodes, cores))")
+        print(
+            f"{entry['runtime']:<11} {entry['method']:<8} {entry['nodes']:>5} {s['rounds']:>6} "
+            f"{s['median-round-s']:>8.2f} {s['median-compute-s']:>9.2f} {s['median-overhead-s']:>10.2f} "
+            f"{floor:>12.2f} {ratio:>14.2f}"
+        )
+    print(
+        "(medians over the training rounds; overhead = round - compute; compute = sum of the nodes' step "
+        "times / min(nodes, cores))"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model, small data, 2 stock / 3 fast and simulated rounds, 3 simulated nodes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, small data, 2 stock / 3 fast and simulated rounds, 3 simulated nodes",
+    )
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="subset of %(default)s")
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of %(default)s")
     parser.add_argument("--nodes", type=int, default=3, help="SuperNodes of the deployments (default %(default)s)")
@@ -278,8 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     result = {
         "config": vars(args),
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg-before": load_before, "loadavg-after": load_after},
+        "machine": {
+            "node": platform.node(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg-before": load_before,
+            "loadavg-after": load_after,
+        },
         "results": bench.results,
     }
     out = Path(args.out)

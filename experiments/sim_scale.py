@@ -41,10 +41,20 @@ BUDGETS_MB = (11.0, 12.5, 13.7, 15.0, 17.9, 20.0, 25.0)  # the tiny model's rang
 
 
 def job(nodes: int, rounds: int, out: Path) -> dict:
-    return {"model": "tiny", "batch-size": 16, "lr": 0.05, "local-steps": 1, "train-examples": 20 * nodes,
-            "test-examples": 64, "num-server-rounds": rounds, "min-nodes": nodes, "checkpoint": False,
-            "sim-budgets-mb": ",".join(str(BUDGETS_MB[i % len(BUDGETS_MB)]) for i in range(nodes)),
-            "plan-objective": "criticality", "out-dir": str(out)}
+    return {
+        "model": "tiny",
+        "batch-size": 16,
+        "lr": 0.05,
+        "local-steps": 1,
+        "train-examples": 20 * nodes,
+        "test-examples": 64,
+        "num-server-rounds": rounds,
+        "min-nodes": nodes,
+        "checkpoint": False,
+        "sim-budgets-mb": ",".join(str(BUDGETS_MB[i % len(BUDGETS_MB)]) for i in range(nodes)),
+        "plan-objective": "criticality",
+        "out-dir": str(out),
+    }
 
 
 def planning_seconds(nodes: int, objective: str) -> float:
@@ -70,12 +80,20 @@ def run(nodes: int, rounds: int, work: Path) -> dict:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rows = [r for r in json.loads((out / "metrics.json").read_text())["rounds"] if r.get("devices")]
-    overheads = [r["round-seconds"] - sum(float(d.get("step-seconds", 0.0)) for d in r["devices"].values())
-                 for r in rows]
-    return {"nodes": nodes, "rounds": len(rows), "run-wall-s": wall, "round-s": [r["round-seconds"] for r in rows],
-            "overhead-s": overheads, "median-overhead-s": statistics.median(overheads),
-            "overhead-per-node-ms": 1e3 * statistics.median(overheads) / nodes,
-            "traced-peak-mib": peak / 2**20, "traced-peak-per-node-kib": peak / 1024 / nodes}
+    overheads = [
+        r["round-seconds"] - sum(float(d.get("step-seconds", 0.0)) for d in r["devices"].values()) for r in rows
+    ]
+    return {
+        "nodes": nodes,
+        "rounds": len(rows),
+        "run-wall-s": wall,
+        "round-s": [r["round-seconds"] for r in rows],
+        "overhead-s": overheads,
+        "median-overhead-s": statistics.median(overheads),
+        "overhead-per-node-ms": 1e3 * statistics.median(overheads) / nodes,
+        "traced-peak-mib": peak / 2**20,
+        "traced-peak-per-node-kib": peak / 1024 / nodes,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,13 +110,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="dsparse-scale-") as tmp:
         for nodes in args.nodes:
-            row = {"planning-s": {o: planning_seconds(nodes, o) for o in ("criticality", "balanced")},
-                   **run(nodes, args.rounds, Path(tmp))}
+            row = {
+                "planning-s": {o: planning_seconds(nodes, o) for o in ("criticality", "balanced")},
+                **run(nodes, args.rounds, Path(tmp)),
+            }
             results.append(row)
-            print(f"{nodes} nodes: planning {row['planning-s']['criticality']:.2f} s (criticality), "
-                  f"{row['planning-s']['balanced']:.2f} s (balanced); median overhead {row['median-overhead-s']:.2f} s "
-                  f"({row['overhead-per-node-ms']:.1f} ms per node); traced server+nodes peak "
-                  f"{row['traced-peak-mib']:.1f} MiB ({row['traced-peak-per-node-kib']:.0f} KiB per node)", flush=True)
+            print(
+                f"{nodes} nodes: planning {row['planning-s']['criticality']:.2f} s (criticality), "
+                f"{row['planning-s']['balanced']:.2f} s (balanced); median overhead {row['median-overhead-s']:.2f} s "
+                f"({row['overhead-per-node-ms']:.1f} ms per node); traced server+nodes peak "
+                f"{row['traced-peak-mib']:.1f} MiB ({row['traced-peak-per-node-kib']:.0f} KiB per node)",
+                flush=True,
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"load-average": os.getloadavg(), "results": results}, indent=2) + "\n")
     print(f"wrote {args.out}")

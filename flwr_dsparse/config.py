@@ -12,14 +12,24 @@ same job as ``flwr run .``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from .data import DATASETS
 from .models import MODELS
 from .planner import OBJECTIVES, parse_budgets
 
-__all__ = ["JobConfig", "load_config", "parse_budgets_mb", "METHODS", "DATASETS", "PARTITIONINGS", "SCORERS", "TRANSPORTS"]
+__all__ = [
+    "JobConfig",
+    "load_config",
+    "parse_budgets_mb",
+    "METHODS",
+    "DATASETS",
+    "PARTITIONINGS",
+    "SCORERS",
+    "TRANSPORTS",
+]
 
 METHODS = ("dsparse", "fedavg")
 PARTITIONINGS = ("iid", "dirichlet")
@@ -105,7 +115,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             raise ValueError(f"{key} must be a number, got {value!r}; write e.g. {key}=0.5")
         return float(value)
     if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {value!r}; quote it, e.g. {key}=\"{value}\"")
+        raise ValueError(f'{key} must be a string, got {value!r}; quote it, e.g. {key}="{value}"')
     return value
 
 
@@ -155,8 +165,16 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
     _one_of("partitioning", config.partitioning, PARTITIONINGS)
     _one_of("transport", config.transport, TRANSPORTS)
     _one_of("plan-objective", config.plan_objective, OBJECTIVES)
-    positive = ("checkpoint-every", "num-server-rounds", "local-steps", "batch-size", "lr", "dirichlet-alpha",
-                "round-timeout", "min-nodes")
+    positive = (
+        "checkpoint-every",
+        "num-server-rounds",
+        "local-steps",
+        "batch-size",
+        "lr",
+        "dirichlet-alpha",
+        "round-timeout",
+        "min-nodes",
+    )
     for key in positive + ("min-replies", "collective-timeout"):
         _positive(key, values.get(key, getattr(config, key.replace("-", "_"))))
     for key in ("momentum", "memory-reserve-mb", "train-examples", "test-examples", "round-retries"):
@@ -176,13 +194,13 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
         raise ValueError(f"momentum must be below 1, got {config.momentum}; use e.g. momentum=0.9")
     if config.method == "fedavg" and (config.resume or config.transport != "server"):
         raise ValueError(
-            "resume and transport=\"collective\" are DSparse features; set method=\"dsparse\", "
-            "or resume=false and transport=\"server\" for FedAvg"
+            'resume and transport="collective" are DSparse features; set method="dsparse", '
+            'or resume=false and transport="server" for FedAvg'
         )
-    config.budgets_mb  # parse now: a malformed budgets string must fail before training
+    _ = config.budgets_mb  # parse now: a malformed budgets string must fail before training
     if config.dataset == "cifar10" and not config.data_root:
         raise ValueError(
-            "dataset=\"cifar10\" needs data-root: set data-root to the folder that holds "
+            'dataset="cifar10" needs data-root: set data-root to the folder that holds '
             "cifar-10-batches-py (e.g. --run-config 'data-root=\"/data\"')"
         )
     return config

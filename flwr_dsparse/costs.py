@@ -199,6 +199,7 @@ class CostModel:
         modules = dict(self.model.named_modules())
         hooks = []
         for unit in self.units:
+
             def mark(module: nn.Module, args: tuple, name: str = unit.name) -> None:
                 meter.owner = name  # saved tensors are charged to the unit that runs now
 
@@ -260,7 +261,10 @@ class CostModel:
         if self.time_batches:
             self.progress("timing forward and backward per unit")
             (t1, at_small), (t2, at_large) = [(b, self._time_profile(b)) for b in self.time_batches]
-            timing = [[_fit_line((t1, s), (t2, l)) for s, l in zip(at_small[k], at_large[k])] for k in range(4)]
+            timing = [
+                [_fit_line((t1, small), (t2, large)) for small, large in zip(at_small[k], at_large[k], strict=True)]
+                for k in range(4)
+            ]
         sizes = self.tensor_bytes()
         costs = []
         for index, unit in enumerate(self.units):
@@ -270,8 +274,12 @@ class CostModel:
                     unit=unit,
                     param_bytes=sum(sizes[p] for p in unit.param_names),
                     buffer_bytes=sum(sizes[b] for b in unit.buffer_names),
-                    act_trained=_fit_line((small, measured["trained"][small][name]), (large, measured["trained"][large][name])),
-                    act_frozen=_fit_line((small, measured["frozen"][small][name]), (large, measured["frozen"][large][name])),
+                    act_trained=_fit_line(
+                        (small, measured["trained"][small][name]), (large, measured["trained"][large][name])
+                    ),
+                    act_frozen=_fit_line(
+                        (small, measured["frozen"][small][name]), (large, measured["frozen"][large][name])
+                    ),
                     act_first=_fit_line((small, first[name][small]), (large, first[name][large])),
                     max_leaf_bytes_per_sample=widest[name],
                     forward_s=timing[0][index] if timing else (0.0, 0.0),
@@ -304,9 +312,21 @@ class CostModel:
             hooks = []
             for name in names:
                 module = modules[name]
-                hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: forward_start.__setitem__(n, time.perf_counter())))
-                hooks.append(module.register_forward_hook(lambda m, a, o, n=name: forward_end.__setitem__(n, time.perf_counter())))
-                hooks.append(module.register_full_backward_pre_hook(lambda m, g, n=name: grad_ready.__setitem__(n, time.perf_counter())))
+                hooks.append(
+                    module.register_forward_pre_hook(
+                        lambda m, a, n=name: forward_start.__setitem__(n, time.perf_counter())
+                    )
+                )
+                hooks.append(
+                    module.register_forward_hook(
+                        lambda m, a, o, n=name: forward_end.__setitem__(n, time.perf_counter())
+                    )
+                )
+                hooks.append(
+                    module.register_full_backward_pre_hook(
+                        lambda m, g, n=name: grad_ready.__setitem__(n, time.perf_counter())
+                    )
+                )
             try:
                 with torch.set_grad_enabled(bool(selection)):
                     loss = trainer.loss_fn(self.model(inputs), targets)
@@ -405,7 +425,8 @@ class CostModel:
             e = indices[0]
             chosen = set(indices)
             activations = at(costs[e].act_first, batch_size) + sum(
-                at(costs[j].act_trained if j in chosen else costs[j].act_frozen, batch_size) for j in range(e + 1, len(costs))
+                at(costs[j].act_trained if j in chosen else costs[j].act_frozen, batch_size)
+                for j in range(e + 1, len(costs))
             )
             widest_from = max(c.max_leaf_bytes_per_sample for c in costs[e:]) * batch_size
             workspace = (
@@ -441,7 +462,9 @@ class CostModel:
         forward = np.array([at(c.forward_s, batch_size) for c in costs])
         trained = np.array([at(c.backward_trained_s, batch_size) for c in costs])
         frozen = np.array([at(c.backward_frozen_s, batch_size) for c in costs])
-        base = np.array([inference[:e].sum() + forward[e:].sum() + trained[e] + frozen[e + 1 :].sum() for e in range(n)])
+        base = np.array(
+            [inference[:e].sum() + forward[e:].sum() + trained[e] + frozen[e + 1 :].sum() for e in range(n)]
+        )
         return base, trained - frozen
 
     def step_time(self, selection: Sequence[str], batch_size: int) -> float:

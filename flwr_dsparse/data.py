@@ -94,13 +94,10 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.dim() != 4 or tuple(self.x.shape[1:]) != IMAGE_SHAPE:
-            raise ValueError(
-                f"Split.x must be float32 N x 3 x 32 x 32, got {self.x.dtype} {tuple(self.x.shape)}"
-            )
+            raise ValueError(f"Split.x must be float32 N x 3 x 32 x 32, got {self.x.dtype} {tuple(self.x.shape)}")
         if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
             raise ValueError(
-                f"Split.y must be int64 of shape ({self.x.shape[0]},), got {self.y.dtype} "
-                f"{tuple(self.y.shape)}"
+                f"Split.y must be int64 of shape ({self.x.shape[0]},), got {self.y.dtype} {tuple(self.y.shape)}"
             )
 
     def __len__(self) -> int:
@@ -154,9 +151,7 @@ def _shifted(prototypes: torch.Tensor, labels: torch.Tensor, generator: torch.Ge
     return images.view(count, 3, 32, 32)
 
 
-def _synthetic_samples(
-    prototypes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
+def _synthetic_samples(prototypes: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Distort each label's prototype: shift, flip, a distractor, contrast, noise.
 
     In-place arithmetic keeps the peak at two image tensors and the time low.
@@ -333,9 +328,13 @@ def default_dataset() -> tuple[str, str, str]:
     try:
         files = find_fashion_mnist()
     except FileNotFoundError:
-        return "synthetic", "", (
-            f"warning: Fashion-MNIST not found in {folder} (install Debian's {FASHION_MNIST_PACKAGE} as root, "
-            f"or name a folder with data-root); using the embedded synthetic data instead"
+        return (
+            "synthetic",
+            "",
+            (
+                f"warning: Fashion-MNIST not found in {folder} (install Debian's {FASHION_MNIST_PACKAGE} as root, "
+                f"or name a folder with data-root); using the embedded synthetic data instead"
+            ),
         )
     return "fashion-mnist", str(folder), f"dataset: Fashion-MNIST (real images) from {files['train-images'].parent}"
 
@@ -549,9 +548,7 @@ def partition_indices(
             f"lower num-partitions or use more data"
         )
     if method not in PARTITION_METHODS:
-        raise ValueError(
-            f"unknown partitioning {method!r}; choose one of: {', '.join(PARTITION_METHODS)}"
-        )
+        raise ValueError(f"unknown partitioning {method!r}; choose one of: {', '.join(PARTITION_METHODS)}")
     dataset = Dataset.from_dict(
         {"index": np.arange(label_array.size, dtype=np.int64), "label": label_array.astype(np.int64)}
     )
@@ -577,8 +574,7 @@ def partition_indices(
         )
         partitioner.dataset = dataset
     return [
-        np.sort(np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64))
-        for pid in range(num_partitions)
+        np.sort(np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64)) for pid in range(num_partitions)
     ]
 
 

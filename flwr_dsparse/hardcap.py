@@ -80,8 +80,10 @@ def _enable_v2_memory(parent: Path) -> str | None:
     try:
         (parent / "cgroup.subtree_control").write_text("+memory")
     except OSError as error:
-        return (f"cannot enable memory in {parent}/cgroup.subtree_control ({error}); "
-                "a v2 cgroup with processes in it cannot delegate (run under a delegated subtree)")
+        return (
+            f"cannot enable memory in {parent}/cgroup.subtree_control ({error}); "
+            "a v2 cgroup with processes in it cannot delegate (run under a delegated subtree)"
+        )
     return None
 
 
@@ -223,8 +225,10 @@ class CappedResult:
         """One line for logs: killed or not, with budget and label (e.g. the selection)."""
         what = f" [{self.label}]" if self.label else ""
         if self.oom_killed:
-            return (f"KILLED by the hard cap of {self.limit_mb:.1f} MB{what}: peak {self.peak_mb:.1f} MB; "
-                    "raise the budget or train a smaller selection")
+            return (
+                f"KILLED by the hard cap of {self.limit_mb:.1f} MB{what}: peak {self.peak_mb:.1f} MB; "
+                "raise the budget or train a smaller selection"
+            )
         mode = "capped" if self.capped else f"uncapped ({self.reason})"
         return f"exit {self.returncode}, peak {self.peak_mb:.1f} MB of {self.limit_mb:.1f} MB, {mode}{what}"
 
@@ -318,8 +322,9 @@ def _run_command(
             with open(procs, "w") as handle:
                 handle.write(str(os.getpid()))
 
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environment, preexec_fn=preexec)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, preexec_fn=preexec
+    )
     sampler = _RssSampler(process.pid) if cap is None else None
     if sampler:
         sampler.start()

@@ -48,8 +48,9 @@ class _FrozenConv(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         module = ctx.module
         conv_input = torch.nn.grad.conv2d_input if module.weight.dim() == 4 else torch.nn.grad.conv1d_input
-        return conv_input(ctx.input_shape, module.weight, grad, module.stride, module.padding, module.dilation,
-                          module.groups), None
+        return conv_input(
+            ctx.input_shape, module.weight, grad, module.stride, module.padding, module.dilation, module.groups
+        ), None
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -71,8 +72,9 @@ class _ChannelScale(torch.autograd.Function):
     def forward(ctx, inputs: torch.Tensor, scale: torch.Tensor, module: nn.Module) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(scale)
         with torch.no_grad():
-            return F.batch_norm(inputs, module.running_mean, module.running_var, module.weight, module.bias,
-                                False, 0.0, module.eps)
+            return F.batch_norm(
+                inputs, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
+            )
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
@@ -138,8 +140,11 @@ def _activation_lean(module: nn.Module, inputs: torch.Tensor, *, keep_output: bo
 
 
 def _conv_supported(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Conv1d | nn.Conv2d) and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
+    return (
+        isinstance(module, nn.Conv1d | nn.Conv2d)
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
 
 
 def lean_forward_for(module: nn.Module, *, last_in_unit: bool = False) -> types.MethodType | None:
@@ -151,6 +156,7 @@ def lean_forward_for(module: nn.Module, *, last_in_unit: bool = False) -> types.
     if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
         return types.MethodType(_bn_lean, module)
     if type(module) in (nn.ReLU, nn.ReLU6):
+
         def activation(self: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
             return _activation_lean(self, inputs, keep_output=last_in_unit)
 

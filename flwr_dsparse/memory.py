@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SavedTensorMeter", "current_rss_mb", "measure_training_rss", "peak_rss_mb", "reset_peak_rss", "saved_tensors"]
+__all__ = [
+    "SavedTensorMeter",
+    "current_rss_mb",
+    "measure_training_rss",
+    "peak_rss_mb",
+    "reset_peak_rss",
+    "saved_tensors",
+]
 
 MB = 1024 * 1024
 

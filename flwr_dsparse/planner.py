@@ -169,8 +169,14 @@ class SelectionSpace:
     one pass over the selections that fit its budget.
     """
 
-    def __init__(self, base: np.ndarray, increments: np.ndarray, scores: Sequence[float],
-                 time_terms: tuple[np.ndarray, np.ndarray], max_budget_mb: float = math.inf) -> None:
+    def __init__(
+        self,
+        base: np.ndarray,
+        increments: np.ndarray,
+        scores: Sequence[float],
+        time_terms: tuple[np.ndarray, np.ndarray],
+        max_budget_mb: float = math.inf,
+    ) -> None:
         count = len(base)
         values = np.asarray(scores, dtype=float)
         time_base, time_increments = time_terms
@@ -365,8 +371,9 @@ def make_plan(
             if fits:
                 frontiers[device.id] = frontier
         else:
-            found[device.id] = best_selection(base, increments, scores, device.budget_mb,
-                                              time_terms=time_terms.get(batch), max_step_s=cap)
+            found[device.id] = best_selection(
+                base, increments, scores, device.budget_mb, time_terms=time_terms.get(batch), max_step_s=cap
+            )
             fits = found[device.id] is not None
         if not fits:
             _untrainable(device, base, increments, scores, names, cap, max_step_fraction, allow_inference_only)
@@ -377,8 +384,9 @@ def make_plan(
             if device.id in frontiers:
                 base, increments, _ = memory_terms[device.batch_size]
                 cap = min(cluster_cap, hand_caps[device.id] or math.inf)
-                found[device.id] = best_selection(base, increments, scores, device.budget_mb,
-                                                  time_terms=time_terms[device.batch_size], max_step_s=cap)
+                found[device.id] = best_selection(
+                    base, increments, scores, device.budget_mb, time_terms=time_terms[device.batch_size], max_step_s=cap
+                )
     selections, estimates, step_seconds, totals = {}, {}, {}, {}
     for device in ordered:
         indices, total_score = (found[device.id] or ((), 0.0, 0.0))[:2]
@@ -400,8 +408,16 @@ def make_plan(
     )
 
 
-def _untrainable(device: DeviceSpec, base: np.ndarray, increments: np.ndarray, scores: Sequence[float],
-                 names: Sequence[str], cap: float | None, max_step_fraction: float, allow_inference_only: bool) -> None:
+def _untrainable(
+    device: DeviceSpec,
+    base: np.ndarray,
+    increments: np.ndarray,
+    scores: Sequence[float],
+    names: Sequence[str],
+    cap: float | None,
+    max_step_fraction: float,
+    allow_inference_only: bool,
+) -> None:
     """A device that can train nothing: raise, naming why and the fix, unless inference-only is allowed."""
     if allow_inference_only:
         return

@@ -43,8 +43,9 @@ def probe(request: dict) -> dict[str, float]:
         model,
         [] if request.get("no_grad_forward") else selection,
         units=units,
-        optimizer_factory=make_optimizer_factory(request.get("optimizer", "sgd"), lr=0.01,
-                                                 momentum=request.get("momentum", 0.0)),
+        optimizer_factory=make_optimizer_factory(
+            request.get("optimizer", "sgd"), lr=0.01, momentum=request.get("momentum", 0.0)
+        ),
         lean_frozen=request.get("lean_frozen", True),
     )
     if not request.get("cold", False):
@@ -59,8 +60,13 @@ def probe(request: dict) -> dict[str, float]:
     for _ in range(request.get("steps", 5)):
         trainer.step(inputs, targets)
     peak = peak_rss_mb()
-    return {"baseline_mb": baseline, "peak_mb": peak, "increase_mb": peak - baseline,
-            "joined_cap": joined, "allocator_tuned": tuned}
+    return {
+        "baseline_mb": baseline,
+        "peak_mb": peak,
+        "increase_mb": peak - baseline,
+        "joined_cap": joined,
+        "allocator_tuned": tuned,
+    }
 
 
 if __name__ == "__main__":

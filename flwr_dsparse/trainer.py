@@ -139,7 +139,8 @@ class SparseTrainer:
         if self.lean_frozen and first is not None:
             chosen = set(self.selection)
             self._lean = install_lean_layers(
-                modules[u.name] for u in self.units if u.index > first and u.name not in chosen)
+                modules[u.name] for u in self.units if u.index > first and u.name not in chosen
+            )
 
     def _enter_no_grad(self, module: nn.Module, args: tuple) -> None:
         # A stack, not a flag: hooks of nested or repeated calls restore in order.
@@ -159,7 +160,8 @@ class SparseTrainer:
     # -- optimizer state ------------------------------------------------------------------------------
     def _sgd_momentum(self) -> bool:
         return isinstance(self.optimizer, torch.optim.SGD) and any(
-            group["momentum"] > 0 for group in self.optimizer.param_groups)
+            group["momentum"] > 0 for group in self.optimizer.param_groups
+        )
 
     def momentum_state(self) -> dict[str, torch.Tensor]:
         """The SGD momentum buffers of the selected parameters, by parameter name (copies).

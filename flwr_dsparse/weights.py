@@ -18,9 +18,9 @@ import argparse
 import json
 import pickle
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -65,7 +65,9 @@ def load_weights(path: str | Path, model_name: str, *, key: str = "initial-weigh
     for name, tensor in expected.items():
         if not isinstance(state[name], torch.Tensor) or tuple(state[name].shape) != tuple(tensor.shape):
             shape = tuple(state[name].shape) if isinstance(state[name], torch.Tensor) else type(state[name]).__name__
-            raise ValueError(f"{key} {str(path)!r}: {name} has shape {shape}, model {model_name!r} expects {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{key} {str(path)!r}: {name} has shape {shape}, model {model_name!r} expects {tuple(tensor.shape)}"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(state[name]).all()):
             raise ValueError(f"{key} {str(path)!r}: {name} holds NaN or Inf; it cannot be a starting point")
     return {name: state[name].to(tensor.dtype) for name, tensor in expected.items()}
@@ -115,8 +117,11 @@ def pretrain(
     if len(indices) == 0:
         raise ValueError(f"no training examples of classes 0..{classes - 1}")
     batches = batch_iterator(train, indices, batch_size, seed=seed + 99)
-    trainer = SparseTrainer(model, [unit.name for unit in model_units(model)],
-                            optimizer_factory=make_optimizer_factory("sgd", lr=lr, momentum=momentum))
+    trainer = SparseTrainer(
+        model,
+        [unit.name for unit in model_units(model)],
+        optimizer_factory=make_optimizer_factory("sgd", lr=lr, momentum=momentum),
+    )
     losses: list[float] = []
     try:
         for step in range(1, steps + 1):
@@ -125,8 +130,9 @@ def pretrain(
                 on_step(step, losses[-1])
     finally:
         trainer.close()
-    info = PretrainInfo(model_name, steps, batch_size, lr, momentum, list(range(classes)), int(len(indices)), seed,
-                        losses[-1], losses)
+    info = PretrainInfo(
+        model_name, steps, batch_size, lr, momentum, list(range(classes)), int(len(indices)), seed, losses[-1], losses
+    )
     return model.state_dict(), info
 
 
@@ -135,15 +141,26 @@ def pretrain(
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    train, _ = load_dataset(args.dataset, root=args.data_root or None, num_train=args.train_examples or None, seed=args.seed)
+    train, _ = load_dataset(
+        args.dataset, root=args.data_root or None, num_train=args.train_examples or None, seed=args.seed
+    )
     every = max(1, args.steps // 5)
 
     def progress(step: int, loss: float) -> None:
         if step % every == 0:
             print(f"  … pre-training step {step}/{args.steps}, loss {loss:.3f}", file=sys.stderr, flush=True)
 
-    state, info = pretrain(args.model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                           momentum=args.momentum, classes=args.classes, seed=args.seed, on_step=progress)
+    state, info = pretrain(
+        args.model,
+        train,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        classes=args.classes,
+        seed=args.seed,
+        on_step=progress,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.tmp")
@@ -152,29 +169,38 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     out.with_suffix(".json").write_text(
         json.dumps({**asdict(info), "dataset": args.dataset, "data_root": args.data_root}, indent=2)
     )
-    print(f"pre-trained {args.model} on classes 0..{args.classes - 1} of {args.dataset} ({info.steps} steps, "
-          f"final loss {info.final_loss:.3f}): {out}")
+    print(
+        f"pre-trained {args.model} on classes 0..{args.classes - 1} of {args.dataset} ({info.steps} steps, "
+        f"final loss {info.final_loss:.3f}): {out}"
+    )
     return 0
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``dsparse pretrain``."""
     parser = subparsers.add_parser(
-        "pretrain", help="pre-train starting weights on the first classes of the data (a stand-in for downloaded weights)",
+        "pretrain",
+        help="pre-train starting weights on the first classes of the data (a stand-in for downloaded weights)",
         description=__doc__.splitlines()[0],
     )
     parser.add_argument("--model", choices=sorted(MODELS), default="mobilenet_v2")
     parser.add_argument("--out", required=True, help="where to write the state dict (.pt; a .json beside it says how)")
-    parser.add_argument("--dataset", default="synthetic", choices=DATASETS,
-                        help="synthetic (embedded), fashion-mnist (Debian's package or --data-root), "
-                        "cifar10 (with --data-root); pre-trains on its first --classes classes")
+    parser.add_argument(
+        "--dataset",
+        default="synthetic",
+        choices=DATASETS,
+        help="synthetic (embedded), fashion-mnist (Debian's package or --data-root), "
+        "cifar10 (with --data-root); pre-trains on its first --classes classes",
+    )
     parser.add_argument("--data-root", default="", help="folder of the dataset's files (see the run-config key)")
     parser.add_argument("--train-examples", type=int, default=0, help="0 = the dataset's default size")
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--classes", type=int, default=6, help="pre-train on classes 0..N-1; the federated run learns all 10")
+    parser.add_argument(
+        "--classes", type=int, default=6, help="pre-train on classes 0..N-1; the federated run learns all 10"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=_cmd_pretrain)
     return parser

@@ -4,4 +4,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$root"
+# Lint first (seconds): the ruff rules in pyproject.toml; then the tests.
+ruff check .
 exec python -m pytest -q "$@"

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -24,7 +25,6 @@ from flwr_dsparse.config import JobConfig, load_config
 from flwr_dsparse.data import load_dataset
 from flwr_dsparse.history import RoundRecord, merge_evaluations, write_metrics_csv
 from flwr_dsparse.models import build_model
-from flwr_dsparse.weights import load_weights
 from flwr_dsparse.plan import Plan
 from flwr_dsparse.planner import DeviceSpec
 from flwr_dsparse.planning import plan_model
@@ -33,22 +33,37 @@ from flwr_dsparse.records import from_array_record, record_nbytes, tensor_nbytes
 from flwr_dsparse.strategy import DeviceReport, DSparse, PlanFn
 from flwr_dsparse.strategy.replies import payload_nbytes
 from flwr_dsparse.trainer import SparseTrainer
+from flwr_dsparse.weights import load_weights
 
 __all__ = ["app", "make_server_app", "run_job", "planner_plan_fn", "MeasuredFedAvg", "checkpoint_path"]
 
 CALIBRATION_EXAMPLES = 64
 
 
-def planner_plan_fn(model: torch.nn.Module, config: JobConfig, calibration: tuple[torch.Tensor, torch.Tensor]) -> PlanFn:
+def planner_plan_fn(
+    model: torch.nn.Module, config: JobConfig, calibration: tuple[torch.Tensor, torch.Tensor]
+) -> PlanFn:
     """The default plan function: cost model, criticality scores and the planner, on the nodes' reports."""
 
     def plan_fn(reports: Sequence[DeviceReport]) -> Plan:
         devices = [DeviceSpec(report.device, report.budget_mb, report.batch_size) for report in reports]
-        meta = {"model": config.model, "scorer": config.scorer, "input_shape": list(calibration[0].shape[1:]),
-                "max_step_fraction": config.max_step_fraction}
-        return plan_model(model, devices, calibration, scorer=config.scorer, momentum=config.momentum, meta=meta,
-                          objective=config.plan_objective, allow_inference_only=config.allow_inference_only,
-                          max_step_fraction=config.max_step_fraction).plan
+        meta = {
+            "model": config.model,
+            "scorer": config.scorer,
+            "input_shape": list(calibration[0].shape[1:]),
+            "max_step_fraction": config.max_step_fraction,
+        }
+        return plan_model(
+            model,
+            devices,
+            calibration,
+            scorer=config.scorer,
+            momentum=config.momentum,
+            meta=meta,
+            objective=config.plan_objective,
+            allow_inference_only=config.allow_inference_only,
+            max_step_fraction=config.max_step_fraction,
+        ).plan
 
     return plan_fn
 
@@ -65,12 +80,16 @@ class MeasuredFedAvg(FedAvg):
         self._started = 0.0
         self._bytes_down = 0
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._started = time.perf_counter()
         self._bytes_down = record_nbytes(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         started = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, replies)
@@ -99,12 +118,16 @@ class MeasuredFedAvg(FedAvg):
         return arrays, metrics
 
 
-def _evaluate_fn(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, batch_size: int, log_to: list) -> Callable:
+def _evaluate_fn(
+    model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, batch_size: int, log_to: list
+) -> Callable:
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(from_array_record(arrays))
         trainer = SparseTrainer(model, [])
         try:
-            batches = [(test_x[i : i + batch_size], test_y[i : i + batch_size]) for i in range(0, len(test_y), batch_size)]
+            batches = [
+                (test_x[i : i + batch_size], test_y[i : i + batch_size]) for i in range(0, len(test_y), batch_size)
+            ]
             loss, accuracy = trainer.evaluate(batches)
         finally:
             trainer.close()
@@ -114,8 +137,9 @@ def _evaluate_fn(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Ten
     return evaluate
 
 
-def _write_outputs(out: Path, config: JobConfig, rows: list[dict[str, Any]], plan: Plan | None,
-                   model: torch.nn.Module, summary: dict) -> None:
+def _write_outputs(
+    out: Path, config: JobConfig, rows: list[dict[str, Any]], plan: Plan | None, model: torch.nn.Module, summary: dict
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(
         json.dumps({"config": config.to_run_config(), "summary": summary, "rounds": rows}, indent=2, default=str)

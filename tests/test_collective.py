@@ -475,10 +475,10 @@ def test_momentum_carries_over_rounds_bit_identically():
     """Two collective rounds with the momentum handed over equal one round of all the steps,
     exactly; without the hand-over they differ (momentum restarts)."""
     plan = make_plan("tiny", TWO_RANKS).to_json()
+
     def launch(rounds, carry):
-        return launch_local(
-            momentum_rank, 2, (plan, rounds, carry), start_method=START_METHOD, deadline_s=DEADLINE_S
-        )
+        return launch_local(momentum_rank, 2, (plan, rounds, carry), start_method=START_METHOD, deadline_s=DEADLINE_S)
+
     whole, split, restarted = launch(1, True), launch(2, True), launch(2, False)
     for outcomes in (whole, split, restarted):
         assert all(o.ok for o in outcomes), [o.error for o in outcomes]

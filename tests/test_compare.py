@@ -14,10 +14,25 @@ import pytest
 from experiments.compare import METHODS, QUICK, main
 from experiments.report import render_report
 
-DEVICE_MEASURES = ("budget_mb", "predicted_mb", "measured_mb", "step_s", "isolated_step_s", "bytes_up_per_step",
-                   "bytes_down_per_step")
-METHOD_MEASURES = ("cluster_step_s", "isolated_cluster_step_s", "mean_device_step_s", "aggregation_s_per_step", "bytes_up_per_step",
-                   "bytes_down_per_step", "final_accuracy", "curve")
+DEVICE_MEASURES = (
+    "budget_mb",
+    "predicted_mb",
+    "measured_mb",
+    "step_s",
+    "isolated_step_s",
+    "bytes_up_per_step",
+    "bytes_down_per_step",
+)
+METHOD_MEASURES = (
+    "cluster_step_s",
+    "isolated_cluster_step_s",
+    "mean_device_step_s",
+    "aggregation_s_per_step",
+    "bytes_up_per_step",
+    "bytes_down_per_step",
+    "final_accuracy",
+    "curve",
+)
 PLOTS = ("memory_per_device.png", "accuracy_steps.png", "accuracy_time.png", "aggregation_bytes.png")
 
 
@@ -53,11 +68,18 @@ def test_every_method_has_every_measure(quick_run):
         curve = method["curve"]
         # The same steps for every method, evaluated at the same points.
         assert [p["step"] for p in curve] == list(range(0, QUICK.steps + 1, QUICK.eval_every)), name
-        assert all(b["cluster_s"] > a["cluster_s"] for a, b in zip(curve, curve[1:])), name
+        assert all(b["cluster_s"] > a["cluster_s"] for a, b in zip(curve, curve[1:], strict=False)), name
         assert method["accepted_every_round"], name
     for name in METHODS:
-        assert set(results["summary"][name]) >= {"mean_measured_mb", "measured_saving_pct", "cluster_step_ratio", "isolated_cluster_step_ratio",
-                                                  "aggregation_ratio", "bytes_ratio", "accuracy_delta"}
+        assert set(results["summary"][name]) >= {
+            "mean_measured_mb",
+            "measured_saving_pct",
+            "cluster_step_ratio",
+            "isolated_cluster_step_ratio",
+            "aggregation_ratio",
+            "bytes_ratio",
+            "accuracy_delta",
+        }
 
 
 def test_dsparse_uses_less_measured_memory_than_full_update(quick_run):
@@ -105,7 +127,9 @@ def test_every_exchange_is_timed_over_the_emulated_link_or_says_why_not(quick_ru
             assert summary[name][f"link_aggregation_ratio_{rate}mbit"] > 0, (name, rate)
     # The same exchange every K steps costs a K-th of it per step.
     k = QUICK.local_steps
-    assert summary["dsparse_k"]["link_aggregation_ratio"] == pytest.approx(summary["dsparse"]["link_aggregation_ratio"] / k)
+    assert summary["dsparse_k"]["link_aggregation_ratio"] == pytest.approx(
+        summary["dsparse"]["link_aggregation_ratio"] / k
+    )
     # The full model moves more bytes than any sparse exchange, so it takes longest on a shaped link.
     assert summary["dsparse"]["link_aggregation_ratio"] < 1.0
 
@@ -154,7 +178,7 @@ def test_collective_transport_trains_the_same_model_as_the_server_grouped_mean(q
     server = results["methods"]["dsparse"]["curve"]
     collective = results["methods"]["collective"]["curve"]
     assert [p["step"] for p in server] == [p["step"] for p in collective]
-    for a, b in zip(server, collective):
+    for a, b in zip(server, collective, strict=False):
         assert abs(a["loss"] - b["loss"]) < 1e-2 * max(1.0, abs(a["loss"])), (a, b)
 
 

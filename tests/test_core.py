@@ -59,7 +59,9 @@ def test_units_must_cover_every_parameter() -> None:
 def test_trainer_freezes_before_backward_and_keeps_frozen_state() -> None:
     model = build_model("tiny")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = SparseTrainer(model, ["features.3", "classifier"], optimizer_factory=make_optimizer_factory("sgd", lr=0.1))
+    trainer = SparseTrainer(
+        model, ["features.3", "classifier"], optimizer_factory=make_optimizer_factory("sgd", lr=0.1)
+    )
     trainer.step(*batch(8))
     trained = {n for u in trainer.units if u.name in trainer.selection for n in u.tensor_names}
     for name, value in model.state_dict().items():
@@ -91,7 +93,7 @@ def test_inference_only_trainer_steps_without_optimizer() -> None:
     before = [p.clone() for p in model.parameters()]
     result = SparseTrainer(model, []).step(*batch(4))
     assert result.examples == 4 and np.isfinite(result.loss)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=False))
 
 
 # -- cost model ----------------------------------------------------------------------------------------
@@ -101,7 +103,9 @@ def test_grads_and_optimizer_state_match_a_real_step(optimizer: str, momentum: f
     cost = CostModel(model, (3, 32, 32), optimizer=optimizer, momentum=momentum, time_batches=None)
     selection = ["features.2", "features.4", "classifier"]
     estimate = cost.predict(selection, 8)
-    trainer = SparseTrainer(model, selection, optimizer_factory=make_optimizer_factory(optimizer, lr=0.01, momentum=momentum))
+    trainer = SparseTrainer(
+        model, selection, optimizer_factory=make_optimizer_factory(optimizer, lr=0.01, momentum=momentum)
+    )
     trainer.step(*batch(8))
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     state_bytes = sum(
@@ -129,7 +133,9 @@ def test_activation_prediction_matches_saved_tensor_hooks(tiny_cost: CostModel, 
         trainer = SparseTrainer(model, selection)
         measured = trainer.step(*batch(batch_size), measure_saved=True).saved_mb
         trainer.close()
-        assert tiny_cost.predict(selection, batch_size).activations == pytest.approx(measured, rel=0.02, abs=0.01), selection
+        assert tiny_cost.predict(selection, batch_size).activations == pytest.approx(measured, rel=0.02, abs=0.01), (
+            selection
+        )
 
 
 def test_selection_terms_agree_with_predict(tiny_cost: CostModel) -> None:
@@ -181,7 +187,10 @@ def test_gradient_scores_are_normalised_squared_gradient_norms() -> None:
     named = dict(reference.named_parameters())
     raw = [sum(float(named[p].grad.pow(2).sum()) for p in u.param_names) for u in units]
     assert scores == pytest.approx([r / sum(raw) for r in raw], rel=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), build_model("tiny").state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), build_model("tiny").state_dict().values(), strict=True)
+    )
 
 
 def test_get_scorer_accepts_callables_and_rejects_unknown_names() -> None:
@@ -211,7 +220,12 @@ def test_groups_of_a_hand_made_three_device_plan(tiny_cost: CostModel) -> None:
 
 
 def test_plan_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["plan", "--model", "tiny", "--batch-size", "16", "--budgets", "12,20,40", "--scorer", "depth", "--json"]) == 0
+    assert (
+        cli_main(
+            ["plan", "--model", "tiny", "--batch-size", "16", "--budgets", "12,20,40", "--scorer", "depth", "--json"]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     device = data["devices"][0]
     assert set(device) >= {"id", "budget_mb", "batch_size", "units", "params", "predicted_mb"}
@@ -225,4 +239,3 @@ def test_plan_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str])
 def test_cli_reports_bad_budgets_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["plan", "--model", "tiny", "--budgets", "80,x"]) == 2
     assert "--budgets: item 1 ('x') is not a number" in capsys.readouterr().err
-

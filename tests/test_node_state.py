@@ -69,8 +69,17 @@ def test_a_live_state_is_used_only_for_its_run_node_and_token():
     assert node_state.new_token(3) != node_state.new_token(3)
 
 
-@pytest.mark.parametrize("tensor", [torch.randn(3, 4), torch.randn(0), torch.tensor(3.0), torch.arange(5),
-                                    torch.randn(4, 3, 2).permute(2, 0, 1), torch.ones(2, dtype=torch.bool)])
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(3, 4),
+        torch.randn(0),
+        torch.tensor(3.0),
+        torch.arange(5),
+        torch.randn(4, 3, 2).permute(2, 0, 1),
+        torch.ones(2, dtype=torch.bool),
+    ],
+)
 def test_array_of_writes_the_bytes_of_np_save_and_reads_them_back(tensor):
     ours, flowers = array_of(tensor), Array(tensor.contiguous().numpy())
     fields = ("data", "dtype", "shape", "stype")

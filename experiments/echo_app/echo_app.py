@@ -50,10 +50,12 @@ def query(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    reply = RecordDict({
-        "arrays": payload(int(config["up-bytes"]), int(config["up-arrays"])),
-        "metrics": MetricRecord({"partition-id": _partition(context), "step-seconds": 0.0}),
-    })
+    reply = RecordDict(
+        {
+            "arrays": payload(int(config["up-bytes"]), int(config["up-arrays"])),
+            "metrics": MetricRecord({"partition-id": _partition(context), "step-seconds": 0.0}),
+        }
+    )
     return Message(reply, reply_to=msg)
 
 
@@ -74,12 +76,15 @@ def run_echo(grid: Grid, cfg: dict) -> None:
     for server_round in range(1, int(cfg["num-server-rounds"]) + 1):
         messages = []
         for node, part in sorted(partition.items()):
-            content = RecordDict({
-                "arrays": payload(size_for(down, part), size_for(down_arrays, part)),
-                "config": ConfigRecord({"up-bytes": size_for(up, part), "up-arrays": size_for(up_arrays, part)}),
-            })
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
-                                    group_id=str(server_round)))
+            content = RecordDict(
+                {
+                    "arrays": payload(size_for(down, part), size_for(down_arrays, part)),
+                    "config": ConfigRecord({"up-bytes": size_for(up, part), "up-arrays": size_for(up_arrays, part)}),
+                }
+            )
+            messages.append(
+                Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
+            )
         began = time.perf_counter()
         replies = [reply for reply in grid.send_and_receive(messages, timeout=timeout) if reply.has_content()]
         rows.append({"round": server_round, "round-seconds": time.perf_counter() - began, "replies": len(replies)})

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..allocator import tune_allocator
 from ..collective import (
     DEFAULT_TIMEOUT_S,
     CollectiveError,
@@ -160,6 +161,7 @@ def _cli_main(args: argparse.Namespace) -> int:
         for outcome in failed:
             print(f"rank {outcome.rank} failed: {(outcome.error or '').splitlines()[0]}")
         return 1 if failed else 0
+    tune_allocator()  # a rank started by hand or by torchrun trains with the same allocator settings
     if args.rank is None:
         rendezvous = Rendezvous.from_environ()
     else:

@@ -52,16 +52,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         fast=args.fast,
     )
-    print(f"SuperLink {deployment.address} (pid {deployment.superlink.pid}), "
-          f"{'TLS' if deployment.tls else 'insecure'}{', SuperNode auth' if deployment.auth else ''}"
-          f"{', fast mode' if deployment.fast else ''}")
+    print(
+        f"SuperLink {deployment.address} (pid {deployment.superlink.pid}), "
+        f"{'TLS' if deployment.tls else 'insecure'}{', SuperNode auth' if deployment.auth else ''}"
+        f"{', fast mode' if deployment.fast else ''}"
+    )
     for node in deployment.supernodes:
         print(f"  {node.role}: pid {node.pid}, port {node.port}, node-config {format_node_config(node.node_config)!r}")
     print(f"all {len(deployment.supernodes)} SuperNodes online; state and logs in {deployment.state_dir}")
     home_hint = "" if args.flwr_home is None else f"FLWR_HOME={shlex.quote(deployment.flwr_home)} "
     print(f"run the app:  {home_hint}flwr run . {deployment.connection} --stream")
-    print(f"stop it all:  dsparse deploy down --connection {deployment.connection}"
-          + ("" if args.flwr_home is None else f" --flwr-home {shlex.quote(deployment.flwr_home)}"))
+    print(
+        f"stop it all:  dsparse deploy down --connection {deployment.connection}"
+        + ("" if args.flwr_home is None else f" --flwr-home {shlex.quote(deployment.flwr_home)}")
+    )
     return 0
 
 
@@ -95,10 +99,9 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     files = make_certificates(args.out, hosts=args.hosts.split(","), days=args.days)
     print(json.dumps(asdict(files), indent=2))
     print(
-        "SuperLink: --ssl-ca-certfile {0} --ssl-certfile {1} --ssl-keyfile {2}\n"
-        "SuperNodes and the flwr connection: --root-certificates / root-certificates = {0}".format(
-            files.ca_cert, files.server_cert, files.server_key
-        )
+        f"SuperLink: --ssl-ca-certfile {files.ca_cert} --ssl-certfile {files.server_cert} "
+        f"--ssl-keyfile {files.server_key}\n"
+        f"SuperNodes and the flwr connection: --root-certificates / root-certificates = {files.ca_cert}"
     )
     return 0
 
@@ -142,16 +145,27 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     up.add_argument("--memory-mb", default=None, help="comma-separated budgets, one per node, e.g. 80,110,150")
     up.add_argument("--host", default="127.0.0.1", help="SuperLink bind address (default %(default)s)")
     up.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="SuperLink port (default %(default)s)")
-    up.add_argument("--node-port", type=int, default=DEFAULT_SUPERNODE_PORT,
-                    help="first SuperNode Runtime API port; node i gets node-port+i (default %(default)s)")
+    up.add_argument(
+        "--node-port",
+        type=int,
+        default=DEFAULT_SUPERNODE_PORT,
+        help="first SuperNode Runtime API port; node i gets node-port+i (default %(default)s)",
+    )
     up.add_argument("--tls", action="store_true", help="generate a CA and server certificate and use TLS")
     up.add_argument("--tls-hosts", default="127.0.0.1,localhost", help="names in the server certificate")
     up.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
-    up.add_argument("--threads-per-node", type=int, default=None,
-                    help="OMP threads per SuperNode (default: CPU cores / nodes, at least 1)")
-    up.add_argument("--fast", action="store_true",
-                    help="fast mode: 50 ms polls and warm, forked ClientApp processes (Flower 1.42.*; "
-                         "see docs/deployment.md); per-step rounds cost about their arithmetic")
+    up.add_argument(
+        "--threads-per-node",
+        type=int,
+        default=None,
+        help="OMP threads per SuperNode (default: CPU cores / nodes, at least 1)",
+    )
+    up.add_argument(
+        "--fast",
+        action="store_true",
+        help="fast mode: 50 ms polls and warm, forked ClientApp processes (Flower 1.42.*; "
+        "see docs/deployment.md); per-step rounds cost about their arithmetic",
+    )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for all nodes (default %(default)s)")
     common(up)
     up.set_defaults(func=_guarded(_cmd_up))
@@ -167,8 +181,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     certs = commands.add_parser("certs", help="write a throwaway CA and SuperLink certificate")
     certs.add_argument("--out", required=True, help="output folder")
-    certs.add_argument("--hosts", default="127.0.0.1,localhost",
-                       help="comma-separated names/IPs the SuperNodes dial (default %(default)s)")
+    certs.add_argument(
+        "--hosts",
+        default="127.0.0.1,localhost",
+        help="comma-separated names/IPs the SuperNodes dial (default %(default)s)",
+    )
     certs.add_argument("--days", type=int, default=30)
     certs.set_defaults(func=_guarded(_cmd_certs))
 
@@ -186,4 +203,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_cli(subparsers)
     args = parser.parse_args(["deploy", *(argv if argv is not None else sys.argv[1:])])
     return int(args.func(args))
-

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..allocator import tune_allocator
 from ..ports import free_port
 
 __all__ = ["RankOutcome", "launch_local"]
@@ -49,6 +50,7 @@ def _local_entry(
 ) -> None:
     # N ranks share the machine's cores; one intra-op thread each avoids oversubscription.
     torch.set_num_threads(threads)
+    tune_allocator()  # every training process runs with the same allocator settings
     try:
         value = worker(rank, world_size, master_addr, master_port, *args)
         payload = io.BytesIO()

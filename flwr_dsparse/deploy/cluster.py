@@ -95,7 +95,7 @@ class Deployment:
         return path
 
     @classmethod
-    def load(cls, state_dir: str | Path) -> "Deployment":
+    def load(cls, state_dir: str | Path) -> Deployment:
         path = Path(state_dir) / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(
@@ -160,17 +160,20 @@ def start_supernode(
 
     ``executable`` replaces ``flower-supernode`` (the fast mode's launcher) and
     ``extra_env`` is added to its environment. ``threads`` caps the intra-op threads of
-    its ClientApp processes (``OMP_NUM_THREADS``): SuperNodes that share one machine would otherwise each spawn a thread per core and
-    slow each other down, which a real device, alone on its cores, does not.
+    its ClientApp processes (``OMP_NUM_THREADS``): SuperNodes that share one machine would
+    otherwise each spawn a thread per core and slow each other down, which a real device, alone on its cores, does not.
     """
     if port_in_use("127.0.0.1", port):
-        raise OSError(
-            f"SuperNode port {port} on 127.0.0.1 is already in use; pick another with --node-port"
-        )
+        raise OSError(f"SuperNode port {port} on 127.0.0.1 is already in use; pick another with --node-port")
     name = name or f"supernode-{node_config.get('partition-id', port)}"
     command = supernode_command(
-        superlink=superlink, port=port, node_config=node_config, root_certificates=root_certificates,
-        private_key=private_key, max_retries=max_retries, max_wait_time=max_wait_time,
+        superlink=superlink,
+        port=port,
+        node_config=node_config,
+        root_certificates=root_certificates,
+        private_key=private_key,
+        max_retries=max_retries,
+        max_wait_time=max_wait_time,
     )
     if executable is not None:
         command[0] = executable
@@ -328,7 +331,13 @@ def start_deployment(
     write_connection(home_path, connection, address, root_certificates=tls_files.ca_cert if tls_files else None)
     try:
         deployment.superlink = start_superlink(
-            state, home=home_path, host=host, port=port, tls=tls_files, auth=auth, timeout=timeout,
+            state,
+            home=home_path,
+            host=host,
+            port=port,
+            tls=tls_files,
+            auth=auth,
+            timeout=timeout,
             extra_env=fast_vars,
         )
         deployment.save()
@@ -344,9 +353,16 @@ def start_deployment(
                 private_key = keys.private_key
             deployment.supernodes.append(
                 start_supernode(
-                    state, home=home_path, superlink=address, port=node_ports[index], node_config=node_config,
-                    root_certificates=tls_files.ca_cert if tls_files else None, private_key=private_key,
-                    threads=threads_per_node, extra_env=fast_vars, executable=launchers.get("flower-supernode"),
+                    state,
+                    home=home_path,
+                    superlink=address,
+                    port=node_ports[index],
+                    node_config=node_config,
+                    root_certificates=tls_files.ca_cert if tls_files else None,
+                    private_key=private_key,
+                    threads=threads_per_node,
+                    extra_env=fast_vars,
+                    executable=launchers.get("flower-supernode"),
                 )
             )
             deployment.save()

@@ -75,11 +75,22 @@ IDLE_POLL_S = 0.25
 # What a warm SuperExec imports once, before it forks a task process: the heavy libraries
 # of both DSparse apps. The app's own modules (client/, server/) still come from the FAB.
 DEFAULT_WARM_IMPORTS = (
-    "numpy", "torch", "torchvision", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy",
-    "flwr.supernode.cli.flwr_clientapp", "flwr.superlink.cli.flwr_serverapp",
-    "flwr_datasets", "flwr_datasets.partitioner",
-    "flwr_dsparse.config", "flwr_dsparse.data", "flwr_dsparse.models", "flwr_dsparse.trainer",
-    "flwr_dsparse.records", "flwr_dsparse.planner",
+    "numpy",
+    "torch",
+    "torchvision",
+    "flwr.clientapp",
+    "flwr.serverapp",
+    "flwr.serverapp.strategy",
+    "flwr.supernode.cli.flwr_clientapp",
+    "flwr.superlink.cli.flwr_serverapp",
+    "flwr_datasets",
+    "flwr_datasets.partitioner",
+    "flwr_dsparse.config",
+    "flwr_dsparse.data",
+    "flwr_dsparse.models",
+    "flwr_dsparse.trainer",
+    "flwr_dsparse.records",
+    "flwr_dsparse.planner",
 )
 WARM_IMPORTS_ENV = "FLWR_DSPARSE_WARM_IMPORTS"  # comma-separated module names; "" imports nothing
 POLL_ENV = "FLWR_DSPARSE_FAST_POLL"  # "first,longest" seconds of every patched poll
@@ -211,8 +222,9 @@ def fast_object_pulls(first: float = FAST_POLL_S, longest: float = IDLE_POLL_S) 
     with the stock back-off. Returns whether the patch applied.
     """
     module = "flwr.supercore.inflatable.inflatable_utils"
-    functions = _guard("object pull back-off (1-10 s)", (module, "pull_objects"),
-                       (module, "pull_and_inflate_object_from_tree"))
+    functions = _guard(
+        "object pull back-off (1-10 s)", (module, "pull_objects"), (module, "pull_and_inflate_object_from_tree")
+    )
     keys = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
     if functions is None or any(not keys <= set(function.__kwdefaults__ or {}) for function in functions):
         return False
@@ -225,7 +237,11 @@ def fast_object_pulls(first: float = FAST_POLL_S, longest: float = IDLE_POLL_S) 
 
 
 def _send_and_receive(
-    grid: Any, messages: Iterable[Any], *, timeout: float | None = None, first: float = FAST_POLL_S,
+    grid: Any,
+    messages: Iterable[Any],
+    *,
+    timeout: float | None = None,
+    first: float = FAST_POLL_S,
     longest: float = IDLE_POLL_S,
 ) -> list[Any]:
     """``HttpGrid.send_and_receive`` of Flower 1.42, pulling after ``first`` to ``longest`` s instead of 3 s."""
@@ -369,8 +385,11 @@ def fork_task_processes(backoff: PollBackoff | None = None) -> bool:
 
     entries: dict[Any, tuple[str, str, Callable[[], Any]]] = {
         TaskType.CLIENT_APP: ("flwr.supernode.cli.flwr_clientapp", "flwr_clientapp", lambda: None),
-        TaskType.SERVER_APP: ("flwr.superlink.cli.flwr_serverapp", "flwr_serverapp",
-                              lambda: poll_grid_replies(backoff.first, backoff.longest)),
+        TaskType.SERVER_APP: (
+            "flwr.superlink.cli.flwr_serverapp",
+            "flwr_serverapp",
+            lambda: poll_grid_replies(backoff.first, backoff.longest),
+        ),
     }
     stock_launch = executor.launch
 
@@ -400,8 +419,11 @@ def _task_argv(spec: Any) -> list[str]:
     from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
 
     argv = [
-        TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
-        spec.runtime_api_address, "--token", spec.token,
+        TASK_TYPE_TO_COMMAND[spec.task_type],
+        TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+        spec.runtime_api_address,
+        "--token",
+        spec.token,
     ]
     if spec.insecure:
         argv.append("--insecure")

@@ -115,9 +115,12 @@ def superlink_command(
         command.append("--insecure")
     else:
         command += [
-            "--ssl-ca-certfile", tls.ca_cert,
-            "--ssl-certfile", tls.server_cert,
-            "--ssl-keyfile", tls.server_key,
+            "--ssl-ca-certfile",
+            tls.ca_cert,
+            "--ssl-certfile",
+            tls.server_cert,
+            "--ssl-keyfile",
+            tls.server_key,
         ]
     if auth:
         command.append("--enable-supernode-auth")
@@ -145,9 +148,12 @@ def supernode_command(
     """
     command = [
         flower_executable("flower-supernode"),
-        "--superlink", superlink,
-        "--port", str(port),
-        "--node-config", format_node_config(node_config),
+        "--superlink",
+        superlink,
+        "--port",
+        str(port),
+        "--node-config",
+        format_node_config(node_config),
     ]
     command += ["--insecure"] if root_certificates is None else ["--root-certificates", root_certificates]
     if private_key is not None:
@@ -190,7 +196,11 @@ def write_connection(
 
 def run_flwr(args: Sequence[str], env: Mapping[str, str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [flower_executable("flwr"), *args], env=dict(env), capture_output=True, text=True, timeout=timeout,
+        [flower_executable("flwr"), *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
 

@@ -7,6 +7,7 @@ A :class:`ProcessRecord` holds what is needed to find a process again from anoth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -58,7 +59,14 @@ def flower_executable(name: str) -> str:
     return found
 
 
-def spawn_process(role: str, command: list[str], log: Path, env: Mapping[str, str], port: int, node_config: Mapping[str, Any] | None = None) -> ProcessRecord:
+def spawn_process(
+    role: str,
+    command: list[str],
+    log: Path,
+    env: Mapping[str, str],
+    port: int,
+    node_config: Mapping[str, Any] | None = None,
+) -> ProcessRecord:
     import psutil
 
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +74,12 @@ def spawn_process(role: str, command: list[str], log: Path, env: Mapping[str, st
         # Own session: a Ctrl-C in the user's shell does not half-kill the deployment,
         # and the whole group can be signalled by id at teardown.
         process = subprocess.Popen(
-            command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(env), start_new_session=True,
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            start_new_session=True,
         )
     try:
         create_time = psutil.Process(process.pid).create_time()
@@ -173,27 +185,19 @@ def stop_processes(records: Sequence[ProcessRecord], *, grace: float = 5.0, hard
     first = signal.SIGKILL if hard else signal.SIGTERM
     for group in groups:
         if group != os.getpgrp():  # never signal our own group
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, first)
-            except (ProcessLookupError, PermissionError):
-                pass
     for process in targets.values():
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.send_signal(first)
-        except psutil.NoSuchProcess:
-            pass
     alive = _wait_gone(list(targets.values()), grace)
     for process in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-        except psutil.NoSuchProcess:
-            pass
     _wait_gone(alive, grace)
     for record in records:
         popen = _CHILDREN.pop(record.pid, None)
         if popen is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
     return sorted(targets)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from functools import partial
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -141,13 +141,14 @@ class DSparse(Strategy):
         if min_replies < 0 or round_retries < 0:
             raise ValueError(f"min_replies and round_retries must be >= 0, got {min_replies} and {round_retries}")
         if transport not in ("server", "collective"):
-            raise ValueError(f"transport is {transport!r}; use \"server\" or \"collective\"")
+            raise ValueError(f'transport is {transport!r}; use "server" or "collective"')
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}; 1 uploads momentum every round")
         if resume and checkpoint_path is None:
             raise ValueError("resume=True needs a checkpoint_path")
-        self.membership = Membership(plan_fn, query_config or {}, min_nodes=min_nodes, settle_s=settle_s,
-                                     min_replies=min_replies)
+        self.membership = Membership(
+            plan_fn, query_config or {}, min_nodes=min_nodes, settle_s=settle_s, min_replies=min_replies
+        )
         self.replicas = Replicas()
         self.train_config = dict(train_config or {})
         self.min_replies, self.round_retries = min_replies, round_retries
@@ -221,8 +222,10 @@ class DSparse(Strategy):
         self._global = from_array_record(arrays)
         versions = self.replicas.versions
         # A model from outside (the first round, a caller's own): its Arrays are already encoded.
-        self._encoded = {name: (versions.current[name] if versions and name in versions.current else 0, array)
-                         for name, array in arrays.items()}
+        self._encoded = {
+            name: (versions.current[name] if versions and name in versions.current else 0, array)
+            for name, array in arrays.items()
+        }
         self._returned = arrays
 
     def summary(self) -> None:
@@ -233,8 +236,13 @@ class DSparse(Strategy):
         if self.plan is None:
             log(INFO, "\t└──> Plan: not built yet (round-0 query pending)")
             return
-        log(INFO, "\t└──> Plan %s: %d devices, %d groups", self.plan.digest()[:12], len(self.plan.devices),
-            len(self.plan.groups))
+        log(
+            INFO,
+            "\t└──> Plan %s: %d devices, %d groups",
+            self.plan.digest()[:12],
+            len(self.plan.devices),
+            len(self.plan.groups),
+        )
 
     def set_plan(self, plan: Plan, node_to_device: Mapping[int, int]) -> None:
         """Use ``plan`` from the next round; ``node_to_device`` maps Flower node ids to plan device ids."""
@@ -303,7 +311,9 @@ class DSparse(Strategy):
             log(INFO, "round %d global evaluation: %s", server_round, self.evaluations[server_round])
 
     # -- train -------------------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One message per planned node: its selection if changed, hyper-parameters, missing tensors."""
         if self.plan is None:
             raise RuntimeError("DSparse has no plan: call start() (which runs the query) or set_plan() first")
@@ -318,11 +328,18 @@ class DSparse(Strategy):
             payload = self._arrays(send)  # one encoding per tensor, shared by every message
             restore_state = self.replicas.state_to_restore(device) if self.keep_client_state else None
             control = TrainControl(
-                server_round, selection=",".join(units) if self.replicas.selection_changed(device, units) else None,
-                send_state=self.uploads_state(server_round), **collective, **({"rank": device} if collective else {}),
+                server_round,
+                selection=",".join(units) if self.replicas.selection_changed(device, units) else None,
+                send_state=self.uploads_state(server_round),
+                **collective,
+                **({"rank": device} if collective else {}),
             )
-            content = train_content(ArrayRecord(payload), job, control,
-                                    to_array_record(restore_state) if restore_state is not None else None)
+            content = train_content(
+                ArrayRecord(payload),
+                job,
+                control,
+                to_array_record(restore_state) if restore_state is not None else None,
+            )
             if restore_state is not None:
                 # The node's momentum may differ from the last accepted one (retry, rejected
                 # reply, restart, resume): it gets the server's copy (empty = start at zero).
@@ -333,11 +350,17 @@ class DSparse(Strategy):
             self.replicas.mark_sent(device, send, units)  # optimistic; a node that fails is forgotten
             state.bytes_down[device] = tensor_nbytes({name: self._global[name] for name in send})
         self.round = state
-        log(INFO, "configure_train: %d nodes, %.2f MiB down in total", len(state.messages),
-            sum(state.bytes_down.values()) / 2**20)
+        log(
+            INFO,
+            "configure_train: %d nodes, %.2f MiB down in total",
+            len(state.messages),
+            sum(state.bytes_down.values()) / 2**20,
+        )
         return state.messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Grouped example-weighted mean over accepted replies; returns the full global model.
 
         A round that cannot be applied returns ``None`` and its metrics; ``self.round.failure``
@@ -351,8 +374,10 @@ class DSparse(Strategy):
         state = self.round
         sent_ids = sent_message_ids(state.messages)
         state.messages = []  # they hold the round's whole download: no need to keep it longer
-        by_node = sorted(((reply_node(m, sent_ids), m) for m in replies),
-                         key=lambda item: (self.membership.node_to_device.get(item[0], 1 << 62), item[0]))
+        by_node = sorted(
+            ((reply_node(m, sent_ids), m) for m in replies),
+            key=lambda item: (self.membership.node_to_device.get(item[0], 1 << 62), item[0]),
+        )
         expected = partial(selection_of, plan, self._global)
         tally = tally_replies(server_round, by_node, self.membership.node_to_device, expected)
         no_reply = sorted(state.sent - tally.replied - tally.failed)
@@ -365,9 +390,15 @@ class DSparse(Strategy):
             # Nothing of this attempt is applied; what the nodes hold is now unknown or diverged.
             self.replicas.after_round(plan, {}, tally.replied, tally.failed, state.sent)
             self.rejections.update(tally.rejected)
-            return self._no_model(state, TOO_FEW_REPLIES, (
-                f"{len(tally.updates)} accepted (devices {sorted(tally.updates)}), missing "
-                f"{sorted(tally.failed) + no_reply}, rejected {dict(tally.rejected) or 0}"), tally)
+            return self._no_model(
+                state,
+                TOO_FEW_REPLIES,
+                (
+                    f"{len(tally.updates)} accepted (devices {sorted(tally.updates)}), missing "
+                    f"{sorted(tally.failed) + no_reply}, rejected {dict(tally.rejected) or 0}"
+                ),
+                tally,
+            )
 
         agg_started = time.perf_counter()
         aggregate = member_values if state.transport == "collective" else aggregate_groups
@@ -386,14 +417,33 @@ class DSparse(Strategy):
                 self.replicas.state_synced.add(device)
             self.membership.note_budget(device, tally.devices[device])
 
-        record = round_record(state, tally, plan, updated=len(new), aggregation_s=aggregation_s,
-                              events=[event for event in self.events if event["round"] == server_round])
+        record = round_record(
+            state,
+            tally,
+            plan,
+            updated=len(new),
+            aggregation_s=aggregation_s,
+            events=[event for event in self.events if event["round"] == server_round],
+        )
         self.history.append(record.to_row())
-        log(INFO, "aggregate_train: %d accepted, %d missing, %d rejected; %d tensors updated in %.3f s",
-            len(tally.updates), len(record.missing), sum(tally.rejected.values()), len(new), aggregation_s)
+        log(
+            INFO,
+            "aggregate_train: %d accepted, %d missing, %d rejected; %d tensors updated in %.3f s",
+            len(tally.updates),
+            len(record.missing),
+            sum(tally.rejected.values()),
+            len(new),
+            aggregation_s,
+        )
         metrics = tally_metrics(tally, len(record.missing))
-        metrics.update({"train-loss": record.train_loss if record.num_examples else 0.0, "bytes-up": record.bytes_up,
-                        "bytes-down": record.bytes_down, "aggregation-seconds": aggregation_s})
+        metrics.update(
+            {
+                "train-loss": record.train_loss if record.num_examples else 0.0,
+                "bytes-up": record.bytes_up,
+                "bytes-down": record.bytes_down,
+                "aggregation-seconds": aggregation_s,
+            }
+        )
         return self.global_record(), metrics
 
     def _no_model(self, state: RoundState, kind: str, reason: str, tally: ReplyTally) -> tuple[None, MetricRecord]:
@@ -410,11 +460,12 @@ class DSparse(Strategy):
         return written
 
     # -- evaluate: centralized only (evaluate_fn) --------------------------------------------------
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """No federated evaluation: DSparse evaluates centrally through ``evaluate_fn``."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Nothing to aggregate (see :meth:`configure_evaluate`)."""
         return None
-

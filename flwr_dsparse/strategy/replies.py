@@ -109,17 +109,28 @@ def check_update(
         )
     absent = [name for name in expected if name not in tensors]
     if absent:
-        raise ReplyRejected("missing-tensors", f"device {device} left out {len(absent)} selected tensor(s), e.g. {absent[:3]}")
+        raise ReplyRejected(
+            "missing-tensors", f"device {device} left out {len(absent)} selected tensor(s), e.g. {absent[:3]}"
+        )
     for name, spec in expected.items():
         tensor = tensors[name]
         if tuple(tensor.shape) != spec.shape:
-            raise ReplyRejected("shape", f"device {device} sent {name} with shape {tuple(tensor.shape)}, expected {spec.shape}")
+            raise ReplyRejected(
+                "shape", f"device {device} sent {name} with shape {tuple(tensor.shape)}, expected {spec.shape}"
+            )
         if tensor.dtype != spec.dtype:
             raise ReplyRejected("dtype", f"device {device} sent {name} as {tensor.dtype}, expected {spec.dtype}")
         if tensor.dtype.is_floating_point and not all_finite(tensor):
             raise ReplyRejected("non-finite", f"device {device} sent NaN or Inf in {name}")
-    if isinstance(examples, bool) or not isinstance(examples, (int, float)) or examples != int(examples) or examples <= 0:
-        raise ReplyRejected("examples", f"device {device} reported num-examples={examples!r}; it must be a positive integer")
+    if (
+        isinstance(examples, bool)
+        or not isinstance(examples, (int, float))
+        or examples != int(examples)
+        or examples <= 0
+    ):
+        raise ReplyRejected(
+            "examples", f"device {device} reported num-examples={examples!r}; it must be a positive integer"
+        )
     return Update(device, int(examples), dict(tensors))
 
 
@@ -192,7 +203,9 @@ def accept_train_reply(
     # Checked on the wire size, before decoding: an oversize payload is never unpacked.
     wire, limit = content[ARRAYS].count_bytes(), _size_limit(selected)
     if wire > limit:
-        raise ReplyRejected("oversize", f"device {device} sent {wire} bytes, beyond the {limit} bytes its selection can take")
+        raise ReplyRejected(
+            "oversize", f"device {device} sent {wire} bytes, beyond the {limit} bytes its selection can take"
+        )
     try:
         # Views of the wire bytes (no copy): a reply is only read, checked and averaged.
         tensors = from_array_record(content[ARRAYS], writable=False)
@@ -205,17 +218,23 @@ def accept_train_reply(
     return AcceptedReply(update, metrics, state)
 
 
-def check_optimizer_state(device: int, record: ArrayRecord, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def check_optimizer_state(
+    device: int, record: ArrayRecord, params: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """A reply's optimizer state: only the device's selected parameters, their shapes, finite."""
     if record.count_bytes() > _size_limit(params):
         raise ReplyRejected("optimizer-state", f"device {device} sent an optimizer state beyond its selection's size")
     try:
         state = from_array_record(record, writable=False)
     except Exception as error:
-        raise ReplyRejected("optimizer-state", f"device {device} sent an optimizer state that does not decode") from error
+        raise ReplyRejected(
+            "optimizer-state", f"device {device} sent an optimizer state that does not decode"
+        ) from error
     for name, tensor in state.items():
         if name not in params or tuple(tensor.shape) != tuple(params[name].shape):
-            raise ReplyRejected("optimizer-state", f"device {device} sent optimizer state for {name!r} outside its selection")
+            raise ReplyRejected(
+                "optimizer-state", f"device {device} sent optimizer state for {name!r} outside its selection"
+            )
         if not all_finite(tensor):
             raise ReplyRejected("optimizer-state", f"device {device} sent NaN or Inf in the optimizer state of {name}")
     return state
@@ -284,7 +303,9 @@ def tally_replies(
         try:
             if per_node[node] > 1:
                 # Which of two replies is genuine cannot be told, so neither is applied.
-                raise ReplyRejected("duplicate", f"device {device} sent {per_node[node]} replies in round {server_round}")
+                raise ReplyRejected(
+                    "duplicate", f"device {device} sent {per_node[node]} replies in round {server_round}"
+                )
             accepted = accept_train_reply(message, server_round, device, *expected(device))
         except ReplyRejected as rejection:
             tally.rejected[rejection.kind] += 1
@@ -301,8 +322,9 @@ def tally_replies(
     return tally
 
 
-def collective_mismatch(plan: Plan, updates: Mapping[int, Update], missing: Sequence[int],
-                        devices: Mapping[int, Mapping[str, Any]]) -> str:
+def collective_mismatch(
+    plan: Plan, updates: Mapping[int, Update], missing: Sequence[int], devices: Mapping[int, Mapping[str, Any]]
+) -> str:
     """Why a collective round cannot be applied ('' if it can): a missing member, or members that differ."""
     if missing:
         reasons = {d: devices.get(d, {}).get("error", "no reply") for d in missing}
@@ -317,15 +339,21 @@ def collective_mismatch(plan: Plan, updates: Mapping[int, Update], missing: Sequ
         for member in group.members[1:]:
             differing = [n for n in group.tensors if not torch.equal(updates[member].tensors[n], first[n])]
             if differing:
-                return (f"group {index}: device {member} returned values that differ from device "
-                        f"{group.members[0]}'s in {len(differing)} tensor(s), e.g. {differing[0]}")
+                return (
+                    f"group {index}: device {member} returned values that differ from device "
+                    f"{group.members[0]}'s in {len(differing)} tensor(s), e.g. {differing[0]}"
+                )
     return ""
 
 
 def tally_metrics(tally: ReplyTally, missing: int) -> MetricRecord:
     """The counts of a round's replies, as ``aggregate_train`` returns them to Flower."""
-    return MetricRecord({
-        "num-examples": sum(u.examples for u in tally.updates.values()), "num-accepted": len(tally.updates),
-        "num-missing": missing, "num-rejected": sum(tally.rejected.values()),
-        **{f"rejected-{kind}": tally.rejected[kind] for kind in REJECTION_KINDS if tally.rejected[kind]},
-    })
+    return MetricRecord(
+        {
+            "num-examples": sum(u.examples for u in tally.updates.values()),
+            "num-accepted": len(tally.updates),
+            "num-missing": missing,
+            "num-rejected": sum(tally.rejected.values()),
+            **{f"rejected-{kind}": tally.rejected[kind] for kind in REJECTION_KINDS if tally.rejected[kind]},
+        }
+    )

@@ -10,8 +10,8 @@ server-side transport, or stop the run with :class:`~.membership.RoundFailed`.
 from __future__ import annotations
 
 import random
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
@@ -47,8 +47,21 @@ __all__ = [
 
 # Run-config keys that may differ between a run and its resume (they do not change the model).
 RESUMABLE_KEYS = frozenset(
-    {"resume", "num-server-rounds", "round-timeout", "out-dir", "min-nodes", "min-replies", "round-retries",
-     "checkpoint", "checkpoint-every", "test-examples", "collective-timeout", "collective-addr", "collective-port"}
+    {
+        "resume",
+        "num-server-rounds",
+        "round-timeout",
+        "out-dir",
+        "min-nodes",
+        "min-replies",
+        "round-retries",
+        "checkpoint",
+        "checkpoint-every",
+        "test-examples",
+        "collective-timeout",
+        "collective-addr",
+        "collective-port",
+    }
 )
 
 TOO_FEW_REPLIES = "too-few-replies"
@@ -116,8 +129,12 @@ def train_with_retries(
                 raise RoundFailed(f"round {server_round}: {state.failure}")
             fell_back, attempt, transport = True, attempt - 1, "server"
             strategy.events.append({"round": server_round, "event": "collective-fallback", "reason": state.failure})
-            log(WARNING, "round %d: collective transport failed (%s); retrying with the server-side transport",
-                server_round, state.failure)
+            log(
+                WARNING,
+                "round %d: collective transport failed (%s); retrying with the server-side transport",
+                server_round,
+                state.failure,
+            )
             continue
         if attempt >= attempts:
             raise RoundFailed(
@@ -128,12 +145,12 @@ def train_with_retries(
                 + ". Start more nodes, lower min-replies or raise round-timeout, then resume=true"
             )
         strategy.events.append({"round": server_round, "event": "retry", "attempt": attempt, "reason": state.failure})
-        log(WARNING, "round %d attempt %d of %d: %s; retrying the round", server_round, attempt, attempts, state.failure)
+        log(
+            WARNING, "round %d attempt %d of %d: %s; retrying the round", server_round, attempt, attempts, state.failure
+        )
 
 
-def collective_control(
-    plan: Plan, state: RoundState, addr: str, port_fn: Callable[[], int] | None
-) -> dict[str, Any]:
+def collective_control(plan: Plan, state: RoundState, addr: str, port_fn: Callable[[], int] | None) -> dict[str, Any]:
     """The rendezvous fields of a collective round's ``TrainControl`` (empty for the server transport).
 
     A plan whose device ids are not the ranks ``0..n-1`` (a node left) falls back to the
@@ -142,17 +159,34 @@ def collective_control(
     if state.transport != "collective":
         return {}
     if list(plan.device_ids) != list(range(len(plan.devices))):
-        log(WARNING, "round %d: devices %s are not ranks 0..%d; this round uses the server-side transport",
-            state.server_round, list(plan.device_ids), len(plan.devices) - 1)
+        log(
+            WARNING,
+            "round %d: devices %s are not ranks 0..%d; this round uses the server-side transport",
+            state.server_round,
+            list(plan.device_ids),
+            len(plan.devices) - 1,
+        )
         state.transport = "server"
         return {}
     port = port_fn() if port_fn is not None else free_port(addr)
-    return {"round_transport": "collective", "plan": plan.to_json(), "world_size": len(plan.devices),
-            "collective_addr": addr, "collective_port": port}
+    return {
+        "round_transport": "collective",
+        "plan": plan.to_json(),
+        "world_size": len(plan.devices),
+        "collective_addr": addr,
+        "collective_port": port,
+    }
 
 
-def round_record(state: RoundState, tally: ReplyTally, plan: Plan, *, updated: int, aggregation_s: float,
-                 events: list[dict[str, Any]]) -> RoundRecord:
+def round_record(
+    state: RoundState,
+    tally: ReplyTally,
+    plan: Plan,
+    *,
+    updated: int,
+    aggregation_s: float,
+    events: list[dict[str, Any]],
+) -> RoundRecord:
     """The :class:`~flwr_dsparse.history.RoundRecord` of an applied round.
 
     Every device that was sent a message gets a row: devices that never answered are
@@ -167,12 +201,20 @@ def round_record(state: RoundState, tally: ReplyTally, plan: Plan, *, updated: i
     examples = sum(u.examples for u in tally.updates.values())
     loss = sum(devices[d].get("train-loss", 0.0) * u.examples for d, u in tally.updates.items())
     return RoundRecord(
-        round=state.server_round, train_loss=loss / examples if examples else float("nan"),
-        devices={str(d): row for d, row in devices.items()}, aggregation_seconds=aggregation_s,
-        round_seconds=time.perf_counter() - state.started, num_examples=examples, accepted=sorted(tally.updates),
-        missing=sorted(d for d, r in devices.items() if r["status"] == "missing"), rejected=dict(tally.rejected),
-        updated_tensors=updated, bytes_down_state=sum(state.state_down.values()), plan=plan.digest()[:12],
-        events=events, transport=state.transport,
+        round=state.server_round,
+        train_loss=loss / examples if examples else float("nan"),
+        devices={str(d): row for d, row in devices.items()},
+        aggregation_seconds=aggregation_s,
+        round_seconds=time.perf_counter() - state.started,
+        num_examples=examples,
+        accepted=sorted(tally.updates),
+        missing=sorted(d for d, r in devices.items() if r["status"] == "missing"),
+        rejected=dict(tally.rejected),
+        updated_tensors=updated,
+        bytes_down_state=sum(state.state_down.values()),
+        plan=plan.digest()[:12],
+        events=events,
+        transport=state.transport,
     )
 
 
@@ -211,13 +253,18 @@ def restore(strategy: DSparse, state: Mapping[str, Any], grid: Grid, timeout: fl
         reports = [DeviceReport(**report) for report in state["reports"]]
         versions = TensorVersions.from_dict(state["versions"])
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {strategy.checkpoint_path} lacks part of the run state ({error!r})") from error
+        raise CheckpointError(
+            f"checkpoint {strategy.checkpoint_path} lacks part of the run state ({error!r})"
+        ) from error
     differing = sorted(
-        key for key in set(saved_fingerprint) | set(strategy.fingerprint)
+        key
+        for key in set(saved_fingerprint) | set(strategy.fingerprint)
         if key not in RESUMABLE_KEYS and saved_fingerprint.get(key) != strategy.fingerprint.get(key)
     )
     if differing:
-        found = ", ".join(f"{k}={saved_fingerprint.get(k)!r} there, {strategy.fingerprint.get(k)!r} here" for k in differing)
+        found = ", ".join(
+            f"{k}={saved_fingerprint.get(k)!r} there, {strategy.fingerprint.get(k)!r} here" for k in differing
+        )
         raise CheckpointError(
             f"checkpoint {strategy.checkpoint_path} is of another job: {found}; "
             "resume with the same settings, or use another out-dir for a new run"
@@ -239,8 +286,15 @@ def restore(strategy: DSparse, state: Mapping[str, Any], grid: Grid, timeout: fl
     torch.set_rng_state(rng["torch"])
     random.setstate(_tuples(rng["python"]))
     numpy_state = rng["numpy"]
-    np.random.set_state((numpy_state[0], numpy_state[1].numpy().astype(np.uint32), int(numpy_state[2]),
-                         int(numpy_state[3]), float(numpy_state[4])))
+    np.random.set_state(
+        (
+            numpy_state[0],
+            numpy_state[1].numpy().astype(np.uint32),
+            int(numpy_state[2]),
+            int(numpy_state[3]),
+            float(numpy_state[4]),
+        )
+    )
 
     # Node ids are new in every run: ask the nodes again who they are.
     membership = strategy.membership
@@ -252,8 +306,9 @@ def restore(strategy: DSparse, state: Mapping[str, Any], grid: Grid, timeout: fl
         membership.set_plan(plan, {report.node_id: report.device for report in membership.reports})
         membership.log_plan(plan)
     else:
-        strategy.replan(f"the nodes after the resume differ from the checkpoint's ({before} -> {now})",
-                        server_round + 1)
+        strategy.replan(
+            f"the nodes after the resume differ from the checkpoint's ({before} -> {now})", server_round + 1
+        )
     log(INFO, "resumed from %s: rounds 1..%d complete", strategy.checkpoint_path, server_round)
     return server_round
 
