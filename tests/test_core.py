@@ -157,13 +157,19 @@ def test_step_time_is_calibrated_and_positive() -> None:
 def test_prediction_matches_fresh_subprocess_peak_rss(label: str, selection: str | None) -> None:
     from flwr_dsparse.memory import measure_training_rss
 
-    cost = CostModel(build_model("mobilenet_v2"), (3, 32, 32), time_batches=None)
+    # Plain autograd and glibc's stock allocator: the configuration the workspace coefficients were
+    # fitted to. Issue 14's lean layers and tuned allocator measure 40-110% below this prediction
+    # (a loose upper bound until the coefficients are refitted); tests/test_lean.py checks the
+    # lean layers' saved bytes exactly.
+    cost = CostModel(build_model("mobilenet_v2"), (3, 32, 32), time_batches=None, lean_frozen=False)
     names = cost.unit_names
     chosen = names if selection is None else names[-9:]
     # 8 steps, not 3: glibc's adaptive mmap threshold keeps a growing share of freed blocks for
     # the first steps, so a 3-step peak ranged 78-94 MB here for the last 8 blocks; from about
     # 8 steps on it is the steady-state peak that a long run (and a budget) must hold (90-102 MB).
-    measured = measure_training_rss("mobilenet_v2", chosen, batch_size=128, steps=8)["increase_mb"]
+    measured = measure_training_rss(
+        "mobilenet_v2", chosen, batch_size=128, steps=8, tune_allocator=False, lean_frozen=False
+    )["increase_mb"]
     estimate = cost.predict(chosen, 128)
     predicted = estimate.total - estimate.weights - estimate.reserve
     assert predicted == pytest.approx(measured, rel=0.25), (label, predicted, measured)
