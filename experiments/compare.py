@@ -69,7 +69,7 @@ from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
 from flwr_dsparse.units import model_units
 from flwr_dsparse.weights import load_weights, pretrain
 
-__all__ = ["Setup", "DEFAULT", "QUICK", "METHODS", "PAPER", "run_compare", "add_cli", "main"]
+__all__ = ["Setup", "DEFAULT", "QUICK", "METHODS", "PAPER", "run_compare", "main"]
 
 #: The rows of the table, in order.
 METHODS = ("fedavg", "uniform", "dsparse", "dsparse_k", "collective")
@@ -1606,17 +1606,6 @@ def _cli_main(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     run_compare(args.out, setup, weights=args.weights, command=command, methods=methods, plots=not args.no_plots)
     return 0
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``dsparse compare``."""
-    parser = subparsers.add_parser(
-        "compare",
-        help="the paper's comparison: FedAvg, uniform sparse and DSparse, "
-        "measured here (results.json, plots, REPORT.md)",
-    )
-    parser.set_defaults(argv=None, prog_prefix="dsparse")
-    return _configure(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
