@@ -225,7 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `compare` hands every argument, options included, to experiments.compare: argparse's
+    # REMAINDER would stop at a leading option such as --out or --help.
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "compare":
+        args.compare_args = [*args.compare_args, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except ValueError as error:
