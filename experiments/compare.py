@@ -234,6 +234,7 @@ QUICK = Setup(
     probe_steps=3,
     timing_rounds=2,
     baseline_steps=2,
+    link_steps=2,  # the tiny model's exchanges take 0.1-1.4 s; a median of two steadies them
 )
 
 

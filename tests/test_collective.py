@@ -22,6 +22,7 @@ from flwr_dsparse.collective import (
 )
 from flwr_dsparse.models import build_model
 from flwr_dsparse.plan import Plan, plan_from_selections
+from flwr_dsparse.ports import free_port
 from flwr_dsparse.trainer import make_optimizer_factory
 from flwr_dsparse.units import model_units
 
@@ -98,20 +99,25 @@ def train_rank(rank, world_size, master_addr, master_port, plan_json, model_name
     return {"state": model.state_dict(), "tensors": result.tensors, "payload_bytes": result.payload_bytes}
 
 
-def momentum_rank(rank, world_size, master_addr, master_port, plan_json, rounds, carry, initial=None):
+def momentum_rank(rank, world_size, master_addr, master_port, plan_json, rounds, carry, initial=None, ports=()):
     """2*STEPS momentum-SGD steps split into ``rounds`` rounds; ``carry`` hands each round's
-    momentum to the next (as the ClientApp does), ``initial`` gives each rank its own start."""
+    momentum to the next (as the ClientApp does), ``initial`` gives each rank its own start.
+
+    Rounds after the first rendezvous on ``ports``: reusing one port back to back races (a rank
+    that finished first can reach rank 0's store of the round before, just as it closes), and the
+    server hands out a fresh port every round by default (``collective-port = 0``) for that reason.
+    """
     plan = Plan.from_json(plan_json)
     model = make_model("tiny")
     batches = iter(rank_batches(rank, 2 * STEPS))
     state = initial[rank] if initial is not None else ({} if carry else None)
-    for _ in range(rounds):
+    for round_port in (master_port, *ports)[:rounds]:
         result = run_collective_round(
             plan,
             rank,
             world_size,
             master_addr,
-            master_port,
+            round_port,
             model,
             batches,
             2 * STEPS // rounds,
@@ -477,7 +483,10 @@ def test_momentum_carries_over_rounds_bit_identically():
     plan = make_plan("tiny", TWO_RANKS).to_json()
 
     def launch(rounds, carry):
-        return launch_local(momentum_rank, 2, (plan, rounds, carry), start_method=START_METHOD, deadline_s=DEADLINE_S)
+        ports = tuple(free_port("127.0.0.1") for _ in range(rounds - 1))
+        return launch_local(
+            momentum_rank, 2, (plan, rounds, carry, None, ports), start_method=START_METHOD, deadline_s=DEADLINE_S
+        )
 
     whole, split, restarted = launch(1, True), launch(2, True), launch(2, False)
     for outcomes in (whole, split, restarted):

@@ -130,8 +130,12 @@ def test_every_exchange_is_timed_over_the_emulated_link_or_says_why_not(quick_ru
     assert summary["dsparse_k"]["link_aggregation_ratio"] == pytest.approx(
         summary["dsparse"]["link_aggregation_ratio"] / k
     )
-    # The full model moves more bytes than any sparse exchange, so it takes longest on a shaped link.
-    assert summary["dsparse"]["link_aggregation_ratio"] < 1.0
+    # The full model moves more bytes than any sparse exchange, so it takes longest where bytes
+    # dominate. For the tiny model that is 20 Mbit/s (3.3 MB: 1.37 s full vs 0.61 s sparse, idle); at
+    # 100 Mbit/s its 0.3 s is the order of a sparse plan's per-group latency, so the ratio there
+    # is noise (0.6-1.1 on a busy runner). MobileNetV2's 9 MB keeps the 100 Mbit/s headline meaningful.
+    assert summary["dsparse"]["link_aggregation_ratio_20mbit"] < 1.0
+    assert link["wire_mb_per_exchange"]["dsparse"] < link["wire_mb_per_exchange"]["full"]
 
 
 def test_every_device_runs_under_a_hard_cap_or_the_run_says_why_not(quick_run):
