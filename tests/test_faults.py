@@ -81,10 +81,13 @@ def test_a_rejected_round_leaves_the_model_as_a_run_without_that_reply(tmp_path)
     """'No rejected update applied', exactly: a NaN reply gives the model of a run where it never arrived."""
     nan = next(s for s in SCENARIOS if s.name == "NaN in reply")
     dropped = next(s for s in SCENARIOS if s.name == "node times out or dies mid-round")
-    from experiments.fault_matrix import Scenario, _drop_round
+    from experiments.fault_matrix import Scenario
+
+    def drop_device_2_round_2(partition, server_round, message, reply):  # a flwr_dsparse.testing.Fault
+        return None if (partition, server_round) == (2, 2) else reply
 
     run_scenario(nan, tmp_path / "nan")
-    run_scenario(Scenario("drop", _drop_round((2, 2))), tmp_path / "drop")
+    run_scenario(Scenario("drop", drop_device_2_round_2), tmp_path / "drop")
     a, b = _final(tmp_path / "nan"), _final(tmp_path / "drop")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert dropped  # (the matrix has the plain drop too)

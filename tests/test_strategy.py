@@ -27,12 +27,24 @@ from flwr_dsparse.units import model_units
 NODE_OFFSET = 1000  # Flower node ids differ from device (partition) ids
 
 
+IDENTITY = ("task_id", "run_id", "node_id")
+
+
+def identity_or_none(name: str) -> int | None:
+    """``TaskIdentity.<name>``, or None while it is unset (Flower's getter raises then)."""
+    try:
+        return getattr(TaskIdentity, name)
+    except RuntimeError:
+        return None
+
+
 @pytest.fixture(autouse=True)
 def task_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    saved = [identity_or_none(name) for name in IDENTITY]
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
     yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    for name, value in zip(IDENTITY, saved, strict=True):
+        setattr(TaskIdentity, name, value)  # None restores "unset", as Flower starts a process
 
 
 def make_strategy(model: nn.Module, selections: dict[int, list[str]]) -> DSparse:
