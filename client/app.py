@@ -319,7 +319,7 @@ def _collective_round(
     )
     seconds = [c + a for c, a in zip(result.compute_seconds, result.aggregation_seconds, strict=False)]
     steps = [
-        StepResult(loss, len(batch[1]), s, peak_rss_mb(), 0.0)
+        StepResult(loss, len(batch[1]), s, saved_mb=0.0)
         for loss, batch, s in zip(result.losses, batches, seconds, strict=False)
     ]
     return steps, result.momentum_state

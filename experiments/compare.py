@@ -60,12 +60,12 @@ import torch
 
 from flwr_dsparse.costs import CostModel
 from flwr_dsparse.data import DATASETS, Split, batch_iterator, default_dataset, load_dataset, partition_indices
-from flwr_dsparse.memory import measure_training_rss
+from flwr_dsparse.memory import MB, measure_training_rss
 from flwr_dsparse.models import MODELS, build_model
 from flwr_dsparse.plan import Plan, plan_from_selections
 from flwr_dsparse.planner import OBJECTIVES, DeviceSpec, make_plan, parse_budgets
 from flwr_dsparse.scoring import SCORERS, get_scorer
-from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
+from flwr_dsparse.trainer import SparseTrainer, evaluate_model, make_optimizer_factory
 from flwr_dsparse.units import model_units
 from flwr_dsparse.weights import load_weights, pretrain
 
@@ -91,7 +91,6 @@ PAPER = {
     "aggregation_reduction_pct": 75.4,
     "accuracy": "kept (no loss against full update)",
 }
-MB = 2**20
 
 
 @dataclass(frozen=True)
@@ -277,14 +276,9 @@ def load_splits(setup: Setup) -> tuple[Split, Split]:
     )
 
 
-def evaluate_state(model: torch.nn.Module, test: Split, batch_size: int = 250) -> tuple[float, float]:
+def evaluate_state(model: torch.nn.Module, test: Split) -> tuple[float, float]:
     """Held-out loss and accuracy of ``model`` as it is."""
-    trainer = SparseTrainer(model, [])
-    try:
-        batches = [(test.x[i : i + batch_size], test.y[i : i + batch_size]) for i in range(0, len(test), batch_size)]
-        return trainer.evaluate(batches)
-    finally:
-        trainer.close()
+    return evaluate_model(model, test.x, test.y)
 
 
 def _checkpoint_key(setup: Setup) -> str:
@@ -852,16 +846,27 @@ def run_flower_method(
 # --------------------------------------------------------------------------- collective transport (method 5)
 
 
+def _evaluate_point(
+    judge: torch.nn.Module, model: torch.nn.Module, test: Split, step: int, *, wall_s: float
+) -> dict[str, float]:
+    """One point of method 5's accuracy curve: ``model``'s weights evaluated in ``judge``."""
+    judge.load_state_dict(model.state_dict())
+    loss, accuracy = evaluate_state(judge, test)
+    print(f"[compare]   collective: step {step:3d}, held-out accuracy {accuracy:.3f}", file=sys.stderr, flush=True)
+    return {"step": step, "wall_s": wall_s, "accuracy": accuracy, "loss": loss}
+
+
 def _collective_rank(rank: int, world_size: int, master_addr: str, master_port: int, job: dict) -> list[dict]:
     """One device of method 5, for every phase of ``job`` (one process, one rendezvous).
 
     Each phase starts from the checkpoint with the client's partition and batch stream
-    for this partition id, trains this rank's selection of the phase's plan with
-    per-step collectives, and (rank 0, if asked) evaluates between chunks of steps.
+    for this partition id and trains this rank's selection of the phase's plan with the
+    ClientApp's own collective round (:func:`~flwr_dsparse.collective.run_collective_round`),
+    in chunks between which rank 0 evaluates (if asked); the momentum carries over the chunks.
     """
     import torch.distributed as dist
 
-    from flwr_dsparse.collective import Rendezvous, init_collective, run_collective_steps
+    from flwr_dsparse.collective import Rendezvous, join_default_group, run_collective_round
 
     setup = Setup(
         **{
@@ -874,19 +879,17 @@ def _collective_rank(rank: int, world_size: int, master_addr: str, master_port: 
     checkpoint = torch.load(job["checkpoint"], map_location="cpu", weights_only=True)
     indices = job["partitions"][rank]
     rendezvous = Rendezvous(rank, world_size, master_addr, master_port)
+    optimizer_factory = make_optimizer_factory("sgd", lr=setup.lr, momentum=setup.momentum)
     outputs = []
+    # Joined once here, so every round below builds only its plan's groups (and leaves this group up).
+    join_default_group(rendezvous, timeout_s=setup.collective_timeout_s)
     try:
         for phase in job["phases"]:
             plan = Plan.from_json(phase["plan"])
             model = build_model(setup.model, seed=setup.seed)
             model.load_state_dict(checkpoint)
-            batches = batch_iterator(train, indices, setup.batch_size, seed=setup.seed * 10_007 + rank)
-            trainer = SparseTrainer(
-                model,
-                plan.device(rank).units,
-                optimizer_factory=make_optimizer_factory("sgd", lr=setup.lr, momentum=setup.momentum),
-            )
-            # Evaluation uses its own copy: a second trainer on the training model would change its flags.
+            batches = iter(batch_iterator(train, indices, setup.batch_size, seed=setup.seed * 10_007 + rank))
+            # Rank 0 evaluates a copy: eval mode on the training model would switch its BatchNorm mid-run.
             judge = build_model(setup.model, seed=setup.seed) if rank == 0 and phase["evaluate"] else None
             out: dict[str, Any] = {
                 "rank": rank,
@@ -897,49 +900,42 @@ def _collective_rank(rank: int, world_size: int, master_addr: str, master_port: 
                 "curve": [],
                 "steps": phase["steps"],
             }
-            try:
-                comms = init_collective(rendezvous, plan, timeout_s=setup.collective_timeout_s)
-                started, eval_seconds, done = time.perf_counter(), 0.0, 0
-
-                # Called only within this iteration (B023's late binding is what is meant here).
-                def evaluate() -> None:
-                    nonlocal eval_seconds
+            started, eval_seconds, done = time.perf_counter(), 0.0, 0
+            momentum: dict[str, torch.Tensor] = {}
+            chunk = setup.eval_every if phase["evaluate"] else phase["steps"]
+            while True:
+                if judge is not None:  # at the start and after every chunk; not counted as training time
                     eval_started = time.perf_counter()
-                    judge.load_state_dict(model.state_dict())  # noqa: B023
-                    loss, accuracy = evaluate_state(judge, test)  # noqa: B023
-                    out["curve"].append(  # noqa: B023
-                        {
-                            "step": done,  # noqa: B023
-                            "wall_s": eval_started - started - eval_seconds,  # noqa: B023
-                            "accuracy": accuracy,
-                            "loss": loss,
-                        }
-                    )
+                    point = _evaluate_point(judge, model, test, done, wall_s=eval_started - started - eval_seconds)
+                    out["curve"].append(point)
                     eval_seconds += time.perf_counter() - eval_started
-                    print(
-                        f"[compare]   collective: step {done:3d}, held-out accuracy {accuracy:.3f}",  # noqa: B023
-                        file=sys.stderr,
-                        flush=True,
-                    )
-
-                if judge is not None:
-                    evaluate()
-                chunk = setup.eval_every if phase["evaluate"] else phase["steps"]
-                while done < phase["steps"]:
-                    steps = min(chunk, phase["steps"] - done)
-                    result = run_collective_steps(trainer, comms, batches, steps, rank=rank, fused=phase["fused"])
-                    done += steps
-                    out["compute_s"] += result.compute_seconds
-                    out["aggregation_s"] += result.aggregation_seconds
-                    out["losses"] += result.losses
-                    out["payload_bytes"] += result.payload_bytes
-                    if judge is not None:
-                        # Every rank holds the whole current model after the broadcasts; the others
-                        # wait in the next collective while rank 0 evaluates (not counted as training).
-                        evaluate()
-                dist.barrier()
-            finally:
-                trainer.close()
+                if done >= phase["steps"]:
+                    break
+                steps = min(chunk, phase["steps"] - done)
+                # Every rank holds the whole current model after a round's broadcasts; the others
+                # wait in the next round's plan check while rank 0 evaluates.
+                result = run_collective_round(
+                    plan,
+                    rank,
+                    world_size,
+                    master_addr,
+                    master_port,
+                    model,
+                    batches,
+                    steps,
+                    optimizer_factory,
+                    setup.collective_timeout_s,
+                    fused=phase["fused"],
+                    sync_start=False,
+                    rendezvous=rendezvous,
+                    momentum_state=momentum,
+                )
+                momentum = result.momentum_state
+                done += steps
+                out["compute_s"] += result.compute_seconds
+                out["aggregation_s"] += result.aggregation_seconds
+                out["losses"] += result.losses
+                out["payload_bytes"] += result.payload_bytes
             outputs.append(out)
     finally:
         if dist.is_initialized():
@@ -1068,23 +1064,32 @@ def flower_measures(method: str, run: Mapping[str, Any], plan: Plan, memory: Map
         "path": "flower-simulation",
         "local_steps": local_steps,
         "rounds": len(history),
-        "devices": devices,
         "cluster_step_s": _median([c / local_steps for c in per_round_compute]),
-        "isolated_cluster_step_s": max(d["isolated_step_s"] for d in devices),
-        "mean_device_step_s": _mean([d["step_s"] for d in devices]),
         "aggregation_s_per_step": _median(aggregate_train) / local_steps,
         "aggregation_s_per_round": _median(aggregate_train),
         "averaging_s_per_round": _median(averaging),
+        **_method_figures(devices, curve, run["run_seconds"], cluster_time[-1]),
+        "accepted_every_round": all(entry["accepted"] == list(range(setup.num_devices)) for entry in history)
+        if method != "fedavg"
+        else True,
+    }
+
+
+def _method_figures(
+    devices: list[dict[str, Any]], curve: list[dict[str, Any]], run_seconds: float, total_cluster_s: float
+) -> dict[str, Any]:
+    """The figures every method's row has, whatever its transport: per device, then the curve's ends."""
+    return {
+        "devices": devices,
+        "isolated_cluster_step_s": max(d["isolated_step_s"] for d in devices),
+        "mean_device_step_s": _mean([d["step_s"] for d in devices]),
         "bytes_up_per_step": _mean([d["bytes_up_per_step"] for d in devices]),
         "bytes_down_per_step": _mean([d["bytes_down_per_step"] for d in devices]),
         "curve": curve,
         "final_accuracy": curve[-1]["accuracy"],
         "initial_accuracy": curve[0]["accuracy"],
-        "run_seconds": run["run_seconds"],
-        "total_cluster_s": cluster_time[-1],
-        "accepted_every_round": all(entry["accepted"] == list(range(setup.num_devices)) for entry in history)
-        if method != "fedavg"
-        else True,
+        "run_seconds": run_seconds,
+        "total_cluster_s": total_cluster_s,
     }
 
 
@@ -1139,20 +1144,11 @@ def collective_measures(
         "path": "collective-launcher (7 local gloo processes; no Flower server)",
         "local_steps": 1,
         "rounds": run["steps"],
-        "devices": devices,
         "cluster_step_s": _median(cluster),
-        "isolated_cluster_step_s": max(d["isolated_step_s"] for d in devices),
-        "mean_device_step_s": _mean([d["step_s"] for d in devices]),
         "aggregation_s_per_step": _median(aggregation),
         "aggregation_s_per_round": _median(aggregation),
         "averaging_s_per_round": _median(aggregation),
-        "bytes_up_per_step": _mean([d["bytes_up_per_step"] for d in devices]),
-        "bytes_down_per_step": _mean([d["bytes_down_per_step"] for d in devices]),
-        "curve": curve,
-        "final_accuracy": curve[-1]["accuracy"],
-        "initial_accuracy": curve[0]["accuracy"],
-        "run_seconds": run["run_seconds"],
-        "total_cluster_s": cumulative[-1],
+        **_method_figures(devices, curve, run["run_seconds"], cumulative[-1]),
         "accepted_every_round": True,
         "full_update_same_transport": {
             "steps": baseline["steps"],

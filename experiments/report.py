@@ -19,12 +19,10 @@ from typing import Any
 
 from flwr_dsparse.units import compress_unit_names
 
-__all__ = ["render_report", "write_csv", "CSV_COLUMNS"]
+__all__ = ["CSV_COLUMNS", "DEVICE_COLUMNS", "render_report", "write_csv"]
 
-CSV_COLUMNS = [
-    "method",
-    "device",
-    "path",
+#: What each device row of every method carries into the CSV.
+DEVICE_COLUMNS = (
     "budget_mb",
     "num_units",
     "predicted_mb",
@@ -33,6 +31,12 @@ CSV_COLUMNS = [
     "isolated_step_s",
     "bytes_up_per_step",
     "bytes_down_per_step",
+)
+CSV_COLUMNS = [
+    "method",
+    "device",
+    "path",
+    *DEVICE_COLUMNS,
     "cluster_step_s",
     "aggregation_s_per_step",
     "final_accuracy",
@@ -53,19 +57,7 @@ def write_csv(results: Mapping[str, Any], path: Path) -> None:
                         "method": name,
                         "device": device["device"],
                         "path": method["path"],
-                        **{
-                            key: device[key]
-                            for key in (
-                                "budget_mb",
-                                "num_units",
-                                "predicted_mb",
-                                "measured_mb",
-                                "step_s",
-                                "isolated_step_s",
-                                "bytes_up_per_step",
-                                "bytes_down_per_step",
-                            )
-                        },
+                        **{key: device[key] for key in DEVICE_COLUMNS},
                     }
                 )
             summary = results["summary"][name]
@@ -154,6 +146,25 @@ def _goals(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _collective_rows(results: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Method 5's batch-time row and aggregation row, against the full model over the same transport."""
+    paper, ratios = results["paper"], results["summary"]["paper_ratios"]
+    collective, s_col = results["methods"]["collective"], results["summary"]["collective"]
+    base = collective["full_update_same_transport"]
+    batch = (
+        f"| batch time with fusion (collective transport) | {paper['batch_fused_s']:g} s "
+        f"| {_x(ratios['batch_fused'])} of full | {collective['cluster_step_s']:.3f} s; full model over the same "
+        f"transport {base['cluster_step_s']:.3f} s | {_x(s_col['same_transport_cluster_step_ratio'])} of full "
+        f"(same transport); {_x(s_col['cluster_step_ratio'])} of method 1 |"
+    )
+    aggregation = (
+        f"| aggregation time per step, full → DSparse (collective, fused) | – | {_pct(-paper['aggregation_reduction_pct'])} "
+        f"| {base['aggregation_s_per_step'] * 1e3:.1f} → {collective['aggregation_s_per_step'] * 1e3:.1f} ms "
+        f"| {_pct(100 * (s_col['same_transport_aggregation_ratio'] - 1))} |"
+    )
+    return [batch], [aggregation]
+
+
 def _headline(results: Mapping[str, Any]) -> list[str]:
     paper, ratios = results["paper"], results["summary"]["paper_ratios"]
     summary, methods = results["summary"], results["methods"]
@@ -172,28 +183,14 @@ def _headline(results: Mapping[str, Any]) -> list[str]:
         f"{dsparse['cluster_step_s']:.3f} s | {_x(s_ds['isolated_cluster_step_ratio'])} alone; "
         f"{_x(s_ds['cluster_step_ratio'])} in the simulation |",
     ]
-    if "collective" in methods:
-        collective, s_col = methods["collective"], summary["collective"]
-        base = collective["full_update_same_transport"]
-        lines.append(
-            f"| batch time with fusion (collective transport) | {paper['batch_fused_s']:g} s "
-            f"| {_x(ratios['batch_fused'])} of full | {collective['cluster_step_s']:.3f} s; full model over the same "
-            f"transport {base['cluster_step_s']:.3f} s | {_x(s_col['same_transport_cluster_step_ratio'])} of full "
-            f"(same transport); {_x(s_col['cluster_step_ratio'])} of method 1 |"
-        )
+    fused_batch, fused_aggregation = _collective_rows(results) if "collective" in methods else ([], [])
     lines += [
+        *fused_batch,
         f"| aggregation time per step, full → DSparse (server) | – | {_pct(-paper['aggregation_reduction_pct'])} "
         f"| {full['aggregation_s_per_step'] * 1e3:.1f} → {dsparse['aggregation_s_per_step'] * 1e3:.1f} ms "
         f"| {_pct(100 * (s_ds['aggregation_ratio'] - 1))} |",
+        *fused_aggregation,
     ]
-    if "collective" in methods:
-        collective, s_col = methods["collective"], summary["collective"]
-        base = collective["full_update_same_transport"]
-        lines.append(
-            f"| aggregation time per step, full → DSparse (collective, fused) | – | {_pct(-paper['aggregation_reduction_pct'])} "
-            f"| {base['aggregation_s_per_step'] * 1e3:.1f} → {collective['aggregation_s_per_step'] * 1e3:.1f} ms "
-            f"| {_pct(100 * (s_col['same_transport_aggregation_ratio'] - 1))} |"
-        )
     link = results.get("link") or {}
     if link.get("available"):
         for rate in link["rates_mbit"]:

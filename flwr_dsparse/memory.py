@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 __all__ = [
@@ -29,15 +30,8 @@ MB = 1024 * 1024
 
 
 def current_rss_mb() -> float:
-    """Resident set size of this process now, in MiB (Linux ``/proc``; psutil elsewhere)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            pages = int(statm.read().split()[1])
-        return pages * resource.getpagesize() / MB
-    except OSError:  # not Linux
-        import psutil
-
-        return psutil.Process().memory_info().rss / MB
+    """Resident set size of this process now, in MiB."""
+    return psutil.Process().memory_info().rss / MB
 
 
 def peak_rss_mb() -> float:

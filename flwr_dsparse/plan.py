@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .memory import MB
 from .units import Unit, compress_unit_names, validate_unit_names
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "plan_from_selections",
 ]
 
-MB = 1024 * 1024
 
 
 @dataclass(frozen=True)

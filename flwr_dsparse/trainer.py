@@ -27,10 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .lean import LeanHandle, install_lean_layers
-from .memory import SavedTensorMeter, peak_rss_mb, saved_tensors
+from .memory import SavedTensorMeter, saved_tensors
 from .units import Unit, model_units, validate_unit_names
 
-__all__ = ["OptimizerFactory", "StepResult", "SparseTrainer", "make_optimizer_factory"]
+__all__ = ["OptimizerFactory", "SparseTrainer", "StepResult", "evaluate_model", "make_optimizer_factory"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,7 +59,6 @@ class StepResult:
     loss: float
     examples: int
     seconds: float
-    peak_rss_mb: float
     saved_mb: float | None = None
 
 
@@ -233,22 +232,34 @@ class SparseTrainer:
             loss.backward()
             self.optimizer.step()
         seconds = time.perf_counter() - start
-        return StepResult(float(loss.detach()), int(targets.shape[0]), seconds, peak_rss_mb(), saved_mb)
+        return StepResult(float(loss.detach()), int(targets.shape[0]), seconds, saved_mb)
 
     def train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[StepResult]:
         """One :meth:`step` per batch."""
         return [self.step(inputs, targets) for inputs, targets in batches]
 
-    @torch.no_grad()
-    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-        """Mean loss and accuracy of the whole model in eval mode."""
-        self.model.eval()
-        total_loss, correct, count = 0.0, 0, 0
-        for inputs, targets in batches:
-            outputs = self.model(inputs)
-            total_loss += float(self.loss_fn(outputs, targets)) * targets.shape[0]
-            correct += int((outputs.argmax(dim=1) == targets).sum())
-            count += int(targets.shape[0])
-        if count == 0:
-            raise ValueError("evaluate got no batches")
-        return total_loss / count, correct / count
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 250,
+    loss_fn: LossFn = F.cross_entropy,
+) -> tuple[float, float]:
+    """Mean loss and accuracy of the whole ``model`` in eval mode over ``inputs``/``targets``.
+
+    The central evaluation of the ServerApp and of the experiments: no trainer, nothing frozen,
+    no graph (``no_grad``), in slices of ``batch_size`` so the activations stay small.
+    """
+    if len(targets) == 0:
+        raise ValueError("evaluate_model got no examples; pass a non-empty test split")
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(targets), batch_size):
+        x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+        outputs = model(x)
+        total_loss += float(loss_fn(outputs, y)) * y.shape[0]
+        correct += int((outputs.argmax(dim=1) == y).sum())
+    return total_loss / len(targets), correct / len(targets)

@@ -32,7 +32,7 @@ from flwr_dsparse.protocol import METRICS
 from flwr_dsparse.records import from_array_record, record_nbytes, tensor_nbytes, to_array_record
 from flwr_dsparse.strategy import DeviceReport, DSparse, PlanFn
 from flwr_dsparse.strategy.replies import payload_nbytes
-from flwr_dsparse.trainer import SparseTrainer
+from flwr_dsparse.trainer import evaluate_model
 from flwr_dsparse.weights import load_weights
 
 __all__ = ["app", "make_server_app", "run_job", "planner_plan_fn", "MeasuredFedAvg", "checkpoint_path"]
@@ -123,14 +123,7 @@ def _evaluate_fn(
 ) -> Callable:
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(from_array_record(arrays))
-        trainer = SparseTrainer(model, [])
-        try:
-            batches = [
-                (test_x[i : i + batch_size], test_y[i : i + batch_size]) for i in range(0, len(test_y), batch_size)
-            ]
-            loss, accuracy = trainer.evaluate(batches)
-        finally:
-            trainer.close()
+        loss, accuracy = evaluate_model(model, test_x, test_y, batch_size=batch_size)
         log_to.append({"round": server_round, "loss": loss, "accuracy": accuracy})
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 

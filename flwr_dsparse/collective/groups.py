@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..fusion import fuse, split_like
 from ..plan import Group, Plan
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "check_plan_digest",
     "check_plan_ranks",
     "init_collective",
+    "join_default_group",
     "run_guarded",
     "sync_from_rank0",
     "synced_tensors",
@@ -136,26 +138,35 @@ def init_collective(
     Returns this rank's :class:`GroupComm` for every plan group, in plan order.
     """
     check_plan_ranks(plan, rendezvous.world_size)
-    timeout = _timeout(timeout_s)
-    if not dist.is_initialized():
-        start = time.monotonic()
-        try:
-            dist.init_process_group(
-                "gloo",
-                init_method=rendezvous.init_method,
-                rank=rendezvous.rank,
-                world_size=rendezvous.world_size,
-                timeout=timeout,
-            )
-        except (RuntimeError, OSError) as error:
-            raise CollectiveError(
-                f"rendezvous at {rendezvous.init_method} failed for rank {rendezvous.rank} of {rendezvous.world_size} "
-                f"after {time.monotonic() - start:.1f} s (timeout {timeout_s:g} s): not every rank joined. Start all "
-                f"{rendezvous.world_size} ranks with the same --master-addr/--master-port, or raise --timeout. "
-                f"Cause: {_first_line(error)}"
-            ) from error
+    join_default_group(rendezvous, timeout_s=timeout_s)
     check_plan_digest(plan, rendezvous.rank, rendezvous.world_size, timeout_s=timeout_s)
     return build_group_comms(plan, rendezvous.rank, timeout_s=timeout_s)
+
+
+def join_default_group(rendezvous: Rendezvous, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the default gloo group at ``rendezvous`` unless this process is in one already.
+
+    A caller that runs several collective rounds over one rendezvous joins once with this;
+    :func:`~flwr_dsparse.collective.run_collective_round` then leaves the group to it.
+    """
+    if dist.is_initialized():
+        return
+    start = time.monotonic()
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=rendezvous.init_method,
+            rank=rendezvous.rank,
+            world_size=rendezvous.world_size,
+            timeout=_timeout(timeout_s),
+        )
+    except (RuntimeError, OSError) as error:
+        raise CollectiveError(
+            f"rendezvous at {rendezvous.init_method} failed for rank {rendezvous.rank} of {rendezvous.world_size} "
+            f"after {time.monotonic() - start:.1f} s (timeout {timeout_s:g} s): not every rank joined. Start all "
+            f"{rendezvous.world_size} ranks with the same --master-addr/--master-port, or raise --timeout. "
+            f"Cause: {_first_line(error)}"
+        ) from error
 
 
 def check_plan_digest(plan: Plan, rank: int, world_size: int, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -228,29 +239,24 @@ def build_group_comms(plan: Plan, rank: int, *, timeout_s: float = DEFAULT_TIMEO
     """
     timeout = _timeout(timeout_s)
     world = tuple(range(len(plan.devices)))
+
+    def new_group(ranks: tuple[int, ...], what: str) -> Any:
+        """Every rank creates the group; only its members keep the handle."""
+        handle = run_guarded(
+            lambda: dist.new_group(list(ranks), timeout=timeout, backend="gloo"), what, rank, world, timeout_s
+        )
+        return handle if rank in ranks else None
+
     comms = []
     for index, group in enumerate(plan.groups):
         members = tuple(group.members)
         broadcast_ranks = tuple(sorted((group.broadcast.root,) + tuple(group.broadcast.receivers)))
+        # A group that would move nothing (one member, no receivers) gets no process group.
         allreduce_pg = broadcast_pg = None
         if len(members) > 1:
-            handle = run_guarded(
-                lambda ranks=members: dist.new_group(list(ranks), timeout=timeout, backend="gloo"),
-                f"creating the all-reduce group of group {index}",
-                rank,
-                world,
-                timeout_s,
-            )
-            allreduce_pg = handle if rank in members else None
+            allreduce_pg = new_group(members, f"creating the all-reduce group of group {index}")
         if group.broadcast.receivers:
-            handle = run_guarded(
-                lambda ranks=broadcast_ranks: dist.new_group(list(ranks), timeout=timeout, backend="gloo"),
-                f"creating the broadcast group of group {index}",
-                rank,
-                world,
-                timeout_s,
-            )
-            broadcast_pg = handle if rank in broadcast_ranks else None
+            broadcast_pg = new_group(broadcast_ranks, f"creating the broadcast group of group {index}")
         comms.append(GroupComm(index, group, rank, timeout_s, allreduce_pg, broadcast_pg))
     return tuple(comms)
 
@@ -285,22 +291,19 @@ def synced_tensors(group: Group, model: nn.Module) -> list[torch.Tensor]:
 
 
 def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One contiguous float32 buffer holding every tensor, integers cast exactly."""
+    """One contiguous float32 buffer (gloo's wire type) holding every tensor, integers cast exactly."""
     for tensor in tensors:
         if not tensor.is_floating_point() and tensor.numel() and int(tensor.abs().max()) >= _EXACT_INT_IN_FLOAT32:
             raise ValueError(
                 f"integer tensor value {int(tensor.abs().max())} is too large to fuse exactly; turn fusion off"
             )
-    return torch.cat([tensor.detach().reshape(-1).to(torch.float32) for tensor in tensors])
+    return fuse(tensors, torch.float32)
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    offset = 0
     with torch.no_grad():
-        for tensor in tensors:
-            count = tensor.numel()
-            tensor.copy_(flat[offset : offset + count].view_as(tensor))  # copy_ casts back to the tensor's dtype
-            offset += count
+        for tensor, piece in zip(tensors, split_like(flat, tensors), strict=True):
+            tensor.copy_(piece)  # copy_ casts back to the tensor's dtype
 
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..exchange import Update
+from ..fusion import fuse, split_like
 from ..plan import Group
 
 __all__ = ["aggregate_groups", "fused_weighted_mean", "member_values"]
@@ -37,31 +38,21 @@ def fused_weighted_mean(names: Sequence[str], updates: Sequence[Update]) -> dict
     if not updates:
         raise ValueError("fused_weighted_mean needs at least one update")
     total = sum(update.examples for update in updates)
-    first = updates[0].tensors
-    sizes = [first[name].numel() for name in names]
-    # Two preallocated float64 buffers: the sum, and one update's fused values. Each tensor is
-    # copied into its slice (the exact widening to float64) with no intermediate concatenation.
-    acc = torch.zeros(sum(sizes), dtype=torch.float64)
-    flat = torch.empty_like(acc)
-    pieces = flat.split(sizes)
+    likes = [updates[0].tensors[name] for name in names]
+    # Two preallocated float64 buffers: the sum, and one update's fused values (float64 holds
+    # every float32 value and every integer count exactly).
+    flat = torch.empty(sum(like.numel() for like in likes), dtype=torch.float64)
+    acc = torch.zeros_like(flat)
     for update in updates:
-        for piece, name in zip(pieces, names, strict=True):
-            piece.copy_(update.tensors[name].reshape(-1))
+        fuse([update.tensors[name] for name in names], torch.float64, out=flat)
         # Multiply then add as two IEEE operations (no fused alpha), so the result is
         # reproducible by a hand computation: the same values as ``acc += flat * w``.
         flat.mul_(update.examples / total)
         acc.add_(flat)
-    out: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name in names:
-        like = first[name]
-        piece = acc[offset : offset + like.numel()].view(like.shape)
-        offset += like.numel()
-        if like.dtype.is_floating_point:
-            out[name] = piece.to(like.dtype)
-        else:
-            out[name] = piece.round().to(like.dtype)
-    return out
+    return {
+        name: piece.to(like.dtype) if like.dtype.is_floating_point else piece.round().to(like.dtype)
+        for name, like, piece in zip(names, likes, split_like(acc, likes), strict=True)
+    }
 
 
 def aggregate_groups(groups: Sequence[Group], updates: Mapping[int, Update]) -> dict[str, torch.Tensor]:

@@ -21,10 +21,10 @@ checkpoint, and ``resume`` continues from its last complete round. The nodes upl
 momentum only every ``checkpoint_every`` rounds (and in the last round), so the checkpoints in
 between hold the model and plan of their round and the momentum of the last round that uploaded it.
 
-Encoding (:mod:`flwr_dsparse.records`): each global tensor is encoded once per version and
-the one ``Array`` is shared by every message that carries it and by the returned model; the
-model ``aggregate_train`` returned is not decoded again by the next ``configure_train``;
-replies are read as views of their wire bytes.
+Encoding (:mod:`.global_model`): each global tensor is encoded once per version and the one
+``Array`` is shared by every message that carries it and by the returned model; the model
+``aggregate_train`` returned is not decoded again by the next ``configure_train``; replies
+are read as views of their wire bytes (:mod:`flwr_dsparse.records`).
 """
 
 from __future__ import annotations
@@ -38,38 +38,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 from flwr.supercore import log
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..exchange import TensorVersions
 from ..plan import Plan
 from ..protocol import TrainControl, train_content
-from ..records import array_of, from_array_record, tensor_nbytes, to_array_record
+from ..records import tensor_nbytes, to_array_record
 from .aggregate import aggregate_groups, member_values
+from .global_model import GlobalModel
 from .membership import Membership, PlanFn
 from .replicas import Replicas
-from .replies import (
-    ReplyTally,
-    collective_mismatch,
-    reply_node,
-    selection_of,
-    sent_message_ids,
-    tally_metrics,
-    tally_replies,
-)
+from .replies import reply_node, selection_of, sent_message_ids, tally_metrics, tally_replies
 from .rounds import (
-    COLLECTIVE_FAILED,
     TOO_FEW_REPLIES,
+    EvaluateFn,
     RoundState,
     checkpoint_state,
     collective_control,
-    restore,
+    round_failure,
+    round_metrics,
     round_record,
-    train_with_retries,
+    run_rounds,
 )
 
 __all__ = ["DSparse"]
@@ -165,10 +159,7 @@ class DSparse(Strategy):
         self.events: list[dict[str, Any]] = []
         self.rejections: Counter[str] = Counter()
         self.round: RoundState | None = None
-        self._global: dict[str, torch.Tensor] = {}
-        # Each global tensor's encoding, by name: (its version, the Array every message shares).
-        self._encoded: dict[str, tuple[int, Array]] = {}
-        self._returned: ArrayRecord | None = None  # the model aggregate_train last returned
+        self.model = GlobalModel()
 
     # -- the plan and who holds what ---------------------------------------------------------------
     @property
@@ -186,47 +177,20 @@ class DSparse(Strategy):
     @property
     def global_tensors(self) -> dict[str, torch.Tensor]:
         """The global model after the last aggregation."""
-        return dict(self._global)
+        return dict(self.model.tensors)
 
     def set_global(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._global = dict(tensors)
-        self._encoded.clear()
-        self._returned = None
+        """Hold ``tensors`` as the global model (a resume, a caller's own start)."""
+        self.model.replace(tensors)
 
     def uploads_state(self, server_round: int) -> bool:
         """Whether the nodes return their momentum in ``server_round`` (see ``checkpoint_every``)."""
         return self.keep_client_state and (server_round % self.checkpoint_every == 0 or server_round == self.num_rounds)
 
-    def _arrays(self, names: Iterable[str]) -> dict[str, Array]:
-        """The encoded ``Array`` of each named global tensor, encoding only those whose version changed."""
-        assert self.versions is not None
-        out = {}
-        for name in names:
-            version = self.versions.current[name]
-            cached = self._encoded.get(name)
-            if cached is None or cached[0] != version:
-                cached = self._encoded[name] = (version, array_of(self._global[name]))
-            out[name] = cached[1]
-        return out
-
     def global_record(self) -> ArrayRecord:
         """The global model as an ``ArrayRecord`` of the shared encodings."""
-        record = ArrayRecord(self._arrays(self._global))
-        self._returned = record
-        return record
-
-    def _take_global(self, arrays: ArrayRecord) -> None:
-        """The round's starting model: ours if ``arrays`` is what we returned, else decoded once."""
-        if arrays is self._returned:
-            return
-        self._global = from_array_record(arrays)
-        versions = self.replicas.versions
-        # A model from outside (the first round, a caller's own): its Arrays are already encoded.
-        self._encoded = {
-            name: (versions.current[name] if versions and name in versions.current else 0, array)
-            for name, array in arrays.items()
-        }
-        self._returned = arrays
+        assert self.versions is not None
+        return self.model.record(self.versions)
 
     def summary(self) -> None:
         """Log the strategy's configuration and its plan."""
@@ -264,7 +228,7 @@ class DSparse(Strategy):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
         """Run the round-0 query (unless a plan was set), then the rounds.
 
@@ -274,41 +238,9 @@ class DSparse(Strategy):
         """
         log(INFO, "Starting DSparse strategy:")
         self.summary()
-        train_config = ConfigRecord() if train_config is None else train_config
-        result = Result()
-        arrays = initial_arrays
-        first_round = 1
         self.num_rounds = num_rounds
-        if self.resume:
-            assert self.checkpoint_path is not None
-            first_round = restore(self, load_checkpoint(self.checkpoint_path), grid, timeout) + 1
-            arrays = result.arrays = self.global_record()
-        else:
-            if evaluate_fn:
-                self._evaluate(evaluate_fn, 0, arrays, result)
-            if self.plan is None:
-                self.membership.query(grid, timeout)
-        for server_round in range(first_round, num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            reasons = self.membership.changes(grid, server_round, timeout)
-            if reasons:
-                self.replan("; ".join(reasons), server_round)
-            arrays, metrics = train_with_retries(self, grid, server_round, arrays, train_config, timeout)
-            result.arrays = arrays
-            result.train_metrics_clientapp[server_round] = metrics
-            if evaluate_fn:
-                self._evaluate(evaluate_fn, server_round, arrays, result)
-            if self.checkpoint_path is not None:
-                self.save(self.checkpoint_path, server_round)
-        return result
-
-    def _evaluate(self, evaluate_fn: Callable, server_round: int, arrays: ArrayRecord, result: Result) -> None:
-        metrics = evaluate_fn(server_round, arrays)
-        if metrics is not None:
-            result.evaluate_metrics_serverapp[server_round] = metrics
-            self.evaluations[server_round] = {key: float(value) for key, value in metrics.items()}
-            log(INFO, "round %d global evaluation: %s", server_round, self.evaluations[server_round])
+        train_config = ConfigRecord() if train_config is None else train_config
+        return run_rounds(self, grid, initial_arrays, num_rounds, timeout, train_config, evaluate_fn)
 
     # -- train -------------------------------------------------------------------------------------
     def configure_train(
@@ -318,14 +250,14 @@ class DSparse(Strategy):
         if self.plan is None:
             raise RuntimeError("DSparse has no plan: call start() (which runs the query) or set_plan() first")
         state = RoundState(server_round, time.perf_counter(), self.round_transport)
-        self._take_global(arrays)
-        versions = self.replicas.track(list(self._global))
+        self.model.take(arrays, self.replicas.versions)
+        versions = self.replicas.track(list(self.model.tensors))
         collective = collective_control(self.plan, state, self.collective_addr, self.collective_port_fn)
         job = {**self.train_config, **dict(config), "method": "dsparse"}
         for node, device in sorted(self.membership.node_to_device.items(), key=lambda item: item[1]):
             units = self.plan.device(device).units
             send = versions.missing(device)
-            payload = self._arrays(send)  # one encoding per tensor, shared by every message
+            payload = self.model.arrays(send, versions)  # one encoding per tensor, shared by every message
             restore_state = self.replicas.state_to_restore(device) if self.keep_client_state else None
             control = TrainControl(
                 server_round,
@@ -334,28 +266,20 @@ class DSparse(Strategy):
                 **collective,
                 **({"rank": device} if collective else {}),
             )
-            content = train_content(
-                ArrayRecord(payload),
-                job,
-                control,
-                to_array_record(restore_state) if restore_state is not None else None,
-            )
+            # The node's momentum may differ from the last accepted one (retry, rejected reply,
+            # restart, resume): then it gets the server's copy (empty = start at zero).
+            restore_record = to_array_record(restore_state) if restore_state is not None else None
+            content = train_content(ArrayRecord(payload), job, control, restore_record)
             if restore_state is not None:
-                # The node's momentum may differ from the last accepted one (retry, rejected
-                # reply, restart, resume): it gets the server's copy (empty = start at zero).
                 state.state_down[device] = tensor_nbytes(restore_state)
             state.messages.append(
                 Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
             )
             self.replicas.mark_sent(device, send, units)  # optimistic; a node that fails is forgotten
-            state.bytes_down[device] = tensor_nbytes({name: self._global[name] for name in send})
+            state.bytes_down[device] = tensor_nbytes({name: self.model.tensors[name] for name in send})
         self.round = state
-        log(
-            INFO,
-            "configure_train: %d nodes, %.2f MiB down in total",
-            len(state.messages),
-            sum(state.bytes_down.values()) / 2**20,
-        )
+        mib_down = sum(state.bytes_down.values()) / 2**20
+        log(INFO, "configure_train: %d nodes, %.2f MiB down in total", len(state.messages), mib_down)
         return state.messages
 
     def aggregate_train(
@@ -378,79 +302,36 @@ class DSparse(Strategy):
             ((reply_node(m, sent_ids), m) for m in replies),
             key=lambda item: (self.membership.node_to_device.get(item[0], 1 << 62), item[0]),
         )
-        expected = partial(selection_of, plan, self._global)
+        expected = partial(selection_of, plan, self.model.tensors)
         tally = tally_replies(server_round, by_node, self.membership.node_to_device, expected)
-        no_reply = sorted(state.sent - tally.replied - tally.failed)
-        if state.transport == "collective":
-            trouble = collective_mismatch(plan, tally.updates, sorted(tally.failed) + no_reply, tally.devices)
-            if trouble:
-                self.replicas.after_round(plan, {}, tally.replied, tally.failed | set(no_reply), state.sent)
-                return self._no_model(state, COLLECTIVE_FAILED, trouble, tally)
-        if len(tally.updates) < self.min_replies:
+        failure = round_failure(state, tally, plan, self.min_replies)
+        if failure is not None:
             # Nothing of this attempt is applied; what the nodes hold is now unknown or diverged.
+            state.failure_kind, state.failure = failure
             self.replicas.after_round(plan, {}, tally.replied, tally.failed, state.sent)
-            self.rejections.update(tally.rejected)
-            return self._no_model(
-                state,
-                TOO_FEW_REPLIES,
-                (
-                    f"{len(tally.updates)} accepted (devices {sorted(tally.updates)}), missing "
-                    f"{sorted(tally.failed) + no_reply}, rejected {dict(tally.rejected) or 0}"
-                ),
-                tally,
-            )
+            if state.failure_kind == TOO_FEW_REPLIES:
+                self.rejections.update(tally.rejected)
+            log(WARNING, "aggregate_train: round %d applies nothing (%s)", server_round, state.failure)
+            return None, tally_metrics(tally, len(tally.failed | (state.sent - tally.replied)))
 
         agg_started = time.perf_counter()
         aggregate = member_values if state.transport == "collective" else aggregate_groups
         new = aggregate(plan.groups, tally.updates)
-        self._global.update(new)
+        self.model.update(new)
         self.versions.bump(new, server_round)
         aggregation_s = time.perf_counter() - agg_started
         self.replicas.after_round(plan, tally.updates, tally.replied, tally.failed, state.sent)
         self.rejections.update(tally.rejected)
+        self.replicas.keep_states(tally.states, tally.updates)
         for device in tally.updates:
-            if tally.states.get(device) is not None:
-                self.replicas.keep_state(device, tally.states[device])  # type: ignore[arg-type]
-            elif self.keep_client_state:
-                # A round between momentum uploads: the node's own momentum is the one to continue
-                # from; the server's (older) copy is restored only if the node fails or is rejected.
-                self.replicas.state_synced.add(device)
             self.membership.note_budget(device, tally.devices[device])
 
-        record = round_record(
-            state,
-            tally,
-            plan,
-            updated=len(new),
-            aggregation_s=aggregation_s,
-            events=[event for event in self.events if event["round"] == server_round],
-        )
+        events = [event for event in self.events if event["round"] == server_round]
+        record = round_record(state, tally, plan, updated=len(new), aggregation_s=aggregation_s, events=events)
         self.history.append(record.to_row())
-        log(
-            INFO,
-            "aggregate_train: %d accepted, %d missing, %d rejected; %d tensors updated in %.3f s",
-            len(tally.updates),
-            len(record.missing),
-            sum(tally.rejected.values()),
-            len(new),
-            aggregation_s,
-        )
-        metrics = tally_metrics(tally, len(record.missing))
-        metrics.update(
-            {
-                "train-loss": record.train_loss if record.num_examples else 0.0,
-                "bytes-up": record.bytes_up,
-                "bytes-down": record.bytes_down,
-                "aggregation-seconds": aggregation_s,
-            }
-        )
-        return self.global_record(), metrics
-
-    def _no_model(self, state: RoundState, kind: str, reason: str, tally: ReplyTally) -> tuple[None, MetricRecord]:
-        """Flower's contract for a round that produced no model: ``None`` and what happened."""
-        state.failure_kind, state.failure = kind, reason
-        log(WARNING, "aggregate_train: round %d applies nothing (%s)", state.server_round, reason)
-        return None, tally_metrics(tally, len(tally.failed | (state.sent - tally.replied)))
+        counts = (len(tally.updates), len(record.missing), sum(tally.rejected.values()), len(new), aggregation_s)
+        log(INFO, "aggregate_train: %d accepted, %d missing, %d rejected; %d tensors updated in %.3f s", *counts)
+        return self.global_record(), round_metrics(tally, record)
 
     # -- checkpoint --------------------------------------------------------------------------------
     def save(self, path: str | Path, server_round: int) -> Path:

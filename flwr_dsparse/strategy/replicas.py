@@ -90,6 +90,20 @@ class Replicas:
         self.client_state[device] = state
         self.state_synced.add(device)
 
+    def keep_states(self, states: Mapping[int, dict[str, torch.Tensor] | None], accepted: Iterable[int]) -> None:
+        """After an applied round: keep the momentum each accepted device uploaded.
+
+        A device that uploaded none (a round between ``checkpoint_every`` uploads) holds its own
+        momentum, the one to continue from; the server's older copy is restored only if the
+        node later fails or is rejected.
+        """
+        for device in accepted:
+            state = states.get(device)
+            if state is not None:
+                self.keep_state(device, state)
+            else:
+                self.state_synced.add(device)
+
     def reset_nodes(self) -> None:
         """The nodes are new processes (a resumed run): they hold nothing."""
         assert self.versions is not None

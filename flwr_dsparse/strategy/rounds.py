@@ -21,27 +21,33 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.result import Result
 from flwr.supercore import log
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..exchange import TensorVersions
 from ..history import RoundRecord
 from ..plan import Plan
 from ..ports import free_port
 from ..protocol import DeviceReport
 from .membership import RoundFailed
-from .replies import ReplyTally
+from .replies import ReplyTally, collective_mismatch, tally_metrics
 
 if TYPE_CHECKING:
     from .dsparse import DSparse
 
 __all__ = [
     "RESUMABLE_KEYS",
+    "EvaluateFn",
     "RoundState",
     "checkpoint_state",
     "collective_control",
+    "evaluate_round",
     "restore",
+    "round_failure",
+    "round_metrics",
     "round_record",
+    "run_rounds",
     "train_with_retries",
 ]
 
@@ -63,6 +69,9 @@ RESUMABLE_KEYS = frozenset(
         "collective-port",
     }
 )
+
+#: ``evaluate_fn(server_round, arrays)``: the central evaluation of Flower's ``Strategy.start``.
+EvaluateFn = Callable[[int, ArrayRecord], "MetricRecord | None"]
 
 TOO_FEW_REPLIES = "too-few-replies"
 COLLECTIVE_FAILED = "collective-failed"
@@ -102,6 +111,71 @@ class RoundState:
     def sent(self) -> set[int]:
         """Devices that were sent a message this attempt."""
         return set(self.bytes_down)
+
+
+def run_rounds(
+    strategy: DSparse,
+    grid: Grid,
+    arrays: ArrayRecord,
+    num_rounds: int,
+    timeout: float,
+    train_config: ConfigRecord,
+    evaluate_fn: EvaluateFn | None,
+) -> Result:
+    """``DSparse.start``'s loop: resume or query, then every round with its evaluation and checkpoint."""
+    result = Result()
+    first_round = 1
+    if strategy.resume:
+        assert strategy.checkpoint_path is not None
+        first_round = restore(strategy, load_checkpoint(strategy.checkpoint_path), grid, timeout) + 1
+        arrays = result.arrays = strategy.global_record()
+    else:
+        evaluate_round(strategy, evaluate_fn, 0, arrays, result)
+        if strategy.plan is None:
+            strategy.membership.query(grid, timeout)
+    for server_round in range(first_round, num_rounds + 1):
+        log(INFO, "")
+        log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+        reasons = strategy.membership.changes(grid, server_round, timeout)
+        if reasons:
+            strategy.replan("; ".join(reasons), server_round)
+        arrays, metrics = train_with_retries(strategy, grid, server_round, arrays, train_config, timeout)
+        result.arrays = arrays
+        result.train_metrics_clientapp[server_round] = metrics
+        evaluate_round(strategy, evaluate_fn, server_round, arrays, result)
+        if strategy.checkpoint_path is not None:
+            strategy.save(strategy.checkpoint_path, server_round)
+    return result
+
+
+def evaluate_round(
+    strategy: DSparse, evaluate_fn: EvaluateFn | None, server_round: int, arrays: ArrayRecord, result: Result
+) -> None:
+    """Central evaluation of the round's model, kept in ``result`` and ``strategy.evaluations``."""
+    metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+    if metrics is not None:
+        result.evaluate_metrics_serverapp[server_round] = metrics
+        strategy.evaluations[server_round] = {key: float(value) for key, value in metrics.items()}
+        log(INFO, "round %d global evaluation: %s", server_round, strategy.evaluations[server_round])
+
+
+def round_failure(state: RoundState, tally: ReplyTally, plan: Plan, min_replies: int) -> tuple[str, str] | None:
+    """Why an attempt cannot be applied, as ``(kind, reason)``; ``None`` when it can.
+
+    A collective round whose members returned differing group values (or lost a member) is
+    ``COLLECTIVE_FAILED``; fewer than ``min_replies`` accepted replies is ``TOO_FEW_REPLIES``.
+    """
+    no_reply = sorted(state.sent - tally.replied - tally.failed)
+    if state.transport == "collective":
+        trouble = collective_mismatch(plan, tally.updates, sorted(tally.failed) + no_reply, tally.devices)
+        if trouble:
+            return COLLECTIVE_FAILED, trouble
+    if len(tally.updates) < min_replies:
+        return TOO_FEW_REPLIES, (
+            f"{len(tally.updates)} accepted (devices {sorted(tally.updates)}), missing "
+            f"{sorted(tally.failed) + no_reply}, rejected {dict(tally.rejected) or 0}"
+        )
+    return None
 
 
 def train_with_retries(
@@ -216,6 +290,20 @@ def round_record(
         events=events,
         transport=state.transport,
     )
+
+
+def round_metrics(tally: ReplyTally, record: RoundRecord) -> MetricRecord:
+    """What ``aggregate_train`` returns to Flower for an applied round: counts, loss, bytes, time."""
+    metrics = tally_metrics(tally, len(record.missing))
+    metrics.update(
+        {
+            "train-loss": record.train_loss if record.num_examples else 0.0,
+            "bytes-up": record.bytes_up,
+            "bytes-down": record.bytes_down,
+            "aggregation-seconds": record.aggregation_seconds,
+        }
+    )
+    return metrics
 
 
 def checkpoint_state(strategy: DSparse, server_round: int) -> dict[str, Any]:
