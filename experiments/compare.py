@@ -1358,6 +1358,7 @@ def run_compare(
     methods: Sequence[str] = METHODS,
     progress: Progress | None = None,
     plots: bool = True,
+    quick: bool = False,
 ) -> dict[str, Any]:
     """Run the comparison and write ``results.json``, ``results.csv``, the plots and ``REPORT.md`` to ``out``."""
     from experiments import report
@@ -1370,7 +1371,6 @@ def run_compare(
         )
     progress = progress or Progress()
     out.mkdir(parents=True, exist_ok=True)
-    quick = setup == QUICK
     budgets_given = bool(setup.budgets_mb)
     budgets = (
         f"budgets {', '.join(f'{b:g}' for b in setup.budgets_mb)} MB"
@@ -1601,7 +1601,8 @@ def _cli_main(args: argparse.Namespace) -> int:
     words = args.argv if args.argv is not None else sys.argv[1:]
     command = f"{args.prog_prefix} " + " ".join(shlex.quote(a) for a in words)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    run_compare(args.out, setup, weights=args.weights, command=command, methods=methods, plots=not args.no_plots)
+    options = {"weights": args.weights, "command": command, "methods": methods, "quick": args.quick}
+    run_compare(args.out, setup, plots=not args.no_plots, **options)
     return 0
 
 

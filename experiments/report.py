@@ -437,6 +437,40 @@ def _cross_checks(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _numbers(methods: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
+    """The method numbers (``METHOD_LABELS`` start with them) of those of ``names`` that ran."""
+    return [methods[name]["label"].split()[0] for name in names if name in methods]
+
+
+def _spoken(numbers: list[str]) -> str:
+    return numbers[0] if len(numbers) == 1 else f"{', '.join(numbers[:-1])} and {numbers[-1]}"
+
+
+def _plan_users(methods: Mapping[str, Any]) -> str:
+    """Which of the methods that ran use the DSparse plan, and what the others train (omitted ones unsaid)."""
+    users = _numbers(methods, ("dsparse", "dsparse_k", "collective"))
+    parts = [f"Method{'s' if len(users) > 1 else ''} {_spoken(users)} use{'' if len(users) > 1 else 's'} this plan"]
+    if "uniform" in methods:
+        parts.append("method 2 gives every device the smallest device's selection")
+    parts.append("method 1 trains everything everywhere.")
+    return "; ".join(parts)
+
+
+def _paths(methods: Mapping[str, Any], num_cpus: int) -> str:
+    """Where the methods that ran ran: Flower's simulation, and (method 5) the collective launcher."""
+    simulated = _numbers(methods, ("fedavg", "uniform", "dsparse", "dsparse_k"))
+    text = (
+        f"Method{'s' if len(simulated) > 1 else ''} {_spoken(simulated)} ran in Flower's in-process simulation "
+        f"(`run_simulation`, the project's ClientApp, Ray with {num_cpus} CPUs)."
+    )
+    if "collective" in methods:
+        text += (
+            " Method 5 has no server, so it ran through the collective transport's local launcher as one gloo "
+            "process per device, with the same plan, checkpoint, partitions, batch streams and seeds."
+        )
+    return text
+
+
 def render_report(results: Mapping[str, Any]) -> str:
     """The whole REPORT.md, from ``results`` (the parsed ``results.json``)."""
     setup, checkpoint, plan, machine = results["setup"], results["checkpoint"], results["plan"], results["machine"]
@@ -464,12 +498,9 @@ def render_report(results: Mapping[str, Any]) -> str:
         f"{checkpoint['held_out_accuracy']:.3f} over all 10 classes. Every method fine-tunes from it on all classes.",
         f"- DSparse plan {plan['digest'][:12]} (scorer {setup['scorer']}, on the starting checkpoint): "
         f"{plan['groups']} groups, {len(plan['frozen_units'])} units frozen for everyone; planner objective "
-        f"{setup.get('plan_objective', 'criticality')}{_objective_note(results)}. Methods 3, 4 and 5 use this "
-        "plan; method 2 gives every device the smallest device's selection; method 1 trains everything everywhere.",
+        f"{setup.get('plan_objective', 'criticality')}{_objective_note(results)}. {_plan_users(methods)}",
         *_link_and_caps_lines(results),
-        "- Methods 1-4 ran in Flower's in-process simulation (`run_simulation`, the project's ClientApp, Ray with "
-        f"{setup['num_cpus']} CPUs). Method 5 has no server, so it ran through the collective transport's local "
-        "launcher as seven gloo processes, with the same plan, checkpoint, partitions, batch streams and seeds.",
+        f"- {_paths(methods, setup['num_cpus'])}",
         "",
         "## Headline: the paper's ratios, the goals, ours",
         "",

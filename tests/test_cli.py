@@ -13,10 +13,12 @@ def test_plan_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str])
     assert (
         cli_main(
             ["plan", "--model", "tiny", "--batch-size", "16", "--budgets", "12,20,40", "--scorer", "depth", "--json"]
+            + ["--objective", "criticality"]
         )
         == 0
     )
     data = json.loads(capsys.readouterr().out)
+    assert data["meta"]["objective"] == "criticality"  # the flag reaches the planner (default: balanced)
     device = data["devices"][0]
     assert set(device) >= {"id", "budget_mb", "batch_size", "units", "params", "predicted_mb"}
     assert set(device["predicted_mb"]) >= {"weights", "grads", "optimizer", "activations", "reserve", "total"}

@@ -41,6 +41,7 @@ def test_outputs_exist(quick_run):
     assert list(out.glob("pretrained_tiny_*.pt")), "the starting checkpoint is cached in the output folder"
     assert set(results["plots"].values()) == set(PLOTS)
     assert results["command"].startswith("python -m experiments.compare --out ")
+    assert results["quick"] is True  # also when the dataset default moved the setup off QUICK
 
 
 def test_every_method_has_every_measure(quick_run):

@@ -21,7 +21,7 @@ import torch
 from ..costs import CostModel
 from ..models import MODELS, build_model
 from ..plan import Plan, format_plan
-from ..planner import DeviceSpec, parse_budgets
+from ..planner import OBJECTIVES, DeviceSpec, parse_budgets
 from ..planning import plan_model
 from ..scoring import SCORERS
 
@@ -58,10 +58,12 @@ def build_cli_plan(
     reserve_mb: float = 0.0,
     allow_inference_only: bool = False,
     max_step_fraction: float = 1.0,
+    objective: str = "balanced",
     seed: int = 0,
     progress: bool = True,
 ) -> Plan:
-    """Profile ``model_name``, score its units on a seeded batch, and plan the budgets."""
+    """Profile ``model_name``, score its units on a seeded batch, and plan the budgets
+    (``objective``: :data:`~flwr_dsparse.planner.OBJECTIVES`)."""
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be > 0, got {batch_size}")
     model = build_model(model_name, seed=seed)
@@ -92,7 +94,14 @@ def build_cli_plan(
         progress=_progress if progress else None,
         allow_inference_only=allow_inference_only,
         max_step_fraction=max_step_fraction,
+        objective=objective,
     ).plan
+
+
+#: ``dsparse plan`` options passed to :func:`build_cli_plan` as they are (same names).
+_PLAN_OPTIONS = (
+    "scorer", "optimizer", "momentum", "reserve_mb", "allow_inference_only", "max_step_fraction", "objective", "seed"
+)  # fmt: skip
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -101,14 +110,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         input_shape=parse_input_shape(args.input),
         batch_size=args.batch_size,
         budgets=parse_budgets(args.budgets, field="--budgets"),
-        scorer=args.scorer,
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        reserve_mb=args.reserve_mb,
-        allow_inference_only=args.allow_inference_only,
-        max_step_fraction=args.max_step_fraction,
-        seed=args.seed,
         progress=not args.json,
+        **{name: getattr(args, name) for name in _PLAN_OPTIONS},
     )
     if args.out:
         with open(args.out, "w") as handle:
@@ -192,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     plan.add_argument("--momentum", type=float, default=0.0)
     plan.add_argument("--reserve-mb", type=float, default=0.0, help="fixed runtime reserve added to every device")
+    plan.add_argument(
+        "--objective",
+        default="balanced",
+        choices=OBJECTIVES,
+        help="balanced: the cluster's slowest step chosen with criticality; criticality: the paper's, memory only "
+        "(default %(default)s)",
+    )
     plan.add_argument(
         "--max-step-fraction",
         type=float,
