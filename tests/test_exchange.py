@@ -1,5 +1,7 @@
 """Exchange and aggregation: versioned delta sync, the fused grouped mean, and update checks."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from flwr_dsparse.exchange import TensorVersions, Update, tensor_specs
 from flwr_dsparse.plan import plan_from_selections
 from flwr_dsparse.strategy.aggregate import aggregate_groups, fused_weighted_mean
-from flwr_dsparse.strategy.replies import ReplyRejected, check_update
+from flwr_dsparse.strategy.replies import ReplyRejected, all_finite, check_update
 from flwr_dsparse.units import Unit
 
 
@@ -103,3 +105,15 @@ def test_check_update_rejects(expected, mutate, examples, kind):
         check_update(4, tensors, examples, expected)
     assert info.value.kind == kind
     assert "device 4" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_finite_check_is_exact_where_the_fast_sum_overflows(dtype):
+    """Finite values whose sum overflows are still finite; one NaN or Inf is caught in any dtype."""
+    huge = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)
+    assert all_finite(huge) and math.isinf(huge.sum().item())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensor = torch.zeros(1000, dtype=dtype)
+        tensor[417] = bad
+        assert not all_finite(tensor), (dtype, bad)
+    assert all_finite(torch.tensor([], dtype=dtype)) and all_finite(torch.arange(5))

@@ -39,11 +39,11 @@ def fused_weighted_mean(names: Sequence[str], updates: Sequence[Update]) -> dict
         raise ValueError("fused_weighted_mean needs at least one update")
     total = sum(update.examples for update in updates)
     likes = [updates[0].tensors[name] for name in names]
-    # Two preallocated float64 buffers: the sum, and one update's fused values (float64 holds
-    # every float32 value and every integer count exactly).
-    flat = torch.empty(sum(like.numel() for like in likes), dtype=torch.float64)
-    acc = torch.zeros_like(flat)
-    for update in updates:
+    # Two float64 buffers (float64 holds every float32 value and every integer count exactly):
+    # the sum, started as the first update's weighted values, and the next update's values.
+    acc = fuse(likes, torch.float64).mul_(updates[0].examples / total)
+    flat = torch.empty_like(acc) if len(updates) > 1 else acc
+    for update in updates[1:]:
         fuse([update.tensors[name] for name in names], torch.float64, out=flat)
         # Multiply then add as two IEEE operations (no fused alpha), so the result is
         # reproducible by a hand computation: the same values as ``acc += flat * w``.
