@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -249,31 +250,44 @@ def bench_rank(
             dist.barrier()
             phase_result = {}
             for key, run in variants.items():
-                times, payload = [], 0
-                tx_before = _lo_tx_bytes()
-                for step in range(phase["warmup"] + phase["steps"]):
-                    dist.barrier()
-                    start = time.perf_counter()
-                    payload = run()
-                    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-                    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends with its slowest rank
-                    if step == phase["warmup"] - 1:
-                        tx_before = _lo_tx_bytes()
-                    if step >= phase["warmup"]:
-                        times.append(float(elapsed))
-                wire = (_lo_tx_bytes() - tx_before) if phase.get("emulated") else None
-                payloads = [None] * world_size
-                dist.all_gather_object(payloads, payload)
-                phase_result[key] = {
-                    "step_s": times,
-                    "median_s": statistics.median(times),
-                    "payload_bytes_per_rank": payloads,
-                    "wire_bytes_per_step": None if wire is None else wire / phase["steps"],
-                }
+                phase_result[key] = _timed_exchange(
+                    run, world_size, steps=phase["steps"], warmup=phase["warmup"], wire=bool(phase.get("emulated"))
+                )
             results[phase["name"]] = phase_result
         return results if rank == 0 else None
     finally:
         dist.destroy_process_group()
+
+
+def _timed_exchange(
+    exchange: Callable[[], int], world_size: int, *, steps: int, warmup: int, wire: bool
+) -> dict[str, Any]:
+    """Run ``exchange`` (every rank at once) ``warmup + steps`` times; time the last ``steps``.
+
+    Each step starts at a barrier and ends with its slowest rank (the all-reduced MAX);
+    ``wire`` also counts the bytes ``lo`` sent meanwhile (the emulated link's only traffic).
+    """
+    times, payload = [], 0
+    tx_before = _lo_tx_bytes()
+    for step in range(warmup + steps):
+        dist.barrier()
+        start = time.perf_counter()
+        payload = exchange()
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if step == warmup - 1:
+            tx_before = _lo_tx_bytes()
+        if step >= warmup:
+            times.append(float(elapsed))
+    sent = _lo_tx_bytes() - tx_before if wire else None
+    payloads = [None] * world_size
+    dist.all_gather_object(payloads, payload)
+    return {
+        "step_s": times,
+        "median_s": statistics.median(times),
+        "payload_bytes_per_rank": payloads,
+        "wire_bytes_per_step": None if sent is None else sent / steps,
+    }
 
 
 def run_phases(plan: Plan, phases: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
@@ -401,24 +415,8 @@ def exchange_rank(rank: int, world_size: int, master_addr: str, master_port: int
             dist.barrier()
             phase: dict[str, Any] = {}
             for name, comms in exchanges.items():
-                times, payload = [], 0
-                tx_before = _lo_tx_bytes()
-                for _ in range(spec["steps"]):
-                    dist.barrier()
-                    start = time.perf_counter()
-                    payload = _dsparse(comms, model, fused=True)
-                    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-                    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends with its slowest rank
-                    times.append(float(elapsed))
-                wire = _lo_tx_bytes() - tx_before
-                payloads = [None] * world_size
-                dist.all_gather_object(payloads, payload)
-                phase[name] = {
-                    "step_s": times,
-                    "median_s": statistics.median(times),
-                    "payload_bytes_per_rank": payloads,
-                    "wire_bytes_per_step": wire / spec["steps"],
-                }
+                exchange = partial(_dsparse, comms, model, fused=True)
+                phase[name] = _timed_exchange(exchange, world_size, steps=spec["steps"], warmup=0, wire=True)
             results[str(rate)] = phase
         return results if rank == 0 else None
     finally:
