@@ -299,15 +299,13 @@ def _collective_round(
     the members average it first, so they stay bit-identical even after a round that the
     server-side transport redid (:func:`flwr_dsparse.collective.sync_momentum`).
     """
-    from flwr_dsparse.collective import run_collective_round
+    from flwr_dsparse.collective import Rendezvous, run_collective_round
     from flwr_dsparse.plan import Plan
 
+    rendezvous = Rendezvous(control.rank, control.world_size, control.collective_addr, control.collective_port)
     result = run_collective_round(
         Plan.from_json(control.plan),
-        control.rank,
-        control.world_size,
-        control.collective_addr,
-        control.collective_port,
+        rendezvous,
         model,
         batches,
         config.local_steps,

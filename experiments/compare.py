@@ -916,10 +916,7 @@ def _collective_rank(rank: int, world_size: int, master_addr: str, master_port: 
                 # wait in the next round's plan check while rank 0 evaluates.
                 result = run_collective_round(
                     plan,
-                    rank,
-                    world_size,
-                    master_addr,
-                    master_port,
+                    rendezvous,
                     model,
                     batches,
                     steps,
@@ -927,7 +924,6 @@ def _collective_rank(rank: int, world_size: int, master_addr: str, master_port: 
                     setup.collective_timeout_s,
                     fused=phase["fused"],
                     sync_start=False,
-                    rendezvous=rendezvous,
                     momentum_state=momentum,
                 )
                 momentum = result.momentum_state

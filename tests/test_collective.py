@@ -85,10 +85,7 @@ def train_rank(rank, world_size, master_addr, master_port, plan_json, model_name
     for _ in range(rounds):
         result = run_collective_round(
             plan,
-            rank,
-            world_size,
-            master_addr,
-            master_port,
+            Rendezvous(rank, world_size, master_addr, master_port),
             model,
             batches,
             STEPS,
@@ -114,10 +111,7 @@ def momentum_rank(rank, world_size, master_addr, master_port, plan_json, rounds,
     for round_port in (master_port, *ports)[:rounds]:
         result = run_collective_round(
             plan,
-            rank,
-            world_size,
-            master_addr,
-            round_port,
+            Rendezvous(rank, world_size, master_addr, round_port),
             model,
             batches,
             2 * STEPS // rounds,
@@ -148,10 +142,7 @@ def faulty_rank(rank, world_size, master_addr, master_port, plan_json, fault, ti
     try:
         run_collective_round(
             plan,
-            rank,
-            world_size,
-            master_addr,
-            master_port,
+            Rendezvous(rank, world_size, master_addr, master_port),
             make_model("tiny"),
             batches(),
             STEPS,
@@ -167,10 +158,7 @@ def mismatched_rank(rank, world_size, master_addr, master_port, plan_jsons):
     try:
         run_collective_round(
             Plan.from_json(plan_jsons[rank]),
-            rank,
-            world_size,
-            master_addr,
-            master_port,
+            Rendezvous(rank, world_size, master_addr, master_port),
             make_model("tiny"),
             rank_batches(rank, 1),
             1,

@@ -92,19 +92,10 @@ def cli_rank(
     train, _ = make_synthetic(max(batch_size * world_size * 4, 1000), 10, seed=job.seed)
     batches = batch_iterator(train, range(rank, len(train), world_size), batch_size, seed=job.seed + rank)
     model = build_model(job.model, seed=job.seed)
+    optimizer_factory = make_optimizer_factory(job.optimizer, lr=job.lr, momentum=job.momentum)
+    rendezvous = rendezvous or Rendezvous(rank, world_size, master_addr, master_port)
     result = run_collective_round(
-        plan,
-        rank,
-        world_size,
-        master_addr,
-        master_port,
-        model,
-        batches,
-        job.steps,
-        make_optimizer_factory(job.optimizer, lr=job.lr, momentum=job.momentum),
-        job.timeout_s,
-        fused=job.fused,
-        rendezvous=rendezvous,
+        plan, rendezvous, model, batches, job.steps, optimizer_factory, job.timeout_s, fused=job.fused
     )
     if job.out:
         torch.save(model.state_dict(), job.out.replace("{rank}", str(rank)))

@@ -154,10 +154,7 @@ def sync_momentum(
 
 def run_collective_round(
     plan: Plan,
-    rank: int,
-    world_size: int,
-    master_addr: str,
-    master_port: int,
+    rendezvous: Rendezvous,
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
@@ -168,14 +165,15 @@ def run_collective_round(
     units: Sequence[Unit] | None = None,
     loss_fn: LossFn | None = None,
     sync_start: bool = True,
-    rendezvous: Rendezvous | None = None,
     momentum_state: Mapping[str, torch.Tensor] | None = None,
 ) -> CollectiveResult:
     """One round of ``steps`` per-step synchronous steps among the plan's devices (the client's hook).
 
-    Joins the rendezvous, checks the plan digest, builds the groups, optionally gives every rank
-    rank 0's model (``sync_start``), trains rank ``rank``'s selection of ``plan`` with per-step
-    AllReduce and Broadcast, and leaves the process group if it created it. ``model`` is updated in
+    Joins ``rendezvous`` (unless this process is in a default group already, e.g. one that
+    :func:`~.groups.join_default_group` joined for several rounds), checks the plan digest,
+    builds the groups, optionally gives every rank rank 0's model (``sync_start``), trains this
+    rank's selection of ``plan`` with per-step AllReduce and Broadcast, and leaves the process
+    group if it created it. ``model`` is updated in
     place. Call it once per round; it can be called again in the same process. With
     ``momentum_state`` (the previous round's ``result.momentum_state``; ``{}`` for none yet)
     the SGD momentum carries over, averaged over each group's members first
@@ -188,7 +186,6 @@ def run_collective_round(
     PlanMismatchError
         Some rank was given a different plan.
     """
-    rendezvous = rendezvous or Rendezvous(rank, world_size, master_addr, master_port)
     owns_default_group = not dist.is_initialized()  # leave a caller's own process group alone
     trainer = SparseTrainer(
         model,
