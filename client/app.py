@@ -20,14 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
 from flwr_dsparse import node_state
 from flwr_dsparse.allocator import tune_allocator
 from flwr_dsparse.config import JobConfig, load_config
-from flwr_dsparse.data import Split, batches_at, load_dataset, partition_indices
+from flwr_dsparse.data import Split, batches_at, data_cache_from_env, load_dataset, partition_indices
+from flwr_dsparse.hardcap import join_cap_from_env
 from flwr_dsparse.memory import peak_rss_mb
 from flwr_dsparse.models import build_model
 from flwr_dsparse.protocol import (
@@ -43,7 +44,7 @@ from flwr_dsparse.protocol import (
     read_train_message,
     train_reply_content,
 )
-from flwr_dsparse.records import array_of, from_array_record, tensor_nbytes
+from flwr_dsparse.records import from_array_record, fuse_record, tensor_nbytes, to_array_record
 from flwr_dsparse.trainer import SparseTrainer, StepResult, make_optimizer_factory
 from flwr_dsparse.units import model_units, unit_tensor_names
 
@@ -115,8 +116,14 @@ def train_selection(
         trainer.close()
 
 
+# Kept per process (a simulation actor serves many messages) and, where $DSPARSE_DATA_CACHE
+# names a folder (``dsparse deploy up --fast`` sets it), on disk for the next process: a
+# deployed ClientApp is a new process for every message. Hit or miss, the same bytes.
 @lru_cache(maxsize=4)
 def _train_split(dataset: str, root: str, seed: int, train_examples: int) -> Split:
+    cache = data_cache_from_env()
+    if cache is not None:
+        return cache.train_split(dataset, root=root or None, seed=seed, num_train=train_examples or None)
     train, _ = load_dataset(dataset, root=root or None, seed=seed, num_train=train_examples or None, num_test=10)
     return train
 
@@ -124,11 +131,11 @@ def _train_split(dataset: str, root: str, seed: int, train_examples: int) -> Spl
 @lru_cache(maxsize=8)
 def _partition(config: JobConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
     split = _train_split(config.dataset, config.data_root, config.seed, config.train_examples)
-    return tuple(
-        partition_indices(
-            split.y, num_partitions, method=config.partitioning, alpha=config.dirichlet_alpha, seed=config.seed
-        )
-    )
+    settings = {"method": config.partitioning, "alpha": config.dirichlet_alpha, "seed": config.seed}
+    cache = data_cache_from_env()
+    if cache is not None:
+        return tuple(cache.partitions(split.y, num_partitions, **settings))
+    return tuple(partition_indices(split.y, num_partitions, **settings))
 
 
 def _node_data(config: JobConfig, node_config: Mapping[str, Any]) -> tuple[Split, np.ndarray, int]:
@@ -219,6 +226,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         momentum_state = from_array_record(context.state[STATE_MOMENTUM]) if STATE_MOMENTUM in context.state else {}
     batches = _round_batches(config, split, indices, partition, control.server_round)
+    # Under `dsparse deploy up --hard-cap`: the cap binds from here, on what training adds (no-op elsewhere).
+    join_cap_from_env(resident_mb=tensor_nbytes(model.state_dict()) / 2**20, label=",".join(selection))
     if control.round_transport == "collective":
         results, momentum_state = _collective_round(config, control, model, units, batches, momentum_state)
     else:
@@ -226,12 +235,16 @@ def train(msg: Message, context: Context) -> Message:
             model, selection, batches, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state
         )
     trained = model.state_dict()
-    # Each tensor is encoded once: the reply and the durable copy share the Arrays.
-    reply = {name: array_of(trained[name]) for name in unit_tensor_names(units, selection)}
-    momentum_arrays = {name: array_of(tensor) for name, tensor in momentum_state.items()}
-    context.state[STATE_MOMENTUM] = ArrayRecord(momentum_arrays)
+    sent = {name: trained[name] for name in unit_tensor_names(units, selection)}
+    # DSparse records travel fused (one buffer per dtype: Flower moves each array as objects of
+    # its own); Flower's FedAvg averages by array name, so it gets one array per tensor.
+    encode = fuse_record if sparse else to_array_record
+    reply = encode(sent)
+    momentum_record = encode(momentum_state)
+    context.state[STATE_MOMENTUM] = momentum_record
     if sparse:
-        _write_replica(context, trained, arrays, reply)
+        # The durable copy of the replica: the whole model, one fused record (one copy of its bytes).
+        context.state[STATE_REPLICA] = fuse_record(trained)
         token = node_state.new_token(control.server_round)
         context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection), "token": token})
         node_state.put(context.run_id, context.node_id, node_state.NodeState(token, model, selection, momentum_state))
@@ -244,12 +257,12 @@ def train(msg: Message, context: Context) -> Message:
         step_seconds=sum(r.seconds for r in results) / max(len(results), 1),
         peak_rss_mb=peak_rss_mb(),
         bytes_recv=bytes_recv,
-        bytes_sent=tensor_nbytes({name: trained[name] for name in reply}),
+        bytes_sent=tensor_nbytes(sent),
         # The current budget, so the server re-plans a node whose memory dropped.
         budget_mb=node_budget_mb(context.node_config, config)[0],
     )
-    state_up = ArrayRecord(dict(momentum_arrays)) if control.send_state else None
-    return Message(train_reply_content(ArrayRecord(reply), report, state_up), reply_to=msg)
+    state_up = ArrayRecord(dict(momentum_record)) if control.send_state else None  # the same Arrays
+    return Message(train_reply_content(reply, report, state_up), reply_to=msg)
 
 
 def _load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -258,30 +271,6 @@ def _load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> N
     with torch.no_grad():
         for name, tensor in tensors.items():
             state[name].copy_(tensor)
-
-
-def _write_replica(
-    context: Context, trained: Mapping[str, torch.Tensor], received: ArrayRecord, reply: Mapping[str, Array]
-) -> None:
-    """The durable copy of the replica in ``context.state``, re-encoding only what changed.
-
-    A tensor that is neither received nor trained this round holds the value it had in the
-    previous copy, so its Array is kept; received tensors keep the server's Arrays as they
-    came; trained ones share the reply's.
-    """
-    previous = context.state[STATE_REPLICA] if STATE_REPLICA in context.state else ArrayRecord()
-    context.state[STATE_REPLICA] = ArrayRecord(
-        {
-            name: reply[name]
-            if name in reply
-            else received[name]
-            if name in received
-            else previous[name]
-            if name in previous
-            else array_of(tensor)
-            for name, tensor in trained.items()
-        }
-    )
 
 
 def _collective_round(

@@ -34,6 +34,9 @@ __all__ = [
     "CONTROL",
     "CONTROL_KEYS",
     "FEDAVG_ROUND_KEY",
+    "FUSED_BUFFER",
+    "FUSED_LAYOUT",
+    "FUSED_LAYOUT_STYPE",
     "METRICS",
     "OPTIMIZER",
     "STATE_META",
@@ -59,6 +62,13 @@ OPTIMIZER = "optimizer"  # ArrayRecord: the node's momentum buffers, by paramete
 
 #: The key under which Flower's FedAvg puts the round number into ``config``.
 FEDAVG_ROUND_KEY = "server-round"
+
+# -- inside an ArrayRecord: a fused record (flwr_dsparse.records.fuse_record) -----------------------
+# Flower 1.42 moves every Array as objects of its own (one request each, per hop), so the
+# DSparse messages and the node's state carry one buffer per dtype plus this layout instead.
+FUSED_LAYOUT = "dsparse.layout"  # Array (stype FUSED_LAYOUT_STYPE): JSON [[name, dtype, shape], ...]
+FUSED_BUFFER = "dsparse.fused."  # + a dtype ("float32"): Array, the 1-D buffer of that dtype's tensors
+FUSED_LAYOUT_STYPE = "dsparse.layout+json"
 
 # -- the node's context.state ---------------------------------------------------------------------
 STATE_REPLICA = "dsparse.replica"  # ArrayRecord: the node's copy of the global model
@@ -209,10 +219,14 @@ CONTROL_KEYS = tuple(_wire(item.name) for item in dataclasses.fields(TrainContro
 def train_content(
     arrays: ArrayRecord, job: Mapping[str, Any], control: TrainControl, state: ArrayRecord | None = None
 ) -> RecordDict:
-    """A train message's content (see the module docstring)."""
-    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(dict(job)), CONTROL: ConfigRecord(_to_wire(control))})
+    """A train message's content (see the module docstring); the tensors travel fused."""
+    from .records import fuse_record  # records reads this module's keys
+
+    content = RecordDict(
+        {ARRAYS: fuse_record(arrays), CONFIG: ConfigRecord(dict(job)), CONTROL: ConfigRecord(_to_wire(control))}
+    )
     if state is not None:
-        content[OPTIMIZER] = state
+        content[OPTIMIZER] = fuse_record(state)
     return content
 
 
@@ -250,7 +264,11 @@ class TrainReport:
 
 
 def train_reply_content(arrays: ArrayRecord, report: TrainReport, state: ArrayRecord | None = None) -> RecordDict:
-    """A train reply's content: the selected tensors, the figures and (when asked) the momentum."""
+    """A train reply's content: the selected tensors, the figures and (when asked) the momentum.
+
+    The records go as given: the ClientApp fuses them for DSparse, and answers Flower's
+    FedAvg (which averages by array name) with one array per tensor.
+    """
     content = RecordDict({ARRAYS: arrays, METRICS: report.record()})
     if state is not None:
         content[OPTIMIZER] = state

@@ -350,3 +350,36 @@ def test_batches_at_argument_errors() -> None:
         batches_at(train, None, 4, seed=0, start=0, count=-2)
     with pytest.raises(ValueError, match="batch-size must be a positive integer"):
         batches_at(train, None, 0, seed=0, start=0)
+
+
+# ----------------------------------------------------------------------------- the on-disk cache
+
+
+def test_data_cache_hit_and_miss_give_the_uncached_bytes_and_batches(tmp_path: Path) -> None:
+    """A deployed ClientApp reads its split and partition from the cache: the very bytes it would compute."""
+    from flwr_dsparse.data import DataCache, data_cache_from_env
+
+    assert data_cache_from_env({}) is None and data_cache_from_env({"DSPARSE_DATA_CACHE": ""}) is None
+    assert data_cache_from_env({"DSPARSE_DATA_CACHE": str(tmp_path)}).folder == tmp_path
+    uncached, _ = load_dataset("synthetic", num_train=300, seed=5)
+    want_parts = partition_indices(uncached.y, 3, method="dirichlet", alpha=0.5, seed=5)
+    cache = DataCache(tmp_path / "cache")
+    miss = cache.train_split("synthetic", seed=5, num_train=300)
+    entries = sorted(path.name for path in (tmp_path / "cache").iterdir())
+    hit = DataCache(tmp_path / "cache").train_split("synthetic", seed=5, num_train=300)
+    assert len(entries) == 1 and entries[0].startswith("split-")  # no staging folder left behind
+    for split in (miss, hit):
+        assert torch.equal(split.x, uncached.x) and torch.equal(split.y, uncached.y)
+    for _ in range(2):  # a miss that writes, then a hit
+        parts = cache.partitions(hit.y, 3, method="dirichlet", alpha=0.5, seed=5)
+        assert [p.tolist() for p in parts] == [p.tolist() for p in want_parts]
+    want = batches_at(uncached, want_parts[1], 16, seed=7, start=40, count=5)
+    assert _same_batches(batches_at(hit, parts[1], 16, seed=7, start=40, count=5), want)
+    hit.x[0].zero_()  # copy-on-write pages: the file keeps its bytes
+    assert torch.equal(cache.train_split("synthetic", seed=5, num_train=300).x, uncached.x)
+    # Another seed, size or partitioning is another entry, never a stale hit.
+    other = cache.train_split("synthetic", seed=6, num_train=300)
+    assert not torch.equal(other.x, uncached.x)
+    assert len(list((tmp_path / "cache").glob("split-*"))) == 2
+    iid = cache.partitions(hit.y, 3, method="iid", alpha=0.5, seed=5)
+    assert [p.tolist() for p in iid] == [p.tolist() for p in partition_indices(uncached.y, 3, seed=5)]

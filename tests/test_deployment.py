@@ -383,7 +383,7 @@ def test_fast_mode_version_guard_and_fallback(
     from flwr.superlink.grid.http_grid import HttpGrid
 
     from flwr_dsparse.deploy import fast as fast_mode
-    from flwr_dsparse.deploy import fast_setup
+    from flwr_dsparse.deploy import fast_patches, fast_setup
 
     assert fast_mode.flower_version_problem("1.42.3") is None
     assert "Flower 1.43.0 is installed" in fast_mode.flower_version_problem("1.43.0")
@@ -397,18 +397,20 @@ def test_fast_mode_version_guard_and_fallback(
     ]
     assert not (tmp_path / "state" / "fast-bin").exists()
     warned: list[str] = []
-    monkeypatch.setattr(fast_mode, "_warn_stock", lambda part, reason: warned.append(f"{part}: {reason}"))
+    monkeypatch.setattr(fast_patches, "_warn_stock", lambda part, reason: warned.append(f"{part}: {reason}"))
     assert fast_mode.poll_grid_replies() is False and fast_mode.bound_supernode_sleeps() is False
     assert fast_mode.fork_task_processes() is False and fast_mode.fast_object_pulls() is False
     assert HttpGrid.send_and_receive is stock
     assert len(warned) == 4 and all("Flower 1.43.0 is installed" in line for line in warned), warned
 
 
-def test_fast_launchers_and_environment(tmp_path: Path) -> None:
+def test_fast_launchers_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
     import sys
 
     from flwr_dsparse.deploy import fast_setup
+
+    monkeypatch.delenv("DSPARSE_DATA_CACHE", raising=False)
 
     env, launchers = fast_setup(tmp_path / "state", tmp_path / "home")
     assert sorted(launchers) == ["flower-superexec", "flower-supernode"]
@@ -420,6 +422,8 @@ def test_fast_launchers_and_environment(tmp_path: Path) -> None:
     assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / "state" / "fast-bin")
     assert str(Path(sys.executable).parent) in env["PATH"].split(os.pathsep)
     assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.25" and env["FLWR_DSPARSE_FAST_POLL"] == "0.02,0.25"
+    # The ClientApps keep their split and partitions in the deployment's folder (unless the user named one).
+    assert env["DSPARSE_DATA_CACHE"] == str(tmp_path / "state" / "data-cache")
 
 
 def test_fast_task_command_matches_flowers_subprocess_executor(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -427,7 +431,7 @@ def test_fast_task_command_matches_flowers_subprocess_executor(monkeypatch: pyte
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import ExecutionSpec, subprocess_executor
 
-    from flwr_dsparse.deploy.fast import _task_argv
+    from flwr_dsparse.deploy.fast_launcher import _task_argv
 
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **_: started.append(list(args)))
@@ -450,7 +454,7 @@ def test_fast_task_command_matches_flowers_subprocess_executor(monkeypatch: pyte
 def test_fast_reply_polling_returns_every_reply_and_backs_off() -> None:
     from types import SimpleNamespace
 
-    from flwr_dsparse.deploy.fast import PollBackoff, _send_and_receive
+    from flwr_dsparse.deploy.fast_patches import PollBackoff, _send_and_receive
 
     backoff = PollBackoff(0.01, 0.04)
     assert [round(backoff.next(), 4) for _ in range(5)] == [0.01, 0.015, 0.0225, 0.0338, 0.04]

@@ -228,3 +228,22 @@ def test_installed_release_is_the_official_split() -> None:
     # Normalized with the dataset's own statistics: the 28 x 28 pixels have mean 0 and std 1.
     assert abs(float(inner.mean())) < 1e-3 and abs(float(inner.std()) - 1.0) < 1e-3
     assert torch.equal(train.x[:, 0], train.x[:, 2])
+
+
+def test_data_cache_keeps_the_grey_plane_and_follows_the_files(tmp_path: Path) -> None:
+    """Cached Fashion-MNIST: the same 3-channel view of one plane; rewritten files are a new entry."""
+    from flwr_dsparse.data import DataCache
+
+    _write_fashion(tmp_path / "fm", num_train=20)
+    uncached, _ = load_dataset("fashion-mnist", root=tmp_path / "fm", num_train=15, seed=1)
+    cache = DataCache(tmp_path / "cache")
+    for _ in range(2):  # miss, then hit
+        split = cache.train_split("fashion-mnist", root=tmp_path / "fm", seed=1, num_train=15)
+        assert torch.equal(split.x, uncached.x) and torch.equal(split.y, uncached.y)
+        assert split.x.stride(1) == 0  # still one plane, expanded
+    plane = np.load(next((tmp_path / "cache").glob("split-*")) / "x.npy")
+    assert plane.shape == (15, 1, 32, 32)
+    _write_fashion(tmp_path / "fm", num_train=20, seed=9)  # other images in the same files
+    changed = cache.train_split("fashion-mnist", root=tmp_path / "fm", seed=1, num_train=15)
+    assert torch.equal(changed.x, load_dataset("fashion-mnist", root=tmp_path / "fm", num_train=15, seed=1)[0].x)
+    assert not torch.equal(changed.x, uncached.x)

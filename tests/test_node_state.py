@@ -1,4 +1,4 @@
-"""The live node state (flwr_dsparse.node_state), the one-copy codec (records) and checkpoint-every."""
+"""The live node state (flwr_dsparse.node_state), the one-copy and fused codec (records) and checkpoint-every."""
 
 from __future__ import annotations
 
@@ -7,14 +7,23 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord
 
 from client.app import app
 from experiments.fault_matrix import SMALL_JOB
 from flwr_dsparse import node_state
 from flwr_dsparse.config import load_config
-from flwr_dsparse.protocol import STATE_MOMENTUM, STATE_REPLICA
-from flwr_dsparse.records import array_of, from_array_record, tensor_of
+from flwr_dsparse.protocol import FUSED_BUFFER, FUSED_LAYOUT, STATE_MOMENTUM, STATE_REPLICA
+from flwr_dsparse.records import (
+    array_of,
+    from_array_record,
+    fuse_record,
+    is_fused,
+    record_nbytes,
+    tensor_nbytes,
+    tensor_of,
+    to_array_record,
+)
 from flwr_dsparse.testing import LocalGrid
 from server.app import run_job
 
@@ -97,3 +106,120 @@ def test_nodes_upload_momentum_only_in_checkpoint_every_rounds_and_the_last(tmp_
     rounds = [row for row in json.loads((tmp_path / "metrics.json").read_text())["rounds"] if row.get("devices")]
     uploaded = {row["round"]: sum(d.get("bytes-up-state", 0) for d in row["devices"].values()) for row in rounds}
     assert [r for r, nbytes in uploaded.items() if nbytes] == [2, 4, 5]
+
+
+# ----------------------------------------------------------------------------- fused records
+
+
+def _mixed() -> dict[str, torch.Tensor]:
+    return {
+        "conv.weight": torch.randn(4, 3, 3, 3),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "bn.running_mean": torch.randn(4),
+        "empty": torch.randn(0, 2),
+        "steps": torch.arange(6).view(2, 3),
+        "fc.weight": torch.randn(5, 4).t(),  # not contiguous
+    }
+
+
+def test_fused_record_is_one_buffer_per_dtype_and_reads_back_in_order():
+    tensors = _mixed()
+    record = fuse_record(tensors)
+    assert sorted(record) == [FUSED_BUFFER + "float32", FUSED_BUFFER + "int64", FUSED_LAYOUT]
+    assert is_fused(record) and record_nbytes(record) == tensor_nbytes(tensors)
+    # Fused from already-encoded Arrays (the server's shared encodings): the same bytes.
+    again = fuse_record(to_array_record(tensors))
+    assert all(bytes(again[key].data) == bytes(record[key].data) for key in record)
+    views, copies = from_array_record(record, writable=False), from_array_record(record)
+    assert list(views) == list(copies) == list(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(views[name], tensor) and torch.equal(copies[name], tensor)
+    wire = np.frombuffer(record[FUSED_BUFFER + "float32"].data, dtype=np.uint8).ctypes.data
+    size = len(record[FUSED_BUFFER + "float32"].data)
+    assert wire <= views["conv.weight"].data_ptr() < wire + size  # a view of the wire bytes
+    assert not wire <= copies["conv.weight"].data_ptr() < wire + size
+    assert fuse_record(record) is record  # fusing twice changes nothing
+    single = fuse_record({"w": torch.ones(2)})
+    assert list(single) == ["w"] and not is_fused(single)  # one tensor: nothing to fuse
+
+
+def _retyped(record, key, text: bytes):
+    layout = Array(dtype="uint8", shape=(len(text),), stype=record[FUSED_LAYOUT].stype, data=text)
+    return ArrayRecord({**dict(record), key: layout})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda layout: layout + [["ghost", "float32", [2]]], "needs more"),
+        (lambda layout: layout[:-1], "more values than the layout uses"),
+        (lambda layout: layout + [layout[0]], "names a tensor twice"),
+        (lambda layout: [[layout[0][0], "float64", layout[0][2]], *layout[1:]], "lacks the buffer"),
+        (lambda layout: [[n, d, [-1] + s[1:]] if s else [n, d, s] for n, d, s in layout], "negative dimension"),
+        (lambda layout: {"not": "a list"}, "not a JSON list"),
+    ],
+)
+def test_a_fused_record_that_does_not_match_its_layout_is_refused(change, message):
+    record = fuse_record({"a": torch.randn(3), "b": torch.randn(2, 2)})
+    layout = json.loads(bytes(record[FUSED_LAYOUT].data))
+    broken = _retyped(record, FUSED_LAYOUT, json.dumps(change(layout)).encode())
+    with pytest.raises(ValueError, match=message):
+        from_array_record(broken)
+    stray = ArrayRecord({**dict(record), "stray": array_of(torch.ones(1))})
+    with pytest.raises(ValueError, match="arrays its layout does not use"):
+        from_array_record(stray)
+
+
+def test_fused_replies_pass_every_check_of_the_strategy():
+    """NaN, names outside the selection, wrong shapes and a broken layout are refused with the reason."""
+    from flwr.app import Message, MessageType, RecordDict
+
+    from flwr_dsparse.protocol import ARRAYS, TrainReport, train_reply_content
+    from flwr_dsparse.strategy.replies import ReplyRejected, accept_train_reply
+
+    selected = {"a.weight": torch.zeros(3, 2), "a.bias": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(0)}
+    report = TrainReport(1, 0, 8, 0.5, 0.1, 100.0, 0, 0, 50.0)
+
+    def reply(tensors):
+        content = train_reply_content(fuse_record(tensors), report)
+        return Message(content, dst_node_id=1, message_type=MessageType.TRAIN, group_id="1")
+
+    good = {name: torch.ones_like(t) for name, t in selected.items()}
+    accepted = accept_train_reply(reply(good), 1, 0, selected, ["a.weight", "a.bias"])
+    assert sorted(accepted.update.tensors) == sorted(selected)
+    cases = {
+        "non-finite": {**good, "a.bias": torch.tensor([1.0, float("nan"), 0.0])},
+        "unexpected-tensors": {**good, "b.weight": torch.ones(2)},
+        "missing-tensors": {k: v for k, v in good.items() if k != "a.bias"},
+        "shape": {**good, "a.weight": torch.ones(2, 3)},
+    }
+    for kind, tensors in cases.items():
+        with pytest.raises(ReplyRejected) as error:
+            accept_train_reply(reply(tensors), 1, 0, selected, ["a.weight", "a.bias"])
+        assert error.value.kind == kind, (kind, str(error.value))
+    content = reply(good).content
+    broken = _retyped(content[ARRAYS], FUSED_LAYOUT, b"[[")
+    message = Message(RecordDict({**dict(content), ARRAYS: broken}), dst_node_id=1, message_type=MessageType.TRAIN)
+    with pytest.raises(ReplyRejected, match="do not decode.*not a JSON list") as error:
+        accept_train_reply(message, 1, 0, selected, ["a.weight", "a.bias"])
+    assert error.value.kind == "malformed"
+
+
+def test_train_messages_and_dsparse_replies_travel_fused(tmp_path, monkeypatch, one_torch_thread):
+    """Down and up, a DSparse message holds a few arrays, not one per tensor; the node's state too."""
+    from flwr_dsparse.protocol import ARRAYS
+
+    sizes = []
+    send = LocalGrid.send_and_receive
+
+    def counting(self, messages, **kwargs):
+        messages = list(messages)
+        replies = send(self, messages, **kwargs)
+        sizes.extend(len(m.content[ARRAYS]) for m in messages + list(replies) if ARRAYS in m.content.array_records)
+        return replies
+
+    monkeypatch.setattr(LocalGrid, "send_and_receive", counting)
+    _, contexts, _ = _run(tmp_path, monkeypatch, live=True)
+    assert sizes and max(sizes) <= 3, sizes  # a float32 and an int64 buffer and the layout
+    for context in contexts.values():
+        assert is_fused(context.state[STATE_REPLICA])
