@@ -47,7 +47,7 @@ SMALL_JOB: dict[str, Any] = {
     "test-examples": 64,
     "num-server-rounds": 4,
     "min-nodes": 3,
-    "sim-budgets-mb": "12.5,13.7,18",
+    "sim-budgets-mb": "3.79,4.27,7.72",
     "round-timeout": 30.0,
     # The faults need these budgets' exact selections (device 2 trains units of its own); the
     # memory-only plan gives them deterministically (the balanced one depends on timed steps).
@@ -134,7 +134,7 @@ SCENARIOS: list[Scenario] = [
     Scenario(
         "node joins between rounds", membership=lambda r: [0, 1] if r < 3 else [0, 1, 2], overrides={"min-nodes": 2}
     ),
-    Scenario("budget drops", _budget_drop(12.5)),
+    Scenario("budget drops", _budget_drop(3.79)),
     Scenario("NaN in reply", _train_reply(2, 2, (2, 2), _tensor_fault("nan")), corrupt_device_round=(2, 2)),
     Scenario("Inf in reply", _train_reply(2, 3, (2, 3), _tensor_fault("inf")), corrupt_device_round=(2, 3)),
     Scenario("wrong shape", _train_reply(1, 2, (1, 2), _tensor_fault("shape")), corrupt_device_round=(1, 2)),
@@ -271,7 +271,7 @@ def run_corrupt_checkpoint(work_dir: Path) -> dict[str, Any]:
 # -- the deployment case: a real SuperNode killed mid-round ----------------------------------------
 # TinyNet at batch 16 (see tests/test_deployment.py): nested selections, and device 2 alone
 # affords its earliest units, so a group of its own loses its only trainer.
-KILL_BUDGETS_MB = (11.0, 12.5, 13.7)
+KILL_BUDGETS_MB = (3.6, 3.79, 4.27)
 KILL_JOB: dict[str, Any] = {
     "model": "tiny",
     "batch-size": 16,

@@ -7,7 +7,8 @@ built, no warm-up forward) that then joins a hard memory cap of its budget less 
 weights (:func:`flwr_dsparse.hardcap.run_capped`). The cgroup's peak is the measured training
 memory; the prediction beside it is the cost model's total less weights and reserve.
 
-Configurations: threads (1, 2) x lean frozen layers (on, off) x allocator (tuned, stock).
+Configurations: threads (1, 2) x lean frozen layers (on, off) x allocator (tuned, stock); each
+configuration is planned with the cost model of its allocator and thread count.
 
     python -m experiments.memory_bench [--quick] [--batch-sizes 128,32] [--threads 1,2]
         [--lean on,off] [--allocator tuned,stock] [--json PATH]
@@ -35,8 +36,11 @@ BUDGETS = [80.0, 110.0, 140.0, 170.0, 200.0, 240.0, 280.0]
 TARGET_ERROR = 0.10
 
 
-def plan_devices(model_name: str, budgets: list[float], batch: int, *, lean: bool) -> list[dict]:
-    """The memory-only plan of ``budgets`` at ``batch``: per device its selection and prediction."""
+def plan_devices(
+    model_name: str, budgets: list[float], batch: int, *, lean: bool, tuned: bool = True, threads: int = 1
+) -> list[dict]:
+    """The memory-only plan of ``budgets`` at ``batch`` for one configuration: per device its selection
+    and prediction (the cost model of that allocator and thread count)."""
     model = build_model(model_name, seed=0)
     generator = torch.Generator().manual_seed(0)
     calibration = (torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator))
@@ -44,7 +48,12 @@ def plan_devices(model_name: str, budgets: list[float], batch: int, *, lean: boo
         model,
         [DeviceSpec(i, b, batch) for i, b in enumerate(budgets)],
         calibration,
-        cost_options={"time_batches": None, "lean_frozen": lean},
+        cost_options={
+            "time_batches": None,
+            "lean_frozen": lean,
+            "allocator": "tuned" if tuned else "stock",
+            "threads": threads,
+        },
         objective="criticality",
     )
     devices = []
@@ -146,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     plans: dict[str, list[dict]] = {}
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         for lean in _flags(args.lean, "on", "off"):
-            devices = plan_devices(args.model, budgets, batch, lean=lean)
-            plans[f"batch {batch} lean {'on' if lean else 'off'}"] = devices
             for threads in (int(t) for t in args.threads.split(",")):
                 for tuned in _flags(args.allocator, "tuned", "stock"):
+                    devices = plan_devices(args.model, budgets, batch, lean=lean, tuned=tuned, threads=threads)
+                    key = f"batch {batch} lean {'on' if lean else 'off'} {'tuned' if tuned else 'stock'} {threads} thr"
+                    plans[key] = devices
                     for device in devices:
                         started = time.perf_counter()
                         rows.append(

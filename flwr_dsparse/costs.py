@@ -1,6 +1,6 @@
 """The memory and step-time cost model of a selection.
 
-Predicted training memory of a selection is the sum of
+A selection's predicted training memory is made of
 
 * **weights**: every parameter and buffer (always resident);
 * **grads**: one gradient per selected parameter;
@@ -8,9 +8,10 @@ Predicted training memory of a selection is the sum of
 * **activations**: what autograd saves for backward, *measured* with
   ``saved_tensors_hooks`` over forwards with the selection applied, at two
   small batches, and extrapolated linearly to the real batch;
-* **workspace**: the transient forward/backward buffers and allocator slack
-  that a peak-RSS reading also holds (coefficients measured with fresh
-  subprocesses, see :class:`WorkspaceCoefficients`);
+* **workspace**: the rest of the step's peak: the runtime's cold start, transient
+  forward/backward buffers, less what backward has already freed at the peak
+  (:mod:`flwr_dsparse.peak`: the step's timeline for the tuned allocator, an additive
+  model for glibc's stock one);
 * **reserve**: a fixed amount the user sets for the runtime itself.
 
 Why per-unit attribution is enough: once the earliest trained unit ``e`` is
@@ -25,8 +26,6 @@ else frozen[j])``: three forwards per unit position give every selection.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,36 +34,20 @@ import torch
 from torch import nn
 
 from .memory import SavedTensorMeter, saved_tensors
+from .peak import PeakCoefficients, SelectionMemory, WorkspaceCoefficients
 from .plan import MB, MemoryEstimate
+from .timing import time_units
 from .trainer import SparseTrainer
 from .units import Unit, model_units, validate_unit_names
 
-__all__ = ["UnitCost", "WorkspaceCoefficients", "CostModel", "OPTIMIZER_STATE_FACTOR"]
+__all__ = ["ALLOCATORS", "UnitCost", "PeakCoefficients", "WorkspaceCoefficients", "CostModel", "OPTIMIZER_STATE_FACTOR"]
 
 #: Optimizer state per selected parameter, in multiples of the parameter's size.
 OPTIMIZER_STATE_FACTOR = {("sgd", False): 0.0, ("sgd", True): 1.0, ("adam", False): 2.0, ("adam", True): 2.0}
 
 ProgressFn = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class WorkspaceCoefficients:
-    """Transient memory a peak RSS holds beyond weights, grads, state and saved tensors.
-
-    ``forward`` multiplies the largest leaf-module ``input + output`` bytes at
-    the batch (the widest point of the forward, where the allocator peaks);
-    ``backward`` multiplies the gradient bytes of the selection (weight-gradient
-    scratch and accumulation buffers); ``trained_forward`` multiplies the widest
-    leaf from the earliest trained unit on (the backward's own widest buffers). Defaults were fitted to fresh-subprocess
-    peak-RSS probes of MobileNetV2 and TinyNet on 2-core x86-64 Linux, torch
-    2.14, one intra-op thread (``experiments/memory_bench.py`` re-measures them).
-    """
-
-    forward: float = 2.0
-    backward: float = 1.5
-    trained_forward: float = 0.75
-    #: MB any training step adds beyond its tensors (autograd graph, allocator arenas).
-    constant_mb: float = 6.0
+#: ``"tuned"``: :mod:`flwr_dsparse.allocator` (how every training process runs); ``"stock"``: glibc as is.
+ALLOCATORS = ("tuned", "stock")
 
 
 @dataclass(frozen=True)
@@ -111,8 +94,9 @@ class CostModel:
         SGD momentum; any value > 0 adds one state tensor per parameter.
     reserve_mb : float
         Fixed runtime reserve added to every prediction.
-    workspace : WorkspaceCoefficients
-        Transient-memory coefficients.
+    workspace : PeakCoefficients | WorkspaceCoefficients | None
+        The peak model's coefficients (:mod:`flwr_dsparse.peak`); default: the timeline
+        model for ``allocator="tuned"``, the additive one for ``"stock"``.
     num_classes : int
         Number of classes of the targets used for profiling.
     calibration_batches : tuple[int, int]
@@ -125,6 +109,11 @@ class CostModel:
     lean_frozen : bool
         Profile with the trainer's lean frozen layers (its default); must match the
         ``lean_frozen`` of the :class:`~flwr_dsparse.trainer.SparseTrainer` that trains.
+    allocator : str
+        ``"tuned"`` (the default: every training process runs with
+        :mod:`flwr_dsparse.allocator`) or ``"stock"`` (glibc as is).
+    threads : int
+        The intra-op threads the node trains with (the cold start grows with them).
     """
 
     def __init__(
@@ -136,18 +125,24 @@ class CostModel:
         optimizer: str = "sgd",
         momentum: float = 0.0,
         reserve_mb: float = 0.0,
-        workspace: WorkspaceCoefficients = WorkspaceCoefficients(),
+        workspace: PeakCoefficients | WorkspaceCoefficients | None = None,
         num_classes: int = 10,
         calibration_batches: tuple[int, int] = (4, 8),
         time_batches: tuple[int, int] | None = (8, 32),
         progress: ProgressFn | None = None,
         lean_frozen: bool = True,
+        allocator: str = "tuned",
+        threads: int = 1,
     ) -> None:
         key = (optimizer.lower(), momentum > 0)
         if key not in OPTIMIZER_STATE_FACTOR:
             raise ValueError(f"unknown optimizer {optimizer!r}; use 'sgd' or 'adam'")
         if reserve_mb < 0:
             raise ValueError(f"reserve_mb must be >= 0, got {reserve_mb}")
+        if allocator not in ALLOCATORS:
+            raise ValueError(f"allocator {allocator!r} is unknown; use 'tuned' or 'stock'")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
         if len(input_shape) == 0 or any(int(d) <= 0 for d in input_shape):
             raise ValueError(f"input shape {tuple(input_shape)} must be positive, e.g. 3x32x32")
         self.model = copy.deepcopy(model)
@@ -157,7 +152,12 @@ class CostModel:
         self.momentum = momentum
         self.state_factor = OPTIMIZER_STATE_FACTOR[key]
         self.reserve_mb = reserve_mb
+        self.allocator = allocator
+        self.threads = threads
+        if workspace is None:
+            workspace = PeakCoefficients() if allocator == "tuned" else WorkspaceCoefficients()
         self.workspace = workspace
+        self._memory: dict[int, SelectionMemory] = {}
         self.num_classes = num_classes
         self.calibration_batches = calibration_batches
         self.time_batches = time_batches
@@ -290,83 +290,9 @@ class CostModel:
             )
         return costs
 
-    def _time_profile(self, batch: int, repeats: int = 3) -> tuple[list[float], ...]:
-        """Per-unit seconds at ``batch``: forward building a graph, trained backward,
-        frozen (pass-through) backward, and forward under ``no_grad``.
-
-        Forward hooks time each unit's forward. Backward pre-hooks fire when a
-        unit's output gradient is ready, so the gap between consecutive units'
-        pre-hooks is the later unit's backward.
-        """
+    def _time_profile(self, batch: int) -> tuple[list[float], ...]:
         inputs, targets = self._batch(batch, seed=1)
-        names = self.unit_names
-        modules = dict(self.model.named_modules())
-        state = {k: v.clone() for k, v in self.model.state_dict().items()}
-
-        def timed_step(selection: Sequence[str]) -> tuple[list[float], list[float]]:
-            trainer = SparseTrainer(self.model, selection, units=self.units, lean_frozen=self.lean_frozen)
-            trainer.train_mode()
-            forward_start: dict[str, float] = {}
-            forward_end: dict[str, float] = {}
-            grad_ready: dict[str, float] = {}
-            hooks = []
-            for name in names:
-                module = modules[name]
-                hooks.append(
-                    module.register_forward_pre_hook(
-                        lambda m, a, n=name: forward_start.__setitem__(n, time.perf_counter())
-                    )
-                )
-                hooks.append(
-                    module.register_forward_hook(
-                        lambda m, a, o, n=name: forward_end.__setitem__(n, time.perf_counter())
-                    )
-                )
-                hooks.append(
-                    module.register_full_backward_pre_hook(
-                        lambda m, g, n=name: grad_ready.__setitem__(n, time.perf_counter())
-                    )
-                )
-            try:
-                with torch.set_grad_enabled(bool(selection)):
-                    loss = trainer.loss_fn(self.model(inputs), targets)
-                backward_start = time.perf_counter()
-                if selection:
-                    loss.backward()
-                backward_end = time.perf_counter()
-            finally:
-                for hook in hooks:
-                    hook.remove()
-                trainer.close()
-                self.model.zero_grad(set_to_none=True)
-            forward = [forward_end[n] - forward_start[n] for n in names]
-            backward = [0.0] * len(names)
-            # Units whose gradient arrived, in the order backward visits them (last unit first).
-            visited = [n for n in reversed(names) if n in grad_ready]
-            previous = backward_start
-            for i, name in enumerate(visited):
-                until = grad_ready[visited[i + 1]] if i + 1 < len(visited) else backward_end
-                backward[names.index(name)] = until - grad_ready[name]
-                if i == 0:  # the loss's own backward is charged to the last unit
-                    backward[names.index(name)] += grad_ready[name] - previous
-            return forward, backward
-
-        try:
-            runs_full = [timed_step(names) for _ in range(repeats + 1)][1:]
-            runs_frozen = [timed_step(names[:1]) for _ in range(repeats + 1)][1:]
-            runs_inference = [timed_step([]) for _ in range(repeats + 1)][1:]
-        finally:
-            self.model.load_state_dict(state)
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-        med = lambda runs, part, i: statistics.median(run[part][i] for run in runs)  # noqa: E731
-        n = len(names)
-        return (
-            [med(runs_full, 0, i) for i in range(n)],
-            [med(runs_full, 1, i) for i in range(n)],
-            [med(runs_frozen, 1, i) for i in range(n)],
-            [med(runs_inference, 0, i) for i in range(n)],
-        )
+        return time_units(self.model, self.units, inputs, targets, lean_frozen=self.lean_frozen)
 
     # -- prediction -----------------------------------------------------------------------------
     def _indices(self, selection: Sequence[str]) -> list[int]:
@@ -374,73 +300,54 @@ class CostModel:
         chosen = set(selection)
         return [i for i, name in enumerate(self.unit_names) if name in chosen]
 
-    def selection_terms(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """The additive structure the planner searches over, in MB.
-
-        Returns ``(base, increments, inference_mb)``: a selection whose earliest
-        unit is ``e`` costs ``base[e] + Σ_{j in selection, j>e} increments[e, j]``;
-        ``inference_mb`` is the memory of training nothing (a plain forward).
-        """
+    def memory_terms(self, batch_size: int) -> SelectionMemory:
+        """Every selection's memory at ``batch_size`` (:class:`~flwr_dsparse.peak.SelectionMemory`), for the planner."""
         if batch_size <= 0:
             raise ValueError(f"batch size must be > 0, got {batch_size}")
-        costs = self.unit_costs
-        n = len(costs)
-        at = UnitCost.at
-        per_param = 1.0 + self.state_factor + self.workspace.backward  # grad + state + grad scratch
-        forward_ws = self.workspace.forward * max(c.max_leaf_bytes_per_sample for c in costs) * batch_size
-        fixed = self._weights_bytes + forward_ws + self.reserve_mb * MB
-        trained = np.array([at(c.act_trained, batch_size) for c in costs])
-        frozen = np.array([at(c.act_frozen, batch_size) for c in costs])
-        grads = np.array([float(c.param_bytes) for c in costs])
-        widest_from = [max(c.max_leaf_bytes_per_sample for c in costs[e:]) * batch_size for e in range(n)]
-        base = np.array(
-            [
-                fixed
-                + at(costs[e].act_first, batch_size)
-                + frozen[e + 1 :].sum()
-                + per_param * grads[e]
-                + self.workspace.trained_forward * widest_from[e]
-                + self.workspace.constant_mb * MB
-                for e in range(n)
-            ]
-        )
-        increments = np.zeros((n, n))
-        for e in range(n):
-            increments[e, e + 1 :] = per_param * grads[e + 1 :] + trained[e + 1 :] - frozen[e + 1 :]
-        return base / MB, increments / MB, fixed / MB
+        if batch_size not in self._memory:
+            costs = self.unit_costs
+            at = UnitCost.at
+            self._memory[batch_size] = SelectionMemory(
+                first=np.array([at(c.act_first, batch_size) for c in costs]),
+                trained=np.array([at(c.act_trained, batch_size) for c in costs]),
+                frozen=np.array([at(c.act_frozen, batch_size) for c in costs]),
+                grads=np.array([float(c.param_bytes) for c in costs]),
+                widest=np.array([c.max_leaf_bytes_per_sample * batch_size for c in costs]),
+                fixed_bytes=self._weights_bytes + self.reserve_mb * MB,
+                state_factor=self.state_factor,
+                coefficients=self.workspace,
+                threads=self.threads,
+            )
+        return self._memory[batch_size]
 
     def predict(self, selection: Sequence[str], batch_size: int) -> MemoryEstimate:
         """Predicted training memory of ``selection`` at ``batch_size``, by part (MB)."""
-        if batch_size <= 0:
-            raise ValueError(f"batch size must be > 0, got {batch_size}")
+        memory = self.memory_terms(batch_size)
         indices = self._indices(selection)
         costs = self.unit_costs
         at = UnitCost.at
-        grads = sum(costs[i].param_bytes for i in indices)
-        forward_ws = self.workspace.forward * max(c.max_leaf_bytes_per_sample for c in costs) * batch_size
+        grads = sum(costs[i].param_bytes for i in indices) / MB
         if not indices:
-            activations = 0.0
-            workspace = forward_ws
+            activations, total = 0.0, memory.inference_mb
         else:
             e = indices[0]
             chosen = set(indices)
-            activations = at(costs[e].act_first, batch_size) + sum(
-                at(costs[j].act_trained if j in chosen else costs[j].act_frozen, batch_size)
-                for j in range(e + 1, len(costs))
-            )
-            widest_from = max(c.max_leaf_bytes_per_sample for c in costs[e:]) * batch_size
-            workspace = (
-                forward_ws
-                + self.workspace.backward * grads
-                + self.workspace.trained_forward * widest_from
-                + self.workspace.constant_mb * MB
-            )
+            activations = (
+                at(costs[e].act_first, batch_size)
+                + sum(
+                    at(costs[j].act_trained if j in chosen else costs[j].act_frozen, batch_size)
+                    for j in range(e + 1, len(costs))
+                )
+            ) / MB
+            total = memory.of(indices)
+        weights = self._weights_bytes / MB
+        optimizer = self.state_factor * grads
         return MemoryEstimate(
-            weights=self._weights_bytes / MB,
-            grads=grads / MB,
-            optimizer=self.state_factor * grads / MB,
-            activations=activations / MB,
-            workspace=workspace / MB,
+            weights=weights,
+            grads=grads,
+            optimizer=optimizer,
+            activations=activations,
+            workspace=total - weights - self.reserve_mb - grads - optimizer - activations,
             reserve=self.reserve_mb,
         )
 

@@ -18,14 +18,20 @@ peak RSS sampled with psutil instead (``CappedResult.capped`` is then False).
     result = run_capped([sys.executable, "-m", "my.probe"], limit_mb=120, join="self")
     if result.oom_killed: print(result.describe())
 
-``join="start"`` caps the whole command from its first instruction (a deployed ClientApp);
+``join="start"`` caps the whole command from its first instruction;
 ``join="self"`` lets the command join when it is ready by calling :func:`join_cap_from_env`
 (a probe that must not count its own imports and model). A callable runs in a forked child
 that joins at once.
+
+A deployed node (:class:`flwr_dsparse.deploy.caps.NodeCap`, ``dsparse deploy up --hard-cap``) is a node cgroup that the
+SuperNode starts in (so do the SuperExec and every ClientApp it spawns) with a training cap
+inside it: each ClientApp joins the training cap once its model is loaded, lowering the limit
+to the device's budget less the weights it holds, so the cap binds what training adds.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,9 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "BUDGET_ENV",
     "CAP_ENV",
     "CappedResult",
     "HardCap",
+    "NOTE_ENV",
     "hard_caps_available",
     "join_cap_from_env",
     "run_capped",
@@ -47,6 +55,10 @@ __all__ = [
 MB = 1024 * 1024
 #: Environment variable through which :func:`run_capped` tells a ``join="self"`` child its cgroup.
 CAP_ENV = "DSPARSE_HARD_CAP_CGROUP"
+#: The device's budget (MiB) behind the cap: a joining process sets the limit to it less ``resident_mb``.
+BUDGET_ENV = "DSPARSE_HARD_CAP_BUDGET_MB"
+#: A file a joining process writes what it is about to run (its label) to, for the kill report.
+NOTE_ENV = "DSPARSE_HARD_CAP_NOTE"
 _V1_ROOT = Path("/sys/fs/cgroup/memory")
 _V2_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
 _counter = 0
@@ -93,11 +105,13 @@ class HardCap:
 
     path: Path
     version: str
-    limit_mb: float
+    limit_mb: float | None
 
     @classmethod
-    def create(cls, limit_mb: float) -> HardCap:
-        """A new child of this process's memory cgroup limited to ``limit_mb`` MiB.
+    def create(cls, limit_mb: float | None, *, parent: HardCap | None = None, name: str = "") -> HardCap:
+        """A new child of this process's memory cgroup (or of ``parent``) limited to ``limit_mb`` MiB.
+
+        ``limit_mb=None`` sets no limit (a cgroup that only groups and measures).
 
         Raises
         ------
@@ -106,9 +120,12 @@ class HardCap:
             (:func:`hard_caps_available` returns the same reason without raising).
         """
         global _counter
-        if limit_mb <= 0:
+        if limit_mb is not None and limit_mb <= 0:
             raise ValueError(f"limit_mb must be > 0, got {limit_mb}; pass the budget in MiB")
-        version, where = _own_cgroup()
+        if parent is not None:
+            version, where = parent.version, parent.path
+        else:
+            version, where = _own_cgroup()
         if version is None:
             raise RuntimeError(f"hard caps unavailable: {where}")
         assert isinstance(where, Path)
@@ -117,23 +134,24 @@ class HardCap:
             if problem:
                 raise RuntimeError(f"hard caps unavailable: {problem}")
         _counter += 1
-        path = where / f"dsparse-{os.getpid()}-{_counter}-{time.monotonic_ns() % 10**6}"
+        path = where / (name or f"dsparse-{os.getpid()}-{_counter}-{time.monotonic_ns() % 10**6}")
         try:
             path.mkdir()
         except OSError as error:
             raise RuntimeError(f"hard caps unavailable: cannot create a child cgroup in {where} ({error})") from error
-        cap = cls(path, version, float(limit_mb))
-        limit = str(int(limit_mb * MB))
-        try:
-            if version == "v1":
-                (path / "memory.limit_in_bytes").write_text(limit)
-            else:
-                (path / "memory.max").write_text(limit)
-                (path / "memory.swap.max").write_text("0") if (path / "memory.swap.max").exists() else None
-        except OSError as error:
-            cap.close()
-            raise RuntimeError(f"hard caps unavailable: cannot set the limit in {path} ({error})") from error
+        cap = cls(path, version, None)
+        if limit_mb is not None:
+            try:
+                cap.set_limit(limit_mb)
+            except OSError as error:
+                cap.close()
+                raise RuntimeError(f"hard caps unavailable: cannot set the limit in {path} ({error})") from error
         return cap
+
+    def set_limit(self, limit_mb: float) -> None:
+        """Set the hard limit to ``limit_mb`` MiB (no swap beyond it)."""
+        _write_limit(self.path, self.version, limit_mb)
+        self.limit_mb = float(limit_mb)
 
     def add(self, pid: int) -> None:
         """Move process ``pid`` into the cap (what it allocates from now on is charged here)."""
@@ -161,6 +179,13 @@ class HardCap:
             pass
         return 0
 
+    @classmethod
+    def at(cls, path: str | Path) -> HardCap:
+        """The existing cgroup at ``path`` (e.g. from a state file), with its current limit."""
+        path = Path(path)
+        version = "v1" if (path / "memory.limit_in_bytes").exists() else "v2"
+        return cls(path, version, _read_limit(path, version))
+
     def close(self) -> None:
         """Remove the cgroup (its processes must have exited; leftover charges go to the parent)."""
         for _ in range(50):
@@ -173,6 +198,24 @@ class HardCap:
                 time.sleep(0.02)
 
 
+def _write_limit(path: Path, version: str, limit_mb: float) -> None:
+    limit = str(int(limit_mb * MB))
+    if version == "v1":
+        (path / "memory.limit_in_bytes").write_text(limit)
+    else:
+        (path / "memory.max").write_text(limit)
+        if (path / "memory.swap.max").exists():
+            (path / "memory.swap.max").write_text("0")
+
+
+def _read_limit(path: Path, version: str) -> float | None:
+    try:
+        text = (path / ("memory.limit_in_bytes" if version == "v1" else "memory.max")).read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" or int(text) >= 2**60 else int(text) / MB
+
+
 def hard_caps_available() -> tuple[bool, str]:
     """Whether :func:`run_capped` can enforce a limit here, and why (not)."""
     try:
@@ -183,15 +226,28 @@ def hard_caps_available() -> tuple[bool, str]:
     return True, f"cgroup {cap.version} child of {cap.path.parent}"
 
 
-def join_cap_from_env() -> bool:
-    """Join the cap :func:`run_capped` made for this process (``join="self"``); False if none.
+def join_cap_from_env(*, resident_mb: float = 0.0, label: str = "") -> bool:
+    """Join the cap made for this process (:func:`run_capped` with ``join="self"``, or a
+    :class:`~flwr_dsparse.deploy.caps.NodeCap`'s training cap); False (and nothing done) if there is none.
 
     Call it once the process has built what must not count against the cap (its imports,
-    model and batch): charges taken before the move stay outside.
+    model and batch): charges taken before the move stay outside. Under a node cap
+    the limit becomes the device's budget less ``resident_mb`` (the weights this process
+    already holds), and ``label`` (what it trains, e.g. the selection) goes to the node's
+    note, for the report if the kernel kills it.
     """
     path = os.environ.get(CAP_ENV)
     if not path:
         return False
+    budget = os.environ.get(BUDGET_ENV)
+    if budget:
+        cap = HardCap.at(path)
+        limit = max(1.0, float(budget) - resident_mb)
+        cap.set_limit(limit)
+        note = os.environ.get(NOTE_ENV)
+        if note:
+            record = {"pid": os.getpid(), "label": label, "limit_mb": limit, "resident_mb": resident_mb}
+            Path(note).write_text(json.dumps(record))
     (Path(path) / "cgroup.procs").write_text(str(os.getpid()))
     return True
 

@@ -2,10 +2,11 @@
 
 For one device the problem is: choose units maximising the total score subject
 to predicted memory ≤ budget. The coupling is in the earliest trained unit
-``e``: it decides which activations the later units keep. With ``e`` fixed the
-cost is additive (:meth:`CostModel.selection_terms`), so the search enumerates
-every ``e`` and, for each, every subset of the later units, exactly, with a
-vectorised subset-sum. Units are few (MobileNetV2 has 20: 2²⁰ subsets in all).
+``e``: it decides which activations the later units keep. With ``e`` fixed a
+selection's memory is the largest of a few phases, each additive over the later
+units (:meth:`CostModel.memory_terms`), so the search enumerates every ``e`` and,
+for each, every subset of the later units, exactly, with vectorised subset sums.
+Units are few (MobileNetV2 has 20: 2²⁰ subsets in all).
 
 Two objectives:
 
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .costs import CostModel
+from .peak import SelectionMemory, subset_sums
 from .plan import Plan, plan_from_selections
 
 __all__ = [
@@ -104,17 +106,16 @@ def validate_devices(devices: Sequence[DeviceSpec]) -> None:
             )
 
 
-def _subset_sums(weights: np.ndarray) -> np.ndarray:
-    """All subset sums; bit ``k`` of an index says whether item ``k`` is in the subset."""
-    sums = np.zeros(1)
-    for weight in weights:
-        sums = np.concatenate([sums, sums + weight])
-    return sums
+def _check_search_size(count: int, first: int) -> None:
+    if count - first - 1 > MAX_SEARCH_UNITS:
+        raise ValueError(
+            f"the model has {count} units; exact search supports at most {MAX_SEARCH_UNITS + 1}; "
+            "pass coarser unit names (e.g. whole stages)"
+        )
 
 
 def best_selection(
-    base: np.ndarray,
-    increments: np.ndarray,
+    memory: SelectionMemory,
     scores: Sequence[float],
     budget_mb: float,
     *,
@@ -124,37 +125,34 @@ def best_selection(
     """The exact best selection under ``budget_mb`` (and, optionally, ``max_step_s``).
 
     Returns ``(unit indices, total score, predicted MB)``, or ``None`` if no
-    non-empty selection fits. Ties go to the cheaper selection, then to the
+    non-empty selection fits. ``memory`` is :meth:`CostModel.memory_terms` at the
+    device's batch size. Ties go to the cheaper selection, then to the
     later earliest unit, so the answer is deterministic. ``time_terms`` is
     :meth:`CostModel.step_time_terms` at the device's batch size; with
     ``max_step_s`` a selection must also be predicted to step within it.
     """
-    count = len(base)
+    count = memory.count
     values = np.asarray(scores, dtype=float)
     best: tuple[float, float, int, tuple[int, ...]] | None = None  # (score, -mb, e, indices)
     for first in range(count):
         later = np.arange(first + 1, count)
-        if len(later) > MAX_SEARCH_UNITS:
-            raise ValueError(
-                f"the model has {count} units; exact search supports at most {MAX_SEARCH_UNITS + 1}; "
-                "pass coarser unit names (e.g. whole stages)"
-            )
-        if base[first] + np.minimum(increments[first, later], 0).sum() > budget_mb + _SLACK_MB:
+        _check_search_size(count, first)
+        if memory.lower_bound(first) > budget_mb + _SLACK_MB:
             continue  # nothing that starts here fits: skip its 2^k subsets
-        memory = base[first] + _subset_sums(increments[first, later])
-        value = values[first] + _subset_sums(values[later])
-        fits = memory <= budget_mb + _SLACK_MB
+        megabytes = memory.subsets(first)
+        value = values[first] + subset_sums(values[later])
+        fits = megabytes <= budget_mb + _SLACK_MB
         if max_step_s is not None and time_terms is not None:
             time_base, time_increments = time_terms
-            fits &= time_base[first] + _subset_sums(time_increments[later]) <= max_step_s * (1 + _SLACK_S)
+            fits &= time_base[first] + subset_sums(time_increments[later]) <= max_step_s * (1 + _SLACK_S)
         if not fits.any():
             continue
         candidates = np.flatnonzero(fits)
         # Highest score; among equals, least memory; among those, the smallest index.
-        order = np.lexsort((candidates, memory[candidates], -value[candidates]))
+        order = np.lexsort((candidates, megabytes[candidates], -value[candidates]))
         pick = int(candidates[order[0]])
         indices = (first,) + tuple(int(later[k]) for k in range(len(later)) if pick >> k & 1)
-        key = (float(value[pick]), -float(memory[pick]), first, indices)
+        key = (float(value[pick]), -float(megabytes[pick]), first, indices)
         if best is None or key[:3] > best[:3]:
             best = key
     if best is None:
@@ -171,30 +169,25 @@ class SelectionSpace:
 
     def __init__(
         self,
-        base: np.ndarray,
-        increments: np.ndarray,
+        memory: SelectionMemory,
         scores: Sequence[float],
         time_terms: tuple[np.ndarray, np.ndarray],
         max_budget_mb: float = math.inf,
     ) -> None:
-        count = len(base)
+        count = memory.count
         values = np.asarray(scores, dtype=float)
         time_base, time_increments = time_terms
         self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (memory, seconds, score), sorted
         for first in range(count):
             later = np.arange(first + 1, count)
-            if len(later) > MAX_SEARCH_UNITS:
-                raise ValueError(
-                    f"the model has {count} units; exact search supports at most {MAX_SEARCH_UNITS + 1}; "
-                    "pass coarser unit names (e.g. whole stages)"
-                )
-            if base[first] + np.minimum(increments[first, later], 0).sum() > max_budget_mb + _SLACK_MB:
+            _check_search_size(count, first)
+            if memory.lower_bound(first) > max_budget_mb + _SLACK_MB:
                 continue  # no device affords any selection that starts here: skip its 2^k subsets
-            memory = base[first] + _subset_sums(increments[first, later])
-            seconds = time_base[first] + _subset_sums(time_increments[later])
-            value = values[first] + _subset_sums(values[later])
+            megabytes = memory.subsets(first)
+            seconds = time_base[first] + subset_sums(time_increments[later])
+            value = values[first] + subset_sums(values[later])
             order = np.argsort(seconds, kind="stable")
-            self.blocks.append((memory[order], seconds[order], value[order]))
+            self.blocks.append((megabytes[order], seconds[order], value[order]))
 
 
 def _pareto(seconds: np.ndarray, value: np.ndarray, *, presorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -270,13 +263,6 @@ def balanced_step_cap(frontiers: Sequence[tuple[np.ndarray, np.ndarray]]) -> flo
     return float(candidates[best])
 
 
-def _cheapest_mb(base: np.ndarray, increments: np.ndarray) -> tuple[float, int]:
-    """Memory of the cheapest non-empty selection, and its earliest unit."""
-    options = [base[e] + np.minimum(increments[e, e + 1 :], 0).sum() for e in range(len(base))]
-    first = int(np.argmin(options))
-    return float(options[first]), first
-
-
 def make_plan(
     devices: Sequence[DeviceSpec],
     cost_model: CostModel,
@@ -346,7 +332,7 @@ def make_plan(
             f"{needs} needs a cost model calibrated for step time (time_batches); "
             "plan by memory only with objective='criticality' and max-step-fraction=1"
         )
-    memory_terms: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+    memory_terms: dict[int, SelectionMemory] = {}
     time_terms: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     spaces: dict[int, SelectionSpace] = {}
     hand_caps: dict[int, float | None] = {}
@@ -356,36 +342,39 @@ def make_plan(
     for device in ordered:
         batch = device.batch_size
         if batch not in memory_terms:
-            memory_terms[batch] = cost_model.selection_terms(batch)
+            memory_terms[batch] = cost_model.memory_terms(batch)
             if capped or balanced:
                 time_terms[batch] = cost_model.step_time_terms(batch)
-        base, increments, _ = memory_terms[batch]
+        memory = memory_terms[batch]
         cap = max_step_fraction * cost_model.step_time(names, batch) if capped else None
         hand_caps[device.id] = cap
         if balanced:
             if batch not in spaces:
                 largest = max(d.budget_mb for d in ordered if d.batch_size == batch)
-                spaces[batch] = SelectionSpace(base, increments, scores, time_terms[batch], largest)
+                spaces[batch] = SelectionSpace(memory, scores, time_terms[batch], largest)
             frontier = step_frontier(spaces[batch], device.budget_mb, cap)
             fits = len(frontier[0]) > 0
             if fits:
                 frontiers[device.id] = frontier
         else:
             found[device.id] = best_selection(
-                base, increments, scores, device.budget_mb, time_terms=time_terms.get(batch), max_step_s=cap
+                memory, scores, device.budget_mb, time_terms=time_terms.get(batch), max_step_s=cap
             )
             fits = found[device.id] is not None
         if not fits:
-            _untrainable(device, base, increments, scores, names, cap, max_step_fraction, allow_inference_only)
+            _untrainable(device, memory, scores, names, cap, max_step_fraction, allow_inference_only)
             found[device.id] = None
     if balanced and frontiers:
         cluster_cap = balanced_step_cap(list(frontiers.values()))
         for device in ordered:
             if device.id in frontiers:
-                base, increments, _ = memory_terms[device.batch_size]
                 cap = min(cluster_cap, hand_caps[device.id] or math.inf)
                 found[device.id] = best_selection(
-                    base, increments, scores, device.budget_mb, time_terms=time_terms[device.batch_size], max_step_s=cap
+                    memory_terms[device.batch_size],
+                    scores,
+                    device.budget_mb,
+                    time_terms=time_terms[device.batch_size],
+                    max_step_s=cap,
                 )
     selections, estimates, step_seconds, totals = {}, {}, {}, {}
     for device in ordered:
@@ -410,8 +399,7 @@ def make_plan(
 
 def _untrainable(
     device: DeviceSpec,
-    base: np.ndarray,
-    increments: np.ndarray,
+    memory: SelectionMemory,
     scores: Sequence[float],
     names: Sequence[str],
     cap: float | None,
@@ -421,13 +409,13 @@ def _untrainable(
     """A device that can train nothing: raise, naming why and the fix, unless inference-only is allowed."""
     if allow_inference_only:
         return
-    if cap is not None and best_selection(base, increments, scores, device.budget_mb) is not None:
+    if cap is not None and best_selection(memory, scores, device.budget_mb) is not None:
         raise ValueError(
             f"no selection of device {device.id} fits both its budget {device.budget_mb:g} MB and "
             f"max-step-fraction={max_step_fraction:g} ({cap:.3f} s per step at batch {device.batch_size}); "
             "raise max-step-fraction (or allow inference-only devices)"
         )
-    cheapest, first = _cheapest_mb(base, increments)
+    cheapest, first = memory.cheapest()
     raise ValueError(
         f"budget {device.budget_mb:g} MB for device {device.id} is below the {cheapest:.1f} MB that the "
         f"smallest selection ({names[first]}) needs at batch {device.batch_size}; lower batch-size or "

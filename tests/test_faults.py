@@ -68,7 +68,7 @@ def test_fault_matrix(scenario, tmp_path):
         assert "device 2 joined" in history[2]["events"][0]["reason"]
     if name == "budget drops":
         event = history[2]["events"][0]
-        assert "device 2 budget fell to 12.5 MB" in event["reason"]
+        assert "device 2 budget fell to 3.79 MB" in event["reason"]
         before, after = event["changed"]["2"]["from"], event["changed"]["2"]["to"]
         assert len(after) < len(before), (before, after)  # a smaller selection from the next round
         assert history[2]["plan"] != history[1]["plan"]
@@ -173,7 +173,7 @@ def test_missing_cifar_folder_and_budget_below_minimum_stop_before_training(tmp_
     with pytest.raises(FileNotFoundError, match="data-root"):
         run_job(_NoTraining(), config)  # type: ignore[arg-type]
     # A budget below the smallest selection: the planner stops the run at the query, before round 1.
-    config = load_config({**SMALL_JOB, "sim-budgets-mb": "12.5,13.7,2", "out-dir": str(tmp_path / "b")})
+    config = load_config({**SMALL_JOB, "sim-budgets-mb": "3.79,4.27,2", "out-dir": str(tmp_path / "b")})
     grid = LocalGrid(app, range(3), 3, fault=lambda *a: pytest.fail("training started"))
     with pytest.raises(ValueError, match="budget 2 MB for device 2 is below.*lower batch-size or raise memory-mb"):
         run_job(grid, config)  # type: ignore[arg-type]

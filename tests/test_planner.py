@@ -78,11 +78,11 @@ def brute_force(cost: CostModel, scores: list[float], budget: float, batch_size:
 
 def test_exact_search_equals_brute_force(tiny_cost: CostModel) -> None:
     rng = np.random.default_rng(1)
-    base, _, _ = tiny_cost.selection_terms(32)
+    cheapest = tiny_cost.memory_terms(32).cheapest()[0]
     full = tiny_cost.predict(tiny_cost.unit_names, 32).total
     for _ in range(6):
         scores = list(rng.random(len(tiny_cost.unit_names)))
-        budget = float(rng.uniform(base.min(), full))
+        budget = float(rng.uniform(cheapest, full))
         plan = make_plan([DeviceSpec(0, budget, 32)], tiny_cost, scores, objective="criticality")
         device = plan.device(0)
         assert device.score == pytest.approx(brute_force(tiny_cost, scores, budget, 32), rel=1e-12)
@@ -91,7 +91,7 @@ def test_exact_search_equals_brute_force(tiny_cost: CostModel) -> None:
 
 def test_budgets_respected_and_score_monotone_in_budget(tiny_cost: CostModel) -> None:
     scores = [0.3, 0.1, 0.5, 0.2, 0.4, 0.9]
-    budgets = list(np.linspace(tiny_cost.selection_terms(64)[0].min() + 0.01, 40, 25))
+    budgets = list(np.linspace(tiny_cost.memory_terms(64).cheapest()[0] + 0.01, 40, 25))
     plan = make_plan([DeviceSpec(i, b, 64) for i, b in enumerate(budgets)], tiny_cost, scores, objective="criticality")
     previous = -1.0
     for device, budget in zip(plan.devices, budgets, strict=True):
@@ -166,8 +166,11 @@ def test_scores_must_match_units(tiny_cost: CostModel) -> None:
         make_plan([DeviceSpec(0, 40, 8)], tiny_cost, [1.0, 2.0])
 
 
-def test_best_selection_returns_none_when_nothing_fits() -> None:
-    assert best_selection(np.array([5.0, 6.0]), np.zeros((2, 2)), [1.0, 1.0], 4.0) is None
+def test_best_selection_returns_none_when_nothing_fits(tiny_cost: CostModel) -> None:
+    memory = tiny_cost.memory_terms(32)
+    scores = [1.0] * memory.count
+    assert best_selection(memory, scores, memory.cheapest()[0] - 0.01) is None
+    assert best_selection(memory, scores, memory.cheapest()[0]) is not None
 
 
 # -- step-time cap by hand ----------------------------------------------------------------------------
@@ -241,7 +244,7 @@ def test_balanced_plan_is_optimal_by_brute_force_over_every_plan(timed_tiny_cost
     cost = timed_tiny_cost
     rng = np.random.default_rng(seed)
     scores = list(rng.random(len(cost.unit_names)))
-    floor = cost.selection_terms(16)[0].min()
+    floor = cost.memory_terms(16).cheapest()[0]
     full = cost.predict(cost.unit_names, 16).total
     budgets = sorted(float(b) for b in rng.uniform(floor + 0.2, full + 2, size=3))
     devices = [DeviceSpec(i, b, 16) for i, b in enumerate(budgets)]
@@ -297,8 +300,7 @@ def test_step_frontier_is_the_pareto_front_of_fitting_selections(timed_tiny_cost
     cost = timed_tiny_cost
     scores = [1.0, 0.5, 2.0, 0.7, 1.5, 3.0]
     budget = cost.predict(cost.unit_names, 16).total * 0.8
-    base, increments, _ = cost.selection_terms(16)
-    space = SelectionSpace(base, increments, scores, cost.step_time_terms(16))
+    space = SelectionSpace(cost.memory_terms(16), scores, cost.step_time_terms(16))
     seconds, value = step_frontier(space, budget)
     assert np.all(np.diff(seconds) > 0) and np.all(np.diff(value) > 0)
     rows = every_selection(cost, budget, 16, scores)

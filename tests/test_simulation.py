@@ -76,9 +76,9 @@ def test_seven_node_simulation_trains_only_planned_units(tmp_path):
         "lr": 0.1,
         "train-examples": 2100,
         "test-examples": 500,
-        # Tiny needs about 14 MB (classifier only) to 26 MB (everything) at batch 32 with
+        # Tiny needs about 6.1 MB (classifier only) to 13.9 MB (everything) at batch 32 with
         # momentum: every budget is below the full model, so some units are frozen for all.
-        "sim-budgets-mb": "15,16,17,18,20,23,26",
+        "sim-budgets-mb": "6.14,6.24,6.33,6.44,7.09,9.24,11.76",
         # Memory only: the most each budget affords, so 16 rounds learn clearly past chance (the
         # balanced default trains less per step; tests/test_planner.py and the comparison cover it).
         "plan-objective": "criticality",
@@ -138,7 +138,7 @@ def test_collective_transport_in_simulation(tmp_path):
         "test-examples": 64,
         "num-server-rounds": 2,
         "min-nodes": 3,
-        "sim-budgets-mb": "12.5,13.7,18",
+        "sim-budgets-mb": "3.79,4.27,7.72",
         "transport": "collective",
         "collective-timeout": 60.0,
         "out-dir": str(out),

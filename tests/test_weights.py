@@ -107,7 +107,7 @@ def test_the_job_fine_tunes_from_initial_weights(tmp_path: Path) -> None:
     # Budgets that leave the first units frozen for everyone.
     job = {
         **SMALL_JOB,
-        "sim-budgets-mb": "12.5,12.5,13.7",
+        "sim-budgets-mb": "3.79,3.79,4.27",
         "num-server-rounds": 2,
         "initial-weights": str(weights),
         "out-dir": str(tmp_path / "out"),

@@ -29,6 +29,7 @@ from ..deploy import (
     state_dir_for,
     stop_deployment,
 )
+from ..deploy.cluster import cap_reports
 from ..planner import parse_budgets
 
 __all__ = ["add_cli", "main"]
@@ -51,6 +52,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         threads_per_node=args.threads_per_node,
         timeout=args.timeout,
         fast=args.fast,
+        hard_cap=args.hard_cap,
     )
     print(
         f"SuperLink {deployment.address} (pid {deployment.superlink.pid}), "
@@ -59,6 +61,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     )
     for node in deployment.supernodes:
         print(f"  {node.role}: pid {node.pid}, port {node.port}, node-config {format_node_config(node.node_config)!r}")
+    for cap in deployment.hard_caps:
+        print(f"  {cap.name}: hard cap of its budget, {cap.budget_mb:g} MB, on training (cgroup {cap.train})")
     print(f"all {len(deployment.supernodes)} SuperNodes online; state and logs in {deployment.state_dir}")
     home_hint = "" if args.flwr_home is None else f"FLWR_HOME={shlex.quote(deployment.flwr_home)} "
     print(f"run the app:  {home_hint}flwr run . {deployment.connection} --stream")
@@ -75,7 +79,10 @@ def _load(args: argparse.Namespace) -> Deployment:
 
 def _cmd_down(args: argparse.Namespace) -> int:
     deployment = _load(args)
+    killed = cap_reports(deployment)  # read before the caps are removed
     signalled = stop_deployment(deployment, grace=args.grace)
+    for line in killed:
+        print(line, file=sys.stderr)
     left = [record.pid for record in deployment.processes if process_alive(record)]
     print(f"stopped {len(signalled)} processes ({', '.join(map(str, signalled)) or 'none were running'})")
     if left:
@@ -92,6 +99,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if deployment.superlink is not None and process_alive(deployment.superlink):
         nodes = list_nodes(deployment.connection, deployment.env())
         print(f"SuperLink {deployment.address}: " + ", ".join(f"{n['node-id']} {n['status']}" for n in nodes))
+    for cap in deployment.hard_caps:
+        within = f"{cap.name}: within its hard cap ({cap.budget_mb:g} MB), training peak {cap.peak_mb:.1f} MB"
+        print(cap.report() or within)
     return 0
 
 
@@ -165,6 +175,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="fast mode: 50 ms polls and warm, forked ClientApp processes (Flower 1.42.*; "
         "see docs/deployment.md); per-step rounds cost about their arithmetic",
+    )
+    up.add_argument(
+        "--hard-cap",
+        action="store_true",
+        help="run each SuperNode and its ClientApps under a hard memory cap (cgroup) of its --memory-mb "
+        "budget on what training adds; a node the kernel kills is reported by `status` and `down`",
     )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for all nodes (default %(default)s)")
     common(up)

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..hardcap import hard_caps_available
 from ..ports import free_port, port_in_use
+from .caps import NodeCap
 from .flwr_cli import (
     DEFAULT_SUPERLINK_PORT,
     deployment_env,
@@ -38,6 +40,7 @@ from .tls import TlsFiles, make_certificates, make_node_keys
 __all__ = [
     "DEFAULT_CONNECTION",
     "Deployment",
+    "cap_reports",
     "fast_setup",
     "run_app",
     "start_deployment",
@@ -69,6 +72,8 @@ class Deployment:
         The SuperLink's ``host:port``.
     fast : bool
         Whether the processes run in fast mode (:mod:`flwr_dsparse.deploy.fast`).
+    hard_caps : list of NodeCap
+        The SuperNodes' hard memory caps (``hard_cap=True``), one per node.
     """
 
     state_dir: str
@@ -80,6 +85,7 @@ class Deployment:
     superlink: ProcessRecord | None = None
     supernodes: list[ProcessRecord] = field(default_factory=list)
     fast: bool = False
+    hard_caps: list[NodeCap] = field(default_factory=list)
 
     @property
     def processes(self) -> list[ProcessRecord]:
@@ -106,6 +112,7 @@ class Deployment:
         data["tls"] = TlsFiles(**data["tls"]) if data.get("tls") else None
         data["superlink"] = ProcessRecord(**data["superlink"]) if data.get("superlink") else None
         data["supernodes"] = [ProcessRecord(**node) for node in data.get("supernodes", [])]
+        data["hard_caps"] = [NodeCap(**cap) for cap in data.get("hard_caps", [])]
         return cls(**data)
 
 
@@ -155,6 +162,7 @@ def start_supernode(
     threads: int | None = None,
     extra_env: Mapping[str, str] | None = None,
     executable: str | None = None,
+    hard_cap: NodeCap | None = None,
 ) -> ProcessRecord:
     """Start one ``flower-supernode`` (it connects in the background; see :func:`wait_for_nodes`).
 
@@ -162,6 +170,8 @@ def start_supernode(
     ``extra_env`` is added to its environment. ``threads`` caps the intra-op threads of
     its ClientApp processes (``OMP_NUM_THREADS``): SuperNodes that share one machine would
     otherwise each spawn a thread per core and slow each other down, which a real device, alone on its cores, does not.
+    ``hard_cap`` starts the SuperNode in its node cgroup, with the training cap's variables
+    in its environment (:class:`~flwr_dsparse.deploy.caps.NodeCap`).
     """
     if port_in_use("127.0.0.1", port):
         raise OSError(f"SuperNode port {port} on 127.0.0.1 is already in use; pick another with --node-port")
@@ -180,6 +190,9 @@ def start_supernode(
     env = {**deployment_env(home), **(extra_env or {})}
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if hard_cap is not None:
+        command = hard_cap.command(command)
+        env.update(hard_cap.env())
     return spawn_process(name, command, Path(state_dir) / f"{name}.log", env, port, node_config)
 
 
@@ -265,6 +278,7 @@ def start_deployment(
     threads_per_node: int | None = None,
     timeout: float = 180.0,
     fast: bool = False,
+    hard_cap: bool = False,
 ) -> Deployment:
     """Start a SuperLink and ``num_nodes`` SuperNodes on this machine; wait until all are online.
 
@@ -291,6 +305,10 @@ def start_deployment(
         Fast mode (:mod:`flwr_dsparse.deploy.fast`): 50 ms polls instead of 1-3 s, and
         ClientApp processes forked from a warm SuperExec instead of started cold. On a
         Flower other than 1.42.* it logs one warning and starts the stock deployment.
+    hard_cap : bool
+        Run each SuperNode, and the ClientApps it spawns, under a hard memory cap of its
+        budget (:mod:`flwr_dsparse.deploy.caps`; needs ``memory_mb`` for every node and a
+        writable memory cgroup, else ValueError / RuntimeError saying which).
     """
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes <= 0:
         raise ValueError(f"number of SuperNodes must be a positive integer, got {num_nodes!r}")
@@ -305,6 +323,14 @@ def start_deployment(
             raise ValueError(f"memory-mb for SuperNode {index} is {budget!r}; every budget must be > 0 MB")
     if auth and not tls:
         raise ValueError("SuperNode authentication needs TLS; add --tls")
+    if hard_cap:
+        if any(budget is None for budget in budgets):
+            raise ValueError("--hard-cap caps each node at its budget: give one with --memory-mb for every node")
+        available, reason = hard_caps_available()
+        if not available:
+            raise RuntimeError(
+                f"--hard-cap: {reason}; run without --hard-cap (each node then reports its peak RSS only)"
+            )
     home_path = flwr_home(home)
     state = state_dir_for(home_path, connection, state_dir)
     if (state / STATE_FILE).is_file():
@@ -347,6 +373,11 @@ def start_deployment(
                 node_config["memory-mb"] = float(budgets[index])
             node_config.update(extra_node_config or {})
             private_key = None
+            cap = None
+            if hard_cap:
+                name = f"supernode-{index}"
+                cap = NodeCap.create(name, float(budgets[index]), state / f"{name}.cap.json")
+                deployment.hard_caps.append(cap)
             if auth:
                 keys = make_node_keys(state / "keys", f"supernode-{index}")
                 register_node(connection, keys.public_key, deployment.env())
@@ -363,6 +394,7 @@ def start_deployment(
                     threads=threads_per_node,
                     extra_env=fast_vars,
                     executable=launchers.get("flower-supernode"),
+                    hard_cap=cap,
                 )
             )
             deployment.save()
@@ -390,9 +422,16 @@ def fast_setup(state_dir: str | Path, home: str | Path) -> tuple[dict[str, str],
     return fast_env(folder, path=deployment_env(home)["PATH"]), launchers
 
 
+def cap_reports(deployment: Deployment) -> list[str]:
+    """One line per node whose hard cap killed a process (budget, limit and selection)."""
+    return [line for cap in deployment.hard_caps if (line := cap.report()) is not None]
+
+
 def stop_deployment(deployment: Deployment, *, grace: float = 5.0) -> list[int]:
-    """Stop every process of ``deployment`` (SuperNodes first, then the SuperLink)."""
+    """Stop every process of ``deployment`` (SuperNodes first, then the SuperLink); remove its hard caps."""
     signalled = stop_processes(list(deployment.supernodes), grace=grace)
     if deployment.superlink is not None:
         signalled += stop_processes([deployment.superlink], grace=grace)
+    for cap in deployment.hard_caps:
+        cap.close()
     return signalled
