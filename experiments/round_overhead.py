@@ -16,7 +16,8 @@ there are cores (a round's wall time is the ServerApp's ``round-seconds``: from
   up --fast``, :mod:`flwr_dsparse.deploy.fast`);
 * **echo** beside each: ``experiments/echo_app``, a ClientApp that moves the same
   payload sizes per node (the median bytes each node received and sent in the real rows,
-  split into as many arrays as the model has tensors in that share of its bytes) and
+  in as many arrays as the real messages: 3 for DSparse's fused records, and for FedAvg as
+  many as the model has tensors in that share of its bytes) and
   computes nothing: the floor of Flower's own transport for those bytes.
 
 Usage::
@@ -55,6 +56,7 @@ os.environ.update(FLOWER_ENV)
 RUNTIMES = ("simulation", "stock", "fast")
 METHODS = ("dsparse", "fedavg")
 QUICK_BUDGETS = "11,12.5,13.7,15,17.9,20,25"  # MB per partition id for the tiny model
+FUSED_ARRAYS = 3  # arrays of a fused DSparse record (flwr_dsparse.records.fuse_record)
 
 
 def compute_seconds(devices: dict[str, Any], local_steps: int, cores: int) -> float:
@@ -185,13 +187,17 @@ class Bench:
         """The echo app's run config: the bytes each node moved in the ``runtime``/``method`` row."""
         rows = self.app_rows(runtime, method)
         down, up = payload_sizes(rows, "down-bytes"), payload_sizes(rows, "up-bytes")
-        tensors, total = model_tensors("tiny" if self.args.quick else "mobilenet_v2")
+        if method == "dsparse":  # fused records: a float32 and an int64 buffer and the layout
+            down_arrays, up_arrays = [FUSED_ARRAYS] * len(down), [FUSED_ARRAYS] * len(up)
+        else:  # Flower's FedAvg: one array per tensor
+            tensors, total = model_tensors("tiny" if self.args.quick else "mobilenet_v2")
+            down_arrays, up_arrays = array_counts(down, tensors, total), array_counts(up, tensors, total)
         return {
             "num-server-rounds": rounds,
             "down-bytes": join(down),
             "up-bytes": join(up),
-            "down-arrays": join(array_counts(down, tensors, total)),
-            "up-arrays": join(array_counts(up, tensors, total)),
+            "down-arrays": join(down_arrays),
+            "up-arrays": join(up_arrays),
             "min-nodes": nodes,
             "out-dir": str(out),
         }
