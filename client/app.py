@@ -28,6 +28,7 @@ from flwr_dsparse import node_state
 from flwr_dsparse.allocator import tune_allocator
 from flwr_dsparse.config import JobConfig, load_config
 from flwr_dsparse.data import Split, batches_at, data_cache_from_env, load_dataset, partition_indices
+from flwr_dsparse.hardcap import join_cap_from_env
 from flwr_dsparse.memory import peak_rss_mb
 from flwr_dsparse.models import build_model
 from flwr_dsparse.protocol import (
@@ -225,6 +226,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         momentum_state = from_array_record(context.state[STATE_MOMENTUM]) if STATE_MOMENTUM in context.state else {}
     batches = _round_batches(config, split, indices, partition, control.server_round)
+    # Under `dsparse deploy up --hard-cap`: the cap binds from here, on what training adds (no-op elsewhere).
+    join_cap_from_env(resident_mb=tensor_nbytes(model.state_dict()) / 2**20, label=",".join(selection))
     if control.round_transport == "collective":
         results, momentum_state = _collective_round(config, control, model, units, batches, momentum_state)
     else:
