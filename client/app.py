@@ -27,7 +27,7 @@ from flwr.supercore import log
 from flwr_dsparse import node_state
 from flwr_dsparse.allocator import tune_allocator
 from flwr_dsparse.config import JobConfig, load_config
-from flwr_dsparse.data import Split, batches_at, data_cache_from_env, load_dataset, partition_indices
+from flwr_dsparse.data import Split, batches_at, data_cache_from_env, load_dataset, node_stream_seed, partition_indices
 from flwr_dsparse.hardcap import join_cap_from_env
 from flwr_dsparse.memory import peak_rss_mb
 from flwr_dsparse.models import build_model
@@ -45,6 +45,7 @@ from flwr_dsparse.protocol import (
     train_reply_content,
 )
 from flwr_dsparse.records import from_array_record, fuse_record, tensor_nbytes, to_array_record
+from flwr_dsparse.sizes import MB
 from flwr_dsparse.trainer import SparseTrainer, StepResult, make_optimizer_factory
 from flwr_dsparse.units import model_units, unit_tensor_names
 
@@ -53,7 +54,6 @@ tune_allocator()
 
 __all__ = ["app", "train_selection", "node_budget_mb"]
 
-MB = 1024 * 1024
 
 app = ClientApp()
 
@@ -149,7 +149,7 @@ def _node_data(config: JobConfig, node_config: Mapping[str, Any]) -> tuple[Split
     return split, _partition(config, count)[partition], partition
 
 
-def _round_batches(config: JobConfig, split: Split, indices: np.ndarray, partition: int, server_round: int) -> list:
+def round_batches(config: JobConfig, split: Split, indices: np.ndarray, partition: int, server_round: int) -> list:
     # The same deterministic stream for DSparse and FedAvg: round r uses steps (r-1)*K .. r*K-1
     # of the node's stream, computed directly (O(K), not a replay of the (r-1)*K before them),
     # so a node rebuilt between rounds resumes exactly.
@@ -157,7 +157,7 @@ def _round_batches(config: JobConfig, split: Split, indices: np.ndarray, partiti
         split,
         indices,
         config.batch_size,
-        seed=config.seed * 10_007 + partition,
+        seed=node_stream_seed(config.seed, partition),
         start=(server_round - 1) * config.local_steps,
         count=config.local_steps,
     )
@@ -225,7 +225,7 @@ def train(msg: Message, context: Context) -> Message:
         momentum_state = live.momentum
     else:
         momentum_state = from_array_record(context.state[STATE_MOMENTUM]) if STATE_MOMENTUM in context.state else {}
-    batches = _round_batches(config, split, indices, partition, control.server_round)
+    batches = round_batches(config, split, indices, partition, control.server_round)
     # Under `dsparse deploy up --hard-cap`: the cap binds from here, on what training adds (no-op elsewhere).
     join_cap_from_env(resident_mb=tensor_nbytes(model.state_dict()) / 2**20, label=",".join(selection))
     if control.round_transport == "collective":

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from flwr.app import Error, Message
 
-from flwr_dsparse.protocol import ARRAYS, METRICS
+from flwr_dsparse.protocol import ARRAYS, METRICS, REPORT_ROUND_KEY
 from flwr_dsparse.testing import Fault, LocalGrid
 
 __all__ = ["LocalGrid", "Fault", "SCENARIOS", "run_scenario", "run_supernode_kill", "main", "SMALL_JOB"]
@@ -95,7 +95,7 @@ def _tensor_fault(kind: str) -> Callable[[Message, Message], Message]:
 
 
 def _stale(message: Message, reply: Message) -> Message:
-    reply.content[METRICS]["server-round"] = int(reply.content[METRICS]["server-round"]) - 1
+    reply.content[METRICS][REPORT_ROUND_KEY] = int(reply.content[METRICS][REPORT_ROUND_KEY]) - 1
     return reply
 
 

@@ -35,7 +35,8 @@ from torch import nn
 
 from .memory import SavedTensorMeter, saved_tensors
 from .peak import PeakCoefficients, SelectionMemory, WorkspaceCoefficients
-from .plan import MB, MemoryEstimate
+from .plan import MemoryEstimate
+from .sizes import MB
 from .timing import time_units
 from .trainer import SparseTrainer
 from .units import Unit, model_units, validate_unit_names

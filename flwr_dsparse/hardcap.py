@@ -41,6 +41,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .sizes import MB
+
 __all__ = [
     "BUDGET_ENV",
     "CAP_ENV",
@@ -49,10 +51,10 @@ __all__ = [
     "NOTE_ENV",
     "hard_caps_available",
     "join_cap_from_env",
+    "own_cgroup",
     "run_capped",
 ]
 
-MB = 1024 * 1024
 #: Environment variable through which :func:`run_capped` tells a ``join="self"`` child its cgroup.
 CAP_ENV = "DSPARSE_HARD_CAP_CGROUP"
 #: The device's budget (MiB) behind the cap: a joining process sets the limit to it less ``resident_mb``.
@@ -64,7 +66,7 @@ _V2_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
 _counter = 0
 
 
-def _own_cgroup() -> tuple[str, Path] | tuple[None, str]:
+def own_cgroup() -> tuple[str, Path] | tuple[None, str]:
     """``("v1"|"v2", directory of this process's memory cgroup)``, or ``(None, reason)``."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
@@ -125,7 +127,7 @@ class HardCap:
         if parent is not None:
             version, where = parent.version, parent.path
         else:
-            version, where = _own_cgroup()
+            version, where = own_cgroup()
         if version is None:
             raise RuntimeError(f"hard caps unavailable: {where}")
         assert isinstance(where, Path)

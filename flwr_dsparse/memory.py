@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from .sizes import MB
+
 __all__ = [
     "SavedTensorMeter",
     "current_rss_mb",
@@ -25,8 +27,6 @@ __all__ = [
     "reset_peak_rss",
     "saved_tensors",
 ]
-
-MB = 1024 * 1024
 
 
 def current_rss_mb() -> float:

@@ -33,9 +33,9 @@ from functools import cache
 
 import numpy as np
 
-__all__ = ["PeakCoefficients", "SelectionMemory", "WorkspaceCoefficients", "subset_sums"]
+from .sizes import MB
 
-MB = 1024 * 1024
+__all__ = ["PeakCoefficients", "SelectionMemory", "WorkspaceCoefficients", "subset_sums"]
 
 
 @dataclass(frozen=True)

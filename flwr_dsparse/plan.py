@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .memory import MB
+from .sizes import MB
 from .units import Unit, compress_unit_names, validate_unit_names
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "format_plan",
     "plan_from_selections",
 ]
-
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ __all__ = [
     "STATE_REPLICA",
     "DeviceReport",
     "QueryReply",
+    "REPORT_EXAMPLES_KEY",
+    "REPORT_ROUND_KEY",
     "TrainControl",
     "TrainReport",
     "query_content",
@@ -261,6 +263,12 @@ class TrainReport:
 
     def record(self) -> MetricRecord:
         return MetricRecord(_to_wire(self))
+
+
+#: The reply's metric keys the server checks before it decodes anything (a stale round, the
+#: example count), derived from :class:`TrainReport` like every other key.
+REPORT_ROUND_KEY = _wire("server_round")
+REPORT_EXAMPLES_KEY = _wire("num_examples")
 
 
 def train_reply_content(arrays: ArrayRecord, report: TrainReport, state: ArrayRecord | None = None) -> RecordDict:

@@ -329,7 +329,7 @@ def test_batches_at_equals_the_stream_bit_for_bit(size: int, batch: int) -> None
 
 
 def test_client_round_batches_are_the_rounds_stretch_of_the_node_stream() -> None:
-    from client.app import _round_batches
+    from client.app import round_batches
     from flwr_dsparse.config import load_config
 
     train, _ = load_dataset("synthetic", num_train=60, num_test=10)
@@ -337,7 +337,7 @@ def test_client_round_batches_are_the_rounds_stretch_of_the_node_stream() -> Non
     indices = np.arange(10, 45)
     stream = list(islice(batch_iterator(train, indices, 8, seed=2 * 10_007 + 4), 30))
     for server_round in (1, 2, 7, 10):
-        got = _round_batches(config, train, indices, 4, server_round)
+        got = round_batches(config, train, indices, 4, server_round)
         want = stream[(server_round - 1) * 3 : server_round * 3]
         assert len(got) == 3 and _same_batches(got, want)
 

@@ -397,7 +397,7 @@ def test_fast_mode_version_guard_and_fallback(
     ]
     assert not (tmp_path / "state" / "fast-bin").exists()
     warned: list[str] = []
-    monkeypatch.setattr(fast_patches, "_warn_stock", lambda part, reason: warned.append(f"{part}: {reason}"))
+    monkeypatch.setattr(fast_patches, "warn_stock", lambda part, reason: warned.append(f"{part}: {reason}"))
     assert fast_mode.poll_grid_replies() is False and fast_mode.bound_supernode_sleeps() is False
     assert fast_mode.fork_task_processes() is False and fast_mode.fast_object_pulls() is False
     assert HttpGrid.send_and_receive is stock
@@ -431,7 +431,7 @@ def test_fast_task_command_matches_flowers_subprocess_executor(monkeypatch: pyte
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import ExecutionSpec, subprocess_executor
 
-    from flwr_dsparse.deploy.fast_launcher import _task_argv
+    from flwr_dsparse.deploy.fast_launcher import task_argv
 
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **_: started.append(list(args)))
@@ -448,13 +448,13 @@ def test_fast_task_command_matches_flowers_subprocess_executor(monkeypatch: pyte
             task_id=7,
         )
         subprocess_executor.SubprocessExecutor().launch(spec)
-        assert started[-1] == _task_argv(spec)
+        assert started[-1] == task_argv(spec)
 
 
 def test_fast_reply_polling_returns_every_reply_and_backs_off() -> None:
     from types import SimpleNamespace
 
-    from flwr_dsparse.deploy.fast_patches import PollBackoff, _send_and_receive
+    from flwr_dsparse.deploy.fast_patches import PollBackoff, polling_send_and_receive
 
     backoff = PollBackoff(0.01, 0.04)
     assert [round(backoff.next(), 4) for _ in range(5)] == [0.01, 0.015, 0.0225, 0.0338, 0.04]
@@ -478,9 +478,9 @@ def test_fast_reply_polling_returns_every_reply_and_backs_off() -> None:
             return [reply(i) for i in self.batches.pop(0)] if self.batches else []
 
     grid = Grid([[], ["b"], [], ["a", "c"]])
-    replies = _send_and_receive(grid, [], timeout=5.0, first=0.001, longest=0.002)
+    replies = polling_send_and_receive(grid, [], timeout=5.0, first=0.001, longest=0.002)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"] and grid.pulls == 4
     began = time.monotonic()
     missing = Grid([])
-    assert _send_and_receive(missing, [], timeout=0.2, first=0.01, longest=0.05) == []
+    assert polling_send_and_receive(missing, [], timeout=0.2, first=0.01, longest=0.05) == []
     assert 0.2 <= time.monotonic() - began < 2.0 and missing.pulls >= 4

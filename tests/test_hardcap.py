@@ -43,7 +43,7 @@ def test_a_callable_runs_in_a_capped_child() -> None:
 def test_caps_say_why_not_when_unavailable_and_fall_back_to_sampled_rss(monkeypatch: pytest.MonkeyPatch) -> None:
     import flwr_dsparse.hardcap as hardcap
 
-    monkeypatch.setattr(hardcap, "_own_cgroup", lambda: (None, "no memory cgroup controller is mounted"))
+    monkeypatch.setattr(hardcap, "own_cgroup", lambda: (None, "no memory cgroup controller is mounted"))
     assert hard_caps_available() == (False, "hard caps unavailable: no memory cgroup controller is mounted")
     result = run_capped([sys.executable, "-c", ALLOCATE + "; import time; time.sleep(0.3)", "50"], 10)
     assert not result.capped and not result.oom_killed and result.ok

@@ -38,7 +38,7 @@ from .fashion_mnist import (
     load_fashion_mnist,
     read_idx_ubyte,
 )
-from .partition import PARTITION_METHODS, batch_iterator, batches_at, partition_indices
+from .partition import PARTITION_METHODS, batch_iterator, batches_at, node_stream_seed, partition_indices
 from .split import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SHAPE, NUM_CLASSES, Split, _subset, normalize
 from .synthetic import SYNTHETIC_NUM_TEST, SYNTHETIC_NUM_TRAIN, make_synthetic
 
@@ -65,6 +65,7 @@ __all__ = [
     "load_dataset",
     "load_fashion_mnist",
     "make_synthetic",
+    "node_stream_seed",
     "normalize",
     "partition_indices",
     "read_idx_ubyte",

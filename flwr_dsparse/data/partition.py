@@ -16,7 +16,7 @@ import torch
 
 from .split import Split
 
-__all__ = ["PARTITION_METHODS", "batch_iterator", "batches_at", "partition_indices"]
+__all__ = ["PARTITION_METHODS", "batch_iterator", "batches_at", "node_stream_seed", "partition_indices"]
 
 PARTITION_METHODS = ("iid", "dirichlet")
 
@@ -96,6 +96,15 @@ def partition_indices(
     return [
         np.sort(np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64)) for pid in range(num_partitions)
     ]
+
+
+def node_stream_seed(seed: int, partition: int) -> int:
+    """The seed of partition ``partition``'s batch stream in a job seeded ``seed``.
+
+    One stream per node and job; the ClientApp and every experiment that replays a node's
+    batches (the comparison's collective ranks) derive it here, so they see the same batches.
+    """
+    return seed * 10_007 + partition
 
 
 def batch_iterator(

@@ -22,7 +22,14 @@ from typing import Any
 
 from .fast_patches import PollBackoff, _guard, _pace_module, poll_grid_replies
 
-__all__ = ["DEFAULT_WARM_IMPORTS", "PROFILE_ENV", "WARM_IMPORTS_ENV", "fork_task_processes", "warm_imports_from_env"]
+__all__ = [
+    "DEFAULT_WARM_IMPORTS",
+    "PROFILE_ENV",
+    "WARM_IMPORTS_ENV",
+    "fork_task_processes",
+    "task_argv",
+    "warm_imports_from_env",
+]
 
 # What a warm SuperExec imports once, before it forks a task process: the heavy libraries
 # of both DSparse apps. The app's own modules (client/, server/) still come from the FAB.
@@ -151,7 +158,7 @@ def fork_task_processes(backoff: PollBackoff | None = None) -> bool:
             return stock_launch(self, spec)
         module, function, before = entries[spec.task_type]
         entry = getattr(importlib.import_module(module), function)
-        argv = _task_argv(spec)
+        argv = task_argv(spec)
         pid = os.fork()
         if pid == 0:
             _run_child(entry, argv, spec.suppress_output, before)
@@ -166,7 +173,7 @@ def fork_task_processes(backoff: PollBackoff | None = None) -> bool:
     return True
 
 
-def _task_argv(spec: Any) -> list[str]:
+def task_argv(spec: Any) -> list[str]:
     """The command line ``SubprocessExecutor.launch`` (Flower 1.42) builds for ``spec``."""
     from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
 

@@ -31,6 +31,8 @@ __all__ = [
     "fast_object_pulls",
     "flower_version_problem",
     "poll_grid_replies",
+    "polling_send_and_receive",
+    "warn_stock",
 ]
 
 SUPPORTED_FLOWER = "1.42."  # the release whose internals the patches below were read from
@@ -59,7 +61,7 @@ def flower_version_problem(version: str | None = None) -> str | None:
     return None
 
 
-def _warn_stock(part: str, reason: str) -> None:
+def warn_stock(part: str, reason: str) -> None:
     """The one-line warning of a patch that falls back to Flower's stock behaviour."""
     message = f"dsparse fast deployment: {part} left stock: {reason}"
     try:
@@ -82,7 +84,7 @@ def _guard(part: str, *targets: tuple[str, str]) -> list[Any] | None:
             return [getattr(importlib.import_module(module), attribute) for module, attribute in targets]
         except (ImportError, AttributeError) as error:
             problem = f"{error} (the patch was written for Flower {SUPPORTED_FLOWER}*)"
-    _warn_stock(part, problem)
+    warn_stock(part, problem)
     return None
 
 
@@ -178,7 +180,7 @@ def fast_object_pulls(first: float = FAST_POLL_S, longest: float = IDLE_POLL_S) 
 # ---------------------------------------------------------------- 2. ServerApp reply polls
 
 
-def _send_and_receive(
+def polling_send_and_receive(
     grid: Any,
     messages: Iterable[Any],
     *,
@@ -217,7 +219,7 @@ def poll_grid_replies(first: float = FAST_POLL_S, longest: float = IDLE_POLL_S) 
     grid_class = found[0]
 
     def send_and_receive(self: Any, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
-        return _send_and_receive(self, messages, timeout=timeout, first=first, longest=longest)
+        return polling_send_and_receive(self, messages, timeout=timeout, first=first, longest=longest)
 
     grid_class.send_and_receive = send_and_receive
     return True
@@ -231,5 +233,5 @@ def fast_grid(grid: Any, first: float = FAST_POLL_S, longest: float = IDLE_POLL_
     """
     found = _guard("ServerApp reply polling (3 s)", ("flwr.superlink.grid.http_grid", "HttpGrid"))
     if found is not None and isinstance(grid, found[0]):
-        grid.send_and_receive = partial(_send_and_receive, grid, first=first, longest=longest)
+        grid.send_and_receive = partial(polling_send_and_receive, grid, first=first, longest=longest)
     return grid

@@ -22,7 +22,7 @@ from flwr.supercore import log
 
 from ..exchange import TensorSpec, Update, tensor_specs
 from ..plan import Plan
-from ..protocol import ARRAYS, METRICS, OPTIMIZER
+from ..protocol import ARRAYS, METRICS, OPTIMIZER, REPORT_EXAMPLES_KEY, REPORT_ROUND_KEY
 from ..records import from_array_record, record_nbytes, tensor_nbytes
 
 __all__ = [
@@ -196,10 +196,10 @@ def accept_train_reply(
             f"device {device} replied with records {sorted(content.keys())}; expected '{ARRAYS}' and '{METRICS}'",
         )
     metrics = dict(content[METRICS].items())
-    if metrics.get("server-round") != server_round:
+    reported = metrics.get(REPORT_ROUND_KEY)
+    if reported != server_round:
         raise ReplyRejected(
-            "stale-round",
-            f"device {device} reported server-round {metrics.get('server-round')!r} during round {server_round}",
+            "stale-round", f"device {device} reported {REPORT_ROUND_KEY} {reported!r} during round {server_round}"
         )
     # Checked on the wire size, before decoding: an oversize payload is never unpacked.
     wire, limit = content[ARRAYS].count_bytes(), _size_limit(selected)
@@ -212,7 +212,7 @@ def accept_train_reply(
         tensors = from_array_record(content[ARRAYS], writable=False)
     except Exception as error:  # an undecodable payload is a bad reply, not a crash
         raise ReplyRejected("malformed", f"device {device} sent arrays that do not decode ({error!r})") from error
-    update = check_update(device, tensors, metrics.get("num-examples"), tensor_specs(selected))
+    update = check_update(device, tensors, metrics.get(REPORT_EXAMPLES_KEY), tensor_specs(selected))
     state = None
     if OPTIMIZER in content.array_records:
         state = check_optimizer_state(device, content[OPTIMIZER], {name: selected[name] for name in params})
