@@ -42,7 +42,7 @@ def fused_weighted_mean(names: Sequence[str], updates: Sequence[Update]) -> dict
     # Two float64 buffers (float64 holds every float32 value and every integer count exactly):
     # the sum, started as the first update's weighted values, and the next update's values.
     acc = fuse(likes, torch.float64).mul_(updates[0].examples / total)
-    flat = torch.empty_like(acc) if len(updates) > 1 else acc
+    flat = torch.empty_like(acc)  # unfilled: no pages touched unless a second update is copied in
     for update in updates[1:]:
         fuse([update.tensors[name] for name in names], torch.float64, out=flat)
         # Multiply then add as two IEEE operations (no fused alpha), so the result is
