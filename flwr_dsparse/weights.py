@@ -15,6 +15,7 @@ of the first classes only, so that the federated run still has something to lear
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import pickle
 import sys
@@ -29,7 +30,7 @@ from .models import MODELS, build_model
 from .trainer import SparseTrainer, make_optimizer_factory
 from .units import model_units
 
-__all__ = ["PretrainInfo", "load_weights", "pretrain", "add_cli"]
+__all__ = ["PretrainInfo", "load_weights", "loss_reporter", "pretrain", "add_cli"]
 
 
 def load_weights(path: str | Path, model_name: str, *, key: str = "initial-weights") -> dict[str, torch.Tensor]:
@@ -136,7 +137,39 @@ def pretrain(
     return model.state_dict(), info
 
 
+def loss_reporter(steps: int, say: Callable[[str], None]) -> Callable[[int, float], None]:
+    """An ``on_step`` for :func:`pretrain` that passes ``say`` a line at every fifth of ``steps``.
+
+    Parameters
+    ----------
+    steps : int
+        The steps :func:`pretrain` will take (the lines say ``step k/steps``).
+    say : callable
+        Receives each line, without indentation or newline (the caller's own progress output).
+
+    Returns
+    -------
+    callable
+        ``on_step(step, loss)``.
+    """
+    every = max(1, steps // 5)
+
+    def on_step(step: int, loss: float) -> None:
+        if step % every == 0:
+            say(f"pre-training step {step}/{steps}, loss {loss:.3f}")
+
+    return on_step
+
+
 # --------------------------------------------------------------------------- CLI
+
+#: :func:`pretrain`'s keywords that ``dsparse pretrain`` takes as options of the same name
+#: (``--batch-size`` is ``batch_size``), with :func:`pretrain`'s defaults.
+_CLI_SETTINGS = ("steps", "batch_size", "lr", "momentum", "classes", "seed")
+
+
+def _say(line: str) -> None:
+    print(f"  … {line}", file=sys.stderr, flush=True)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -144,23 +177,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     train, _ = load_dataset(
         args.dataset, root=args.data_root or None, num_train=args.train_examples or None, seed=args.seed
     )
-    every = max(1, args.steps // 5)
-
-    def progress(step: int, loss: float) -> None:
-        if step % every == 0:
-            print(f"  … pre-training step {step}/{args.steps}, loss {loss:.3f}", file=sys.stderr, flush=True)
-
-    state, info = pretrain(
-        args.model,
-        train,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        classes=args.classes,
-        seed=args.seed,
-        on_step=progress,
-    )
+    settings = {name: getattr(args, name) for name in _CLI_SETTINGS}
+    state, info = pretrain(args.model, train, **settings, on_step=loss_reporter(args.steps, _say))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.tmp")
@@ -194,13 +212,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-root", default="", help="folder of the dataset's files (see the run-config key)")
     parser.add_argument("--train-examples", type=int, default=0, help="0 = the dataset's default size")
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--momentum", type=float, default=0.9)
+    default = {name: inspect.signature(pretrain).parameters[name].default for name in _CLI_SETTINGS}
+    parser.add_argument("--steps", type=int, default=default["steps"])
+    parser.add_argument("--batch-size", type=int, default=default["batch_size"])
+    parser.add_argument("--lr", type=float, default=default["lr"])
+    parser.add_argument("--momentum", type=float, default=default["momentum"])
     parser.add_argument(
-        "--classes", type=int, default=6, help="pre-train on classes 0..N-1; the federated run learns all 10"
+        "--classes",
+        type=int,
+        default=default["classes"],
+        help="pre-train on classes 0..N-1; the federated run learns all 10",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=default["seed"])
     parser.set_defaults(func=_cmd_pretrain)
     return parser
