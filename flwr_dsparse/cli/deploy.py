@@ -7,6 +7,7 @@ prints what a user needs next (the ``flwr run`` and ``down`` commands).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shlex
 import sys
@@ -16,7 +17,6 @@ from typing import Any
 
 from ..deploy import (
     DEFAULT_CONNECTION,
-    DEFAULT_SUPERLINK_PORT,
     DEFAULT_SUPERNODE_PORT,
     Deployment,
     flwr_home,
@@ -35,24 +35,30 @@ from ..planner import parse_budgets
 __all__ = ["add_cli", "main"]
 
 
+#: The ``up`` options that :func:`~flwr_dsparse.deploy.start_deployment` takes as given, under the
+#: same name; :func:`_cmd_up` translates the others (budgets, node ports, TLS hosts, home).
+_UP_AS_GIVEN = (
+    "host",
+    "port",
+    "tls",
+    "auth",
+    "connection",
+    "state_dir",
+    "threads_per_node",
+    "timeout",
+    "fast",
+    "hard_cap",
+)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
-    budgets = parse_budgets(args.memory_mb, field="--memory-mb") if args.memory_mb else None
     deployment = start_deployment(
         args.nodes,
-        memory_mb=budgets,
-        host=args.host,
-        port=args.port,
+        memory_mb=parse_budgets(args.memory_mb, field="--memory-mb") if args.memory_mb else None,
         node_ports=[args.node_port + i for i in range(args.nodes)] if args.node_port else None,
-        tls=args.tls,
         tls_hosts=args.tls_hosts.split(","),
-        auth=args.auth,
-        connection=args.connection,
         home=args.flwr_home,
-        state_dir=args.state_dir,
-        threads_per_node=args.threads_per_node,
-        timeout=args.timeout,
-        fast=args.fast,
-        hard_cap=args.hard_cap,
+        **{name: getattr(args, name) for name in _UP_AS_GIVEN},
     )
     print(
         f"SuperLink {deployment.address} (pid {deployment.superlink.pid}), "
@@ -151,10 +157,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         sub.add_argument("--state-dir", default=None, help="state and logs (default: <flwr-home>/dsparse/<connection>)")
 
     up = commands.add_parser("up", help="start a SuperLink and N SuperNodes, wait until all are online")
+    # The options start_deployment also takes default to its own defaults: one place states them.
+    default = {name: parameter.default for name, parameter in inspect.signature(start_deployment).parameters.items()}
     up.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (default %(default)s)")
     up.add_argument("--memory-mb", default=None, help="comma-separated budgets, one per node, e.g. 80,110,150")
-    up.add_argument("--host", default="127.0.0.1", help="SuperLink bind address (default %(default)s)")
-    up.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="SuperLink port (default %(default)s)")
+    up.add_argument("--host", default=default["host"], help="SuperLink bind address (default %(default)s)")
+    up.add_argument("--port", type=int, default=default["port"], help="SuperLink port (default %(default)s)")
     up.add_argument(
         "--node-port",
         type=int,
@@ -162,7 +170,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="first SuperNode Runtime API port; node i gets node-port+i (default %(default)s)",
     )
     up.add_argument("--tls", action="store_true", help="generate a CA and server certificate and use TLS")
-    up.add_argument("--tls-hosts", default="127.0.0.1,localhost", help="names in the server certificate")
+    up.add_argument("--tls-hosts", default=",".join(default["tls_hosts"]), help="names in the server certificate")
     up.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
     up.add_argument(
         "--threads-per-node",
@@ -182,7 +190,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="run each SuperNode and its ClientApps under a hard memory cap (cgroup) of its --memory-mb "
         "budget on what training adds; a node the kernel kills is reported by `status` and `down`",
     )
-    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for all nodes (default %(default)s)")
+    up.add_argument(
+        "--timeout", type=float, default=default["timeout"], help="seconds to wait for all nodes (default %(default)s)"
+    )
     common(up)
     up.set_defaults(func=_guarded(_cmd_up))
 
