@@ -563,12 +563,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m experiments.aggregation_bench", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="fewer steps and only the 1000 Mbit link (about 1 minute)")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
         "--rate",
         type=int,
         nargs="+",
-        default=None,
         metavar="MBIT",
         help=f"emulated link rates in Mbit/s (default {' '.join(map(str, DEFAULT_RATES_MBIT))}; "
         "20 adds about 3 minutes)",
@@ -576,13 +575,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--plan",
         type=Path,
-        default=None,
         help="plan JSON to use (default: the planner's plan for the paper-like budgets, cached)",
     )
     parser.add_argument("--loopback-only", action="store_true", help="skip the emulated link")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-collective timeout in seconds")
-    parser.add_argument("--inner", type=Path, default=None, help=argparse.SUPPRESS)  # runs inside the namespace
-    parser.add_argument("--inner-exchange", type=Path, default=None, help=argparse.SUPPRESS)  # time_exchanges_on_link
+    parser.add_argument("--inner", type=Path, help=argparse.SUPPRESS)  # runs inside the namespace
+    parser.add_argument("--inner-exchange", type=Path, help=argparse.SUPPRESS)  # time_exchanges_on_link
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
