@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from experiments.output import write_json
 from flwr_dsparse.collective import (
     GroupComm,
     allreduce_mean,
@@ -659,9 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": elapsed,
             "quick": args.quick,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(document, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, document)
     return 0
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.output import write_json
 from flwr_dsparse.allocator import allocator_env
 from flwr_dsparse.hardcap import hard_caps_available, run_capped
 from flwr_dsparse.models import build_model
@@ -189,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": TARGET_ERROR,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, summary)
     return 0
 
 
