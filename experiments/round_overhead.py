@@ -39,7 +39,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ for folder in (REPO, ECHO_APP):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+from experiments.output import write_json  # noqa: E402
 from flwr_dsparse.deploy import FLOWER_ENV, Deployment, run_app, start_deployment, stop_deployment  # noqa: E402
 
 os.environ.update(FLOWER_ENV)
@@ -57,6 +59,10 @@ RUNTIMES = ("simulation", "stock", "fast")
 METHODS = ("dsparse", "fedavg")
 QUICK_BUDGETS = "11,12.5,13.7,15,17.9,20,25"  # MB per partition id for the tiny model
 FUSED_ARRAYS = 3  # arrays of a fused DSparse record (flwr_dsparse.records.fuse_record)
+#: The two apps of every row pair: their folder and the file each writes into its ``out-dir``.
+APPS = {"app": (REPO, "metrics.json"), "echo": (ECHO_APP, "echo.json")}
+#: ``run(app, config)``: one run of an :data:`APPS` app on the runtime being measured, to its end.
+RunApp = Callable[[str, dict[str, Any]], None]
 
 
 def compute_seconds(devices: dict[str, Any], local_steps: int, cores: int) -> float:
@@ -202,6 +208,26 @@ class Bench:
             "out-dir": str(out),
         }
 
+    def measure(self, runtime: str, method: str, rounds: int, nodes: int, run: RunApp) -> None:
+        """The ``runtime``/``method`` rows: the app for ``rounds`` rounds on ``nodes`` nodes, then its echo.
+
+        ``run(app, config)`` runs ``app`` (a key of :data:`APPS`) with the run config
+        ``config`` to its end, on the runtime being measured; the app writes into
+        ``config["out-dir"]``. The echo moves the bytes the app's row moved.
+        """
+        out = self.work / f"{runtime}-{method}"
+        wall = time.perf_counter()
+        run("app", self.job(method, rounds, nodes, out))
+        metrics = json.loads((out / APPS["app"][1]).read_text())
+        rows = round_rows(metrics, self.args.local_steps, self.cores)
+        self.add(runtime, method, "app", nodes, rows, time.perf_counter() - wall)
+        echo_out = self.work / f"{runtime}-{method}-echo"
+        config = self.echo_config(runtime, method, rounds, nodes, echo_out)
+        wall = time.perf_counter()
+        run("echo", config)
+        echo = json.loads((echo_out / APPS["echo"][1]).read_text())
+        self.add(runtime, method, "echo", nodes, echo_rows(echo), time.perf_counter() - wall)
+
     # ------------------------------------------------------------------ deployment
 
     def deployment(self, mode: str) -> None:
@@ -223,34 +249,18 @@ class Bench:
         )
         try:
             for method in args.methods:
-                out = self.work / f"{mode}-{method}"
-                wall = time.perf_counter()
-                job = self.job(method, rounds, nodes, out)
-                self._run(deployment, REPO, job, out.with_suffix(".log"), "metrics.json")
-                metrics = json.loads((out / "metrics.json").read_text())
-                self.add(
-                    mode,
-                    method,
-                    "app",
-                    nodes,
-                    round_rows(metrics, args.local_steps, self.cores),
-                    time.perf_counter() - wall,
-                )
-                echo_out = self.work / f"{mode}-{method}-echo"
-                config = self.echo_config(mode, method, rounds, nodes, echo_out)
-                wall = time.perf_counter()
-                self._run(deployment, ECHO_APP, config, echo_out.with_suffix(".log"), "echo.json")
-                echo = json.loads((echo_out / "echo.json").read_text())
-                self.add(mode, method, "echo", nodes, echo_rows(echo), time.perf_counter() - wall)
+                self.measure(mode, method, rounds, nodes, partial(self._run, deployment))
         finally:
             stop_deployment(deployment)
 
-    def _run(self, deployment: Deployment, app: Path, config: dict[str, Any], log: Path, output: str) -> None:
-        """``flwr run`` of ``app`` on ``deployment``; fails unless it wrote ``out-dir/output``."""
-        result = run_app(deployment, app, config, timeout=self.args.timeout, log=log)
+    def _run(self, deployment: Deployment, app: str, config: dict[str, Any]) -> None:
+        """``flwr run`` of ``app`` on ``deployment``; fails unless it wrote its output file in ``out-dir``."""
+        folder, output = APPS[app]
+        log = Path(config["out-dir"]).with_suffix(".log")
+        result = run_app(deployment, folder, config, timeout=self.args.timeout, log=log)
         if result.returncode != 0 or not (Path(config["out-dir"]) / output).is_file():
             raise RuntimeError(
-                f"flwr run {app.name} failed (exit {result.returncode}, no {output}); log {log}:\n"
+                f"flwr run {folder.name} failed (exit {result.returncode}, no {output}); log {log}:\n"
                 f"{(result.stdout + result.stderr)[-3000:]}"
             )
 
@@ -269,34 +279,30 @@ class Bench:
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             "init_args": {"num_cpus": self.cores, "include_dashboard": False},
         }
+        apps = {"app": (make_server_app, client_app), "echo": (make_echo_server, echo_client)}
+
+        def run(app: str, config: dict[str, Any]) -> None:
+            server_app, app_client = apps[app]
+            run_simulation(server_app(config), app_client, num_supernodes=nodes, backend_config=backend)
+
         for method in args.methods:
-            out = self.work / f"sim-{method}"
-            wall = time.perf_counter()
-            run_simulation(
-                make_server_app(self.job(method, args.rounds, nodes, out)),
-                client_app,
-                num_supernodes=nodes,
-                backend_config=backend,
-            )
-            metrics = json.loads((out / "metrics.json").read_text())
-            self.add(
-                "simulation",
-                method,
-                "app",
-                nodes,
-                round_rows(metrics, args.local_steps, self.cores),
-                time.perf_counter() - wall,
-            )
-            echo_out = self.work / f"sim-{method}-echo"
-            wall = time.perf_counter()
-            run_simulation(
-                make_echo_server(self.echo_config("simulation", method, args.rounds, nodes, echo_out)),
-                echo_client,
-                num_supernodes=nodes,
-                backend_config=backend,
-            )
-            echo = json.loads((echo_out / "echo.json").read_text())
-            self.add("simulation", method, "echo", nodes, echo_rows(echo), time.perf_counter() - wall)
+            self.measure("simulation", method, args.rounds, nodes, run)
+
+    # ------------------------------------------------------------------ the JSON
+
+    def document(self, load_before: Sequence[float], load_after: Sequence[float]) -> dict[str, Any]:
+        """What the run writes: its settings, the machine and its load average around the run, every row."""
+        return {
+            "config": vars(self.args),
+            "machine": {
+                "node": platform.node(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "loadavg-before": load_before,
+                "loadavg-after": load_after,
+            },
+            "results": self.results,
+        }
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -363,21 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_after = os.getloadavg()
     print_table(bench.results)
 
-    result = {
-        "config": vars(args),
-        "machine": {
-            "node": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg-before": load_before,
-            "loadavg-after": load_after,
-        },
-        "results": bench.results,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, bench.document(load_before, load_after))
     return 0
 
 
