@@ -10,6 +10,7 @@ import tomllib
 import torch
 
 from client.app import node_budget_mb
+from experiments.fault_matrix import SMALL_JOB
 from flwr_dsparse.config import JobConfig, load_config
 from flwr_dsparse.models import build_model
 from flwr_dsparse.plan import Plan
@@ -63,12 +64,26 @@ def test_node_budget_order():
     assert budget > 0 and source.startswith("psutil")
 
 
-def test_seven_node_simulation_trains_only_planned_units(tmp_path):
+def simulate(overrides: dict, *, nodes: int, cpus: int) -> None:
+    """The project's ServerApp (``overrides`` on its run config) and ClientApp under Flower's
+    simulation runtime: ``nodes`` virtual nodes, one CPU each, ``cpus`` for Ray in all."""
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from server.app import make_server_app
 
+    run_simulation(
+        make_server_app(overrides),
+        client_app,
+        num_supernodes=nodes,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False},
+        },
+    )
+
+
+def test_seven_node_simulation_trains_only_planned_units(tmp_path):
     out = tmp_path / "out"
     overrides = {
         "model": "tiny",
@@ -85,15 +100,7 @@ def test_seven_node_simulation_trains_only_planned_units(tmp_path):
         "min-nodes": 7,
         "out-dir": str(out),
     }
-    run_simulation(
-        make_server_app(overrides),
-        client_app,
-        num_supernodes=7,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "include_dashboard": False},
-        },
-    )
+    simulate(overrides, nodes=7, cpus=2)
     plan = Plan.from_json((out / "plan.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / "metrics.csv").read_text().count("\n") == 18  # header + rounds 0..16
@@ -122,36 +129,17 @@ def test_collective_transport_in_simulation(tmp_path):
     """transport="collective" under the Ray simulation: one Ray actor per node (num_cpus covers
     all nodes, so the ranks run concurrently; fewer actors than nodes would deadlock the
     rendezvous until collective-timeout), group members return identical tensors."""
-    from flwr.simulation import run_simulation
-
-    from client.app import app as client_app
-    from server.app import make_server_app
-
     out = tmp_path / "out"
     overrides = {
-        "model": "tiny",
-        "batch-size": 16,
-        "local-steps": 2,
-        "lr": 0.05,
+        **SMALL_JOB,  # the suite's three-node job (TinyNet, budgets with a group of their own)
         "momentum": 0.0,
-        "train-examples": 480,
-        "test-examples": 64,
         "num-server-rounds": 2,
-        "min-nodes": 3,
-        "sim-budgets-mb": "3.79,4.27,7.72",
+        "round-timeout": 600.0,  # not the fault matrix's 30 s: Ray and gloo start in the first round
         "transport": "collective",
         "collective-timeout": 60.0,
         "out-dir": str(out),
     }
-    run_simulation(
-        make_server_app(overrides),
-        client_app,
-        num_supernodes=3,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 3, "include_dashboard": False},
-        },
-    )
+    simulate(overrides, nodes=3, cpus=3)
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     for row in rounds[1:]:
