@@ -19,6 +19,7 @@ from typing import Any
 from .data import DATASETS
 from .models import MODELS
 from .planner import OBJECTIVES, parse_budgets
+from .scoring import SCORERS as _SCORER_FUNCTIONS
 
 __all__ = [
     "JobConfig",
@@ -33,7 +34,7 @@ __all__ = [
 
 METHODS = ("dsparse", "fedavg")
 PARTITIONINGS = ("iid", "dirichlet")
-SCORERS = ("gradient", "depth")
+SCORERS = tuple(_SCORER_FUNCTIONS)  # the names of flwr_dsparse.scoring's scorers, not a second list
 TRANSPORTS = ("server", "collective")
 
 
