@@ -22,13 +22,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from experiments.output import write_json
 from flwr_dsparse.allocator import allocator_env
-from flwr_dsparse.hardcap import hard_caps_available, run_capped
+from flwr_dsparse.hardcap import CappedResult, hard_caps_available, run_capped
 from flwr_dsparse.models import build_model
 from flwr_dsparse.planner import DeviceSpec
 from flwr_dsparse.planning import plan_model
@@ -72,24 +73,65 @@ def plan_devices(
     return devices
 
 
-def measure(model_name: str, device: dict, batch: int, *, threads: int, lean: bool, tuned: bool, steps: int) -> dict:
-    """One cold capped probe of ``device``'s selection; the row of the JSON."""
-    cap = device["budget_mb"] - device["weights_mb"]
+def run_capped_probe(
+    model_name: str,
+    selection: Sequence[str],
+    cap_mb: float,
+    *,
+    batch_size: int,
+    steps: int,
+    momentum: float = 0.0,
+    threads: int = 1,
+    lean: bool = True,
+    tuned: bool = True,
+    timeout_s: float = 600.0,
+    label: str = "",
+    require: bool = False,
+) -> CappedResult:
+    """Train ``selection`` for ``steps`` steps in a cold fresh process under a hard cap of ``cap_mb`` MiB.
+
+    The process is the library's memory probe (:mod:`flwr_dsparse.probe`): it builds the model
+    and its batch, then joins its cap (:func:`flwr_dsparse.hardcap.run_capped` with
+    ``join="self"``), so the cap and the cgroup's peak count only what training adds; no
+    warm-up forward (*cold*), because the cost model counts the runtime's first-forward
+    start-up. ``lean`` switches lean frozen layers, ``tuned`` the tuned allocator
+    (:func:`flwr_dsparse.allocator.allocator_env`); ``require`` raises where caps are
+    unavailable instead of running uncapped.
+    """
     request = {
         "model": model_name,
-        "selection": device["units"],
-        "batch_size": batch,
+        "selection": list(selection),
+        "batch_size": batch_size,
         "steps": steps,
+        "momentum": momentum,
         "threads": threads,
         "cold": True,
         "lean_frozen": lean,
         "tune_allocator": tuned,
     }
-    result = run_capped(
+    return run_capped(
         [sys.executable, "-m", "flwr_dsparse.probe", json.dumps(request)],
-        cap,
+        cap_mb,
         join="self",
         env=allocator_env() if tuned else None,
+        timeout_s=timeout_s,
+        label=label,
+        require=require,
+    )
+
+
+def measure(model_name: str, device: dict, batch: int, *, threads: int, lean: bool, tuned: bool, steps: int) -> dict:
+    """One cold capped probe of ``device``'s selection; the row of the JSON."""
+    cap = device["budget_mb"] - device["weights_mb"]
+    result = run_capped_probe(
+        model_name,
+        device["units"],
+        cap,
+        batch_size=batch,
+        steps=steps,
+        threads=threads,
+        lean=lean,
+        tuned=tuned,
         label=", ".join(device["units"]),
     )
     if result.returncode != 0 and not result.oom_killed:
