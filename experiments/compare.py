@@ -67,7 +67,7 @@ from flwr_dsparse.planner import OBJECTIVES, DeviceSpec, make_plan, parse_budget
 from flwr_dsparse.scoring import SCORERS, get_scorer
 from flwr_dsparse.trainer import SparseTrainer, evaluate_model, make_optimizer_factory
 from flwr_dsparse.units import model_units
-from flwr_dsparse.weights import load_weights, pretrain
+from flwr_dsparse.weights import load_weights, loss_reporter, pretrain
 
 __all__ = ["Setup", "DEFAULT", "QUICK", "METHODS", "PAPER", "run_compare", "main"]
 
@@ -99,14 +99,16 @@ class Setup:
 
     model: str = "mobilenet_v2"
     # Each device's budget as a share of the full update's predicted need (an edge cluster's
-    # spread: 0.25 to 0.60, mean 0.40, as the paper's 519 of 1284 MB); every one below it.
-    budget_fractions: tuple[float, ...] = (0.25, 0.28, 0.32, 0.38, 0.44, 0.53, 0.60)
+    # spread: 0.28 to 0.60, mean 0.41, near the paper's 519 of 1284 MB = 0.40); every one below
+    # it. 0.28 is the floor: the cheapest selection (weights, the classifier's step, the cold
+    # start) needs 26% of the full update at batch 32.
+    budget_fractions: tuple[float, ...] = (0.28, 0.31, 0.34, 0.38, 0.44, 0.53, 0.60)
     budgets_mb: tuple[float, ...] = ()  # MB per device; empty: from budget_fractions and the cost model
     plan_objective: str = "balanced"  # the DSparse planner's objective (flwr_dsparse.planner.OBJECTIVES)
     batch_size: int = 32
-    steps: int = 40  # local steps per device, the same for every method
+    steps: int = 300  # local steps per device, the same for every method (long enough to judge accuracy)
     local_steps: int = 4  # K of method 4
-    eval_every: int = 8  # steps between held-out evaluations (a multiple of K)
+    eval_every: int = 20  # steps between held-out evaluations (a multiple of K)
     lr: float = 0.02
     momentum: float = 0.9
     seed: int = 0
@@ -214,7 +216,7 @@ class Setup:
         }
 
 
-#: The default size: MobileNetV2, 7 devices, 40 steps (about 10-15 minutes on 2 idle cores).
+#: The default size: MobileNetV2, 7 devices, 300 steps (the committed run; about 40 minutes on 2 cores).
 DEFAULT = Setup()
 #: ``--quick``: the CI smoke size. TinyNet (MobileNetV2's unit layout at a fraction of the cost).
 #: Its weights and workspace are half of its full update's need (its cheapest selection needs
@@ -303,12 +305,6 @@ def pretrain_checkpoint(setup: Setup, train: Split, progress: Progress) -> tuple
 
     (:func:`flwr_dsparse.weights.pretrain`)
     """
-    every = max(1, setup.pretrain_steps // 5)
-
-    def report(step: int, loss: float) -> None:
-        if step % every == 0:
-            progress.say(f"  pre-training step {step}/{setup.pretrain_steps}, loss {loss:.3f}")
-
     state, info = pretrain(
         setup.model,
         train,
@@ -318,7 +314,7 @@ def pretrain_checkpoint(setup: Setup, train: Split, progress: Progress) -> tuple
         momentum=setup.momentum,
         classes=setup.pretrain_classes,
         seed=setup.seed,
-        on_step=report,
+        on_step=loss_reporter(setup.pretrain_steps, lambda line: progress.say(f"  {line}")),
     )
     return state, {
         "steps": info.steps,
@@ -507,25 +503,24 @@ def caps_unavailable() -> str | None:
 def capped_probe(setup: Setup, selection: Sequence[str], cap_mb: float, *, timeout_s: float = 600.0) -> dict[str, Any]:
     """Train ``selection`` for ``probe_steps`` steps in a fresh process under a hard memory cap.
 
-    The process builds the model and its batch and runs one tiny forward (the runtime's
-    start-up), then joins its cap (:func:`flwr_dsparse.hardcap.run_capped` with
-    ``join="self"``): charges taken before it joins stay outside, so the cap binds exactly
-    what training adds, and the kernel kills it if training needs more. One process per
-    device: a Flower simulation actor serves several devices.
+    The process is the library's memory probe (:mod:`flwr_dsparse.probe`) exactly as
+    ``experiments/memory_bench.py`` runs it and as a device trains: one thread, lean frozen
+    layers, the tuned allocator (:func:`flwr_dsparse.allocator.allocator_env`), and *cold*
+    (no warm-up forward), because the cost model the plan was made with counts the runtime's
+    first-forward start-up. It builds the model and its batch, then joins its cap
+    (:func:`flwr_dsparse.hardcap.run_capped` with ``join="self"``): charges taken before it
+    joins stay outside, so the cap binds exactly what training adds, and the kernel kills it
+    if training needs more. One process per device: a Flower simulation actor serves several.
     """
-    from flwr_dsparse.hardcap import run_capped as run_under_cap
+    from experiments.memory_bench import run_capped_probe
 
-    request = {
-        "model": setup.model,
-        "selection": list(selection),
-        "batch_size": setup.batch_size,
-        "steps": setup.probe_steps,
-        "momentum": setup.momentum,
-    }
-    result = run_under_cap(
-        [sys.executable, "-c", _CAPPED_PROBE, json.dumps(request)],
+    result = run_capped_probe(
+        setup.model,
+        selection,
         cap_mb,
-        join="self",
+        batch_size=setup.batch_size,
+        steps=setup.probe_steps,
+        momentum=setup.momentum,
         timeout_s=timeout_s,
         label=f"{len(selection)} units",
         require=True,
@@ -539,33 +534,6 @@ def capped_probe(setup: Setup, selection: Sequence[str], cap_mb: float, *, timeo
         "oom_kills": int(result.oom_killed),
         "exit_code": result.returncode,
     }
-
-
-# The capped probe's process, run with ``python -c``: it imports only torch and the trainer, so
-# the many probes of a run start fast. Set up, warm up, move into the capped cgroup, train.
-_CAPPED_PROBE = """
-import json, sys
-import torch
-from flwr_dsparse.hardcap import join_cap_from_env
-from flwr_dsparse.models import build_model
-from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
-from flwr_dsparse.units import model_units
-
-request = json.loads(sys.argv[1])
-torch.set_num_threads(1)  # as the memory probes: one thread
-model = build_model(request["model"], seed=0)
-inputs = torch.randn(request["batch_size"], 3, 32, 32)
-targets = torch.randint(0, 10, (request["batch_size"],))
-trainer = SparseTrainer(model, request["selection"], units=model_units(model),
-                        optimizer_factory=make_optimizer_factory("sgd", lr=0.01, momentum=request["momentum"]))
-with torch.no_grad():
-    model.eval()
-    model(inputs[:1])
-join_cap_from_env()
-for _ in range(request["steps"]):
-    trainer.step(inputs, targets)
-print(json.dumps({"ok": True}))
-"""
 
 
 def run_capped(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> dict[str, Any]:
@@ -602,8 +570,8 @@ def run_capped(setup: Setup, plans: Mapping[str, Plan], progress: Progress) -> d
         "reason": None,
         "description": "every device of every method trained once in its own process under a hard memory cap "
         "(flwr_dsparse.hardcap, a cgroup) of its budget less its resident weights, bound after the "
-        "model, the "
-        f"batch and one warm-up forward exist ({setup.probe_steps} steps, one thread); "
+        f"model and the batch exist, cold (no warm-up forward), {setup.probe_steps} steps, one thread, "
+        "lean frozen layers, the tuned allocator (flwr_dsparse.probe, as memory_bench); "
         "the kernel kills a process that needs more",
         "devices": devices,
     }
@@ -1522,7 +1490,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--budget-fractions",
         default=None,
         help="each device's budget as a share of the full update's predicted need, comma-separated "
-        "(default 0.25,0.28,0.32,0.38,0.44,0.53,0.60: mean 0.40, as in the paper)",
+        "(default 0.28,0.31,0.34,0.38,0.44,0.53,0.60: mean 0.41, near the paper's 0.40)",
     )
     parser.add_argument(
         "--plan-objective",
@@ -1531,7 +1499,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="DSparse planner: balanced (default: also picks the cluster's step cap) or criticality "
         "(memory only, the paper's planner)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="local steps per device, every method (default 40)")
+    parser.add_argument("--steps", type=int, default=None, help="local steps per device, every method (default 300)")
     parser.add_argument("--local-steps", type=int, default=None, help="K of method 4 (default 4)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument(
