@@ -29,7 +29,7 @@ from flwr_dsparse.config import load_config
 from flwr_dsparse.data import load_dataset
 from flwr_dsparse.models import build_model
 from flwr_dsparse.protocol import ARRAYS, DeviceReport, TrainReport, train_reply_content
-from flwr_dsparse.records import tensor_nbytes, to_array_record
+from flwr_dsparse.records import fuse_record, tensor_nbytes, to_array_record
 from flwr_dsparse.strategy import DSparse
 from flwr_dsparse.strategy.replies import selection_of
 from server.app import planner_plan_fn
@@ -65,7 +65,8 @@ def replies_for(strategy: DSparse, messages: Sequence[Message], server_round: in
         }
         budget = strategy.plan.device(device).budget_mb
         report = TrainReport(server_round, device, 32, 1.0, 0.1, 100.0, 0, tensor_nbytes(tensors), budget)
-        out.append(Message(train_reply_content(to_array_record(tensors), report), reply_to=message))
+        # Fused, as the ClientApp sends a sparse reply (one buffer per dtype; client/app.py).
+        out.append(Message(train_reply_content(fuse_record(tensors), report), reply_to=message))
     return out
 
 

@@ -18,18 +18,48 @@ __all__ = ["fuse", "split_like"]
 def fuse(tensors: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Every tensor, flattened in order into one contiguous ``dtype`` buffer.
 
-    Each tensor is copied straight into its slice (``copy_`` casts), so nothing is
-    concatenated on the way. Pass ``out`` (a buffer of the total size) to reuse one
-    across calls.
+    Each run of tensors that already lie back to back in one storage (the views of a fused
+    wire record, :func:`flwr_dsparse.records.fuse_record`) is copied into its slice in one
+    ``copy_`` (which casts), any other tensor on its own, so nothing is concatenated on the
+    way and a fused reply costs one copy per run instead of one per tensor. Pass ``out`` (a
+    buffer of the total size) to reuse one across calls.
     """
     sizes = [tensor.numel() for tensor in tensors]
     flat = torch.empty(sum(sizes), dtype=dtype) if out is None else out
     if flat.numel() != sum(sizes) or flat.dtype != dtype:
         raise ValueError(f"out holds {flat.numel()} {flat.dtype} values; the tensors need {sum(sizes)} {dtype}")
     with torch.no_grad():
-        for piece, tensor in zip(flat.split(sizes), tensors, strict=True):
-            piece.copy_(tensor.detach().reshape(-1))
+        start = 0
+        for first, count in _storage_runs(tensors):
+            flat.narrow(0, start, count).copy_(_span(first, count))
+            start += count
     return flat
+
+
+def _storage_runs(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """``(first tensor, elements)`` of each maximal run of tensors that continue one another in one storage."""
+    runs: list[tuple[torch.Tensor, int]] = []
+    end: tuple[int, int, torch.dtype] | None = None  # (storage, offset) just past the current run, and its dtype
+    for tensor in tensors:
+        tensor = tensor.detach()
+        if tensor.is_contiguous() and tensor.numel() > 0:
+            here = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype)
+            if here == end:
+                runs[-1] = (runs[-1][0], runs[-1][1] + tensor.numel())
+            else:
+                runs.append((tensor, tensor.numel()))
+            end = (here[0], here[1] + tensor.numel(), tensor.dtype)
+        else:
+            runs.append((tensor, tensor.numel()))
+            end = None
+    return runs
+
+
+def _span(first: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` elements of ``first``'s storage from ``first`` on, flat (``first`` itself when it has them all)."""
+    if count == first.numel():
+        return first.reshape(-1)
+    return first.as_strided((count,), (1,), first.storage_offset())
 
 
 def split_like(flat: torch.Tensor, likes: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -8,6 +8,7 @@ import torch
 
 from flwr_dsparse.exchange import TensorVersions, Update, tensor_specs
 from flwr_dsparse.plan import plan_from_selections
+from flwr_dsparse.records import from_array_record, fuse_record
 from flwr_dsparse.strategy.aggregate import aggregate_groups, fused_weighted_mean
 from flwr_dsparse.strategy.replies import ReplyRejected, all_finite, check_update
 from flwr_dsparse.units import Unit
@@ -49,6 +50,34 @@ def test_fused_mean_equals_hand_computation_bitwise():
         expected = acc.astype(np.float32) if like.dtype.is_floating_point else np.round(acc).astype(np.int64)
         assert out[name].dtype == like.dtype
         assert np.array_equal(out[name].numpy(), expected), name
+
+
+def test_fused_mean_of_decoded_fused_replies_equals_hand_computation():
+    # Replies arrive as fused records, decoded to views of one buffer per dtype; fuse copies each
+    # run of back-to-back views at once. Names in an order that breaks the runs, plus one tensor
+    # that is not a view (non-contiguous), must give exactly the per-tensor result.
+    gen = torch.Generator().manual_seed(1)
+    names = ["c", "a", "b", "n", "t"]
+    updates, expected = [], {name: 0.0 for name in names}
+    total = 4 + 9
+    for device, examples in ((1, 4), (3, 9)):
+        sent = {
+            "a": torch.randn(3, 4, generator=gen),
+            "b": torch.randn(5, generator=gen),
+            "c": torch.randn(2, 3, generator=gen),
+            "n": torch.tensor(7 + device, dtype=torch.int64),
+        }
+        tensors = from_array_record(fuse_record(sent), writable=False)
+        tensors["t"] = torch.randn(3, 2, generator=gen).t()  # not contiguous
+        updates.append(Update(device, examples, tensors))
+        for name in names:
+            expected[name] = expected[name] + tensors[name].numpy().astype(np.float64) * (examples / total)
+    out = fused_weighted_mean(names, updates)
+    for name in names:
+        like = updates[0].tensors[name]
+        want = expected[name].astype(np.float32) if like.dtype.is_floating_point else np.round(expected[name])
+        assert out[name].dtype == like.dtype and tuple(out[name].shape) == tuple(like.shape)
+        assert np.array_equal(out[name].numpy(), want.astype(out[name].numpy().dtype)), name
 
 
 def test_single_member_mean_is_bit_identical():

@@ -49,10 +49,19 @@ def fused_weighted_mean(names: Sequence[str], updates: Sequence[Update]) -> dict
         # reproducible by a hand computation: the same values as ``acc += flat * w``.
         flat.mul_(update.examples / total)
         acc.add_(flat)
+    # Cast back per tensor, but the dtype that holds most of the values (float32 weights) in
+    # one pass over the whole buffer: the same elementwise casts, without one call per tensor.
+    main = max({like.dtype for like in likes}, key=lambda d: sum(like.numel() for like in likes if like.dtype == d))
+    in_main = split_like(_cast(acc, main), likes)
     return {
-        name: piece.to(like.dtype) if like.dtype.is_floating_point else piece.round().to(like.dtype)
-        for name, like, piece in zip(names, likes, split_like(acc, likes), strict=True)
+        name: cast if like.dtype == main else _cast(piece, like.dtype)
+        for name, like, piece, cast in zip(names, likes, split_like(acc, likes), in_main, strict=True)
     }
+
+
+def _cast(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float64 ``values`` as ``dtype``: floats cast, integers rounded first."""
+    return values.to(dtype) if dtype.is_floating_point else values.round().to(dtype)
 
 
 def aggregate_groups(groups: Sequence[Group], updates: Mapping[int, Update]) -> dict[str, torch.Tensor]:
