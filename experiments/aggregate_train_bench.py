@@ -29,7 +29,7 @@ from flwr_dsparse.config import load_config
 from flwr_dsparse.data import load_dataset
 from flwr_dsparse.models import build_model
 from flwr_dsparse.protocol import ARRAYS, DeviceReport, TrainReport, train_reply_content
-from flwr_dsparse.records import fuse_record, tensor_nbytes, to_array_record
+from flwr_dsparse.records import fuse_record, record_nbytes, tensor_nbytes, to_array_record
 from flwr_dsparse.strategy import DSparse
 from flwr_dsparse.strategy.replies import selection_of
 from server.app import planner_plan_fn
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid=None))  # type: ignore[arg-type]
         configure_s.append(time.perf_counter() - started)
         replies = replies_for(strategy, messages, server_round)
-        up_bytes.append(sum(sum(a.numpy().nbytes for a in r.content[ARRAYS].values()) for r in replies))
+        up_bytes.append(sum(record_nbytes(r.content[ARRAYS]) for r in replies))
         started = time.perf_counter()
         arrays, metrics = strategy.aggregate_train(server_round, replies)
         aggregate_s.append(time.perf_counter() - started)

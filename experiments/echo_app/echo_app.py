@@ -19,6 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from flwr_dsparse.deploy.fast_patches import fast_simulation_grid
+
 client_app = ClientApp()
 
 
@@ -99,7 +101,8 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_echo(grid, {**dict(context.run_config), **(overrides or {})})
+        # The same reply polls as the project's ServerApp in simulation, so the floor is the same loop.
+        run_echo(fast_simulation_grid(grid), {**dict(context.run_config), **(overrides or {})})
 
     return app
 
