@@ -53,15 +53,23 @@ def tune_allocator() -> bool:
     global _tuned
     if _tuned:
         return True
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name)
+        libc = _load_libc()
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _tuned = all(mallopt(number, value) == 1 for number, value, _ in MALLOC_SETTINGS.values())
     return _tuned
+
+
+def _load_libc() -> ctypes.CDLL:
+    # glibc's soname first: ``find_library`` runs ``ldconfig -p`` in a subprocess, which a rank
+    # forked from a large process on a loaded machine can wait seconds for.
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so")
 
 
 def allocator_is_tuned() -> bool:

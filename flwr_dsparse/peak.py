@@ -152,13 +152,16 @@ class SelectionMemory:
             return self.fixed + c.forward * self.widest.max()
         return self.fixed + (1 + c.margin) * (self._cold() + c.forward * self.widest.max())
 
-    def _cold(self, e: int | None = None) -> float:
-        """The cold start, plus the heap left by the backward from unit ``e`` on (None: no backward)."""
+    def _cold(self) -> float:
         c = self.coefficients
         threads = c.cold_mb_per_thread * max(0, self.threads - 1)
-        widest = self.widest[e:] if e is not None else self.widest[:0]
-        backward = c.small_unit_heap * float(widest[widest <= c.small_unit_mb].sum())
-        return c.cold_mb + c.cold_weights * self.grads.sum() + c.cold_widest * self.widest.max() + threads + backward
+        return c.cold_mb + c.cold_weights * self.grads.sum() + c.cold_widest * self.widest.max() + threads
+
+    def _small_unit_heap(self, e: int) -> float:
+        """The heap the backward leaves in the small units from ``e`` on (see :class:`PeakCoefficients`)."""
+        c = self.coefficients
+        widest = self.widest[e:]
+        return c.small_unit_heap * float(widest[widest <= c.small_unit_mb].sum())
 
     def phases(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """``(bases, increments)`` for earliest unit ``e``: phase ``p`` of a selection costs
@@ -180,14 +183,15 @@ class SelectionMemory:
             )
             return np.array([base]), (per_param * g[later] + t[later] - f[later])[None, :]
         scale = 1.0 + c.margin
+        start = self._cold() + self._small_unit_heap(e)  # in every moment of a step that trains from e
         rows, bases = [], []
         if e > 0:  # the no_grad forward through the prefix
-            bases.append(self._cold(e) + c.forward * w[:e].max() + c.cache * w[e:].sum() + state * g[e])
+            bases.append(start + c.forward * w[:e].max() + c.cache * w[e:].sum() + state * g[e])
             rows.append(state * g[later])
         for j in range(e, self.count):  # the backward at unit j
             upto, after = later <= j, later >= j
             bases.append(
-                self._cold(e)
+                start
                 + self.first[e]
                 + f[later[upto]].sum()
                 + (1 + state) * g[e] * (j == e)

@@ -232,10 +232,7 @@ def fast_grid(grid: Any, first: float = FAST_POLL_S, longest: float = IDLE_POLL_
     For a ServerApp run by a stock SuperExec: ``grid = fast_grid(grid)`` at the top of its
     ``main``. Any other grid (the simulation's in-memory one) is returned untouched.
     """
-    found = _guard("ServerApp reply polling (3 s)", ("flwr.superlink.grid.http_grid", "HttpGrid"))
-    if found is not None and isinstance(grid, found[0]):
-        grid.send_and_receive = partial(polling_send_and_receive, grid, first=first, longest=longest)
-    return grid
+    return _poll_replies_of(grid, "ServerApp reply polling (3 s)", "http_grid", "HttpGrid", first, longest)
 
 
 def fast_simulation_grid(grid: Any, first: float = FAST_POLL_S, longest: float = IDLE_POLL_S) -> Any:
@@ -248,7 +245,12 @@ def fast_simulation_grid(grid: Any, first: float = FAST_POLL_S, longest: float =
     it in every simulation (the echo app too, so the transport floor it measures is the same
     loop); any other grid is returned untouched.
     """
-    found = _guard("simulation reply polling (0.1 s)", ("flwr.superlink.grid.inmemory_grid", "InMemoryGrid"))
+    return _poll_replies_of(grid, "simulation reply polling (0.1 s)", "inmemory_grid", "InMemoryGrid", first, longest)
+
+
+def _poll_replies_of(grid: Any, part: str, module: str, name: str, first: float, longest: float) -> Any:
+    """``grid`` polling with :func:`polling_send_and_receive` if it is ``flwr.superlink.grid.<module>.<name>``."""
+    found = _guard(part, (f"flwr.superlink.grid.{module}", name))
     if found is not None and isinstance(grid, found[0]):
         grid.send_and_receive = partial(polling_send_and_receive, grid, first=first, longest=longest)
     return grid
