@@ -46,7 +46,7 @@ def build(config_overrides: dict | None = None) -> tuple[DSparse, ArrayRecord]:
     reports = [
         DeviceReport(NODE_OFFSET + d, d, budget, config.batch_size, 100) for d, budget in enumerate(config.budgets_mb)
     ]
-    plan = plan_fn(reports)
+    plan = plan_fn(reports, model.state_dict())
     strategy = DSparse(plan_fn=plan_fn, train_config=config.to_run_config())
     strategy.set_plan(plan, {report.node_id: report.device for report in reports})
     return strategy, to_array_record(model.state_dict())

@@ -50,7 +50,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -127,6 +127,7 @@ class Setup:
     timing_rounds: int = 5
     timing_steps: int = 3
     max_step_fraction: float = 1.0  # a step-time cap by hand (1: none; the balanced objective picks its own)
+    rescore_every: int = 0  # DSparse re-plans every N rounds on criticality scored on the trained model (0: never)
     baseline_steps: int = 6  # steps of the full-model collective run (timing baseline of method 5)
     num_cpus: int = 2  # Ray's CPUs for the simulation
     collective_timeout_s: float = 300.0
@@ -151,6 +152,8 @@ class Setup:
         bad = [f for f in self.budget_fractions if not 0 < f <= 1]
         if bad and not self.budgets_mb:
             raise ValueError(f"--budget-fractions {bad} must be in (0, 1]: shares of the full update's predicted need")
+        if self.rescore_every < 0:
+            raise ValueError(f"--rescore-every must be >= 0 (0: never re-score), got {self.rescore_every}")
         if self.plan_objective not in OBJECTIVES:
             raise ValueError(
                 f"--plan-objective {self.plan_objective!r} is unknown; choose one of: {', '.join(OBJECTIVES)}"
@@ -211,6 +214,7 @@ class Setup:
             "partitioning": "iid",
             "sim-budgets-mb": ",".join(f"{b:g}" for b in self.budgets_mb),
             "plan-objective": self.plan_objective,
+            "rescore-every": self.rescore_every,
             "min-nodes": self.num_devices,
             "round-timeout": 600.0,
         }
@@ -371,6 +375,40 @@ def resolve_budgets(setup: Setup, full_mb: float) -> tuple[float, ...]:
     return tuple(math.floor(f * full_mb * 100) / 100 for f in setup.budget_fractions)
 
 
+def plan_meta(setup: Setup) -> dict[str, Any]:
+    return {"model": setup.model, "scorer": setup.scorer, "input_shape": [3, 32, 32], "source": "experiments.compare"}
+
+
+def dsparse_plan(setup: Setup, cost: CostModel, scores: Sequence[float], budgets: Sequence[float]) -> Plan:
+    """The DSparse plan for ``budgets`` under ``scores`` (the start's, or a re-scoring's)."""
+    devices = [DeviceSpec(device, budget, setup.batch_size) for device, budget in enumerate(budgets)]
+    return make_plan(
+        devices,
+        cost,
+        scores,
+        objective=setup.plan_objective,
+        max_step_fraction=setup.max_step_fraction,
+        meta={**plan_meta(setup), "method": "dsparse", "max_step_fraction": setup.max_step_fraction},
+    )
+
+
+def rescoring_planner(setup: Setup, plans: Plans, train: Split) -> Callable[[Mapping[str, torch.Tensor]], Plan]:
+    """The DSparse plan for the global model as it is: its criticality scored again (``rescore-every``).
+
+    The cost model and the budgets stay the start's (neither depends on the weights).
+    """
+    model = build_model(setup.model, seed=setup.seed)
+    calibration = min(64, len(train))
+    inputs, targets = train.x[:calibration], train.y[:calibration]
+
+    def replan(global_tensors: Mapping[str, torch.Tensor]) -> Plan:
+        model.load_state_dict(global_tensors)
+        scores = get_scorer(setup.scorer)(model, plans.cost.units, inputs, targets)
+        return dsparse_plan(setup, plans.cost, scores, plans.budgets_mb)
+
+    return replan
+
+
 def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) -> Plans:
     """Plan on the starting checkpoint: criticality depends on the weights being fine-tuned."""
     model = build_model(setup.model, seed=setup.seed)
@@ -385,16 +423,8 @@ def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) ->
     scores = get_scorer(setup.scorer)(model, cost.units, train.x[:calibration], train.y[:calibration])
     full_mb = cost.predict(cost.unit_names, setup.batch_size).total
     budgets = resolve_budgets(setup, full_mb)
-    devices = [DeviceSpec(device, budget, setup.batch_size) for device, budget in enumerate(budgets)]
-    meta = {"model": setup.model, "scorer": setup.scorer, "input_shape": [3, 32, 32], "source": "experiments.compare"}
-    dsparse = make_plan(
-        devices,
-        cost,
-        scores,
-        objective=setup.plan_objective,
-        max_step_fraction=setup.max_step_fraction,
-        meta={**meta, "method": "dsparse", "max_step_fraction": setup.max_step_fraction},
-    )
+    meta = plan_meta(setup)
+    dsparse = dsparse_plan(setup, cost, scores, budgets)
     smallest = min(dsparse.devices, key=lambda d: d.budget_mb)
     all_units = cost.unit_names
 
@@ -713,9 +743,18 @@ def _quiet_flower() -> Iterator[None]:
 
 
 def run_flower_method(
-    method: str, setup: Setup, state: Mapping[str, torch.Tensor], plan: Plan | None, test: Split, progress: Progress
+    method: str,
+    setup: Setup,
+    state: Mapping[str, torch.Tensor],
+    plan: Plan | None,
+    test: Split,
+    progress: Progress,
+    replan: Callable[[Mapping[str, torch.Tensor]], Plan] | None = None,
 ) -> dict[str, Any]:
-    """Run one of methods 1-4 in Flower's in-process simulation; returns its history and evaluations."""
+    """Run one of methods 1-4 in Flower's in-process simulation; returns its history and evaluations.
+
+    ``replan`` (with ``rescore-every``) makes every plan after the first from the global model.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     from flwr.app import ConfigRecord, Context
@@ -732,12 +771,17 @@ def run_flower_method(
     record: dict[str, Any] = {}
     server_app = ServerApp()
 
-    def fixed_plan(reports: Sequence[DeviceReport]) -> Plan:
+    plans_made = 0
+
+    def fixed_plan(reports: Sequence[DeviceReport], global_tensors: Mapping[str, torch.Tensor]) -> Plan:
+        nonlocal plans_made
         assert plan is not None
         reported = sorted(report.device for report in reports)
         if reported != list(plan.device_ids):
             raise ValueError(f"devices {reported} answered the query, the plan has {list(plan.device_ids)}")
-        return plan
+        plans_made += 1
+        # The first plan is the one every method's figures are measured for; re-scorings follow training.
+        return plan if plans_made == 1 or replan is None else replan(global_tensors)
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -767,6 +811,7 @@ def run_flower_method(
             else:
                 strategy = _timed(DSparse)(
                     plan_fn=fixed_plan,
+                    rescore_every=config.rescore_every,
                     train_config=config.to_run_config(),
                     query_config=config.to_run_config(),
                     min_nodes=setup.num_devices,
@@ -780,7 +825,10 @@ def run_flower_method(
                     evaluate_fn=evaluator,
                 )
             record.update(
-                history=strategy.history, aggregate_train_s=strategy.aggregate_train_seconds, evaluations=evaluator.rows
+                history=strategy.history,
+                aggregate_train_s=strategy.aggregate_train_seconds,
+                evaluations=evaluator.rows,
+                events=list(getattr(strategy, "events", [])),  # DSparse's re-plans
             )
         except BaseException as error:  # the simulation runtime only logs a ServerApp's exception
             record["error"] = error
@@ -1036,6 +1084,12 @@ def flower_measures(method: str, run: Mapping[str, Any], plan: Plan, memory: Map
         "accepted_every_round": all(entry["accepted"] == list(range(setup.num_devices)) for entry in history)
         if method != "fedavg"
         else True,
+        # rescore-every: how often the plan was made again, and how many device selections it changed
+        "replans": [
+            {"round": event["round"], "changed": sorted(event["changed"], key=int)}
+            for event in run.get("events", [])
+            if event.get("event") == "replan"
+        ],
     }
 
 
@@ -1410,7 +1464,13 @@ def run_compare(
             continue
         with progress.stage(f"method {METHOD_LABELS[method]}"):
             run = run_flower_method(
-                method, setup, state, None if method == "fedavg" else method_plans[method], test, progress
+                method,
+                setup,
+                state,
+                None if method == "fedavg" else method_plans[method],
+                test,
+                progress,
+                replan=rescoring_planner(setup, plans, train) if method.startswith("dsparse") else None,
             )
         runs[method] = flower_measures(method, run, method_plans[method], memory, setup)
     if "collective" in methods:
@@ -1519,6 +1579,12 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="DSparse planner's step-time cap by hand, a fraction of a full update's step (default 1: none)",
     )
+    parser.add_argument(
+        "--rescore-every",
+        type=int,
+        default=None,
+        help="DSparse re-plans every N rounds on criticality scored on the trained model (default 0: never)",
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (fedavg is required)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.set_defaults(func=_cli_main)
@@ -1542,6 +1608,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         "num_cpus",
         "max_step_fraction",
         "plan_objective",
+        "rescore_every",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -229,11 +229,21 @@ def _budget_lines(results: Mapping[str, Any]) -> list[str]:
 
 def _objective_note(results: Mapping[str, Any]) -> str:
     if results["setup"].get("plan_objective") != "balanced":
-        return " (memory only: every device trains its most critical selection that fits)"
-    return (
-        " (the planner also chooses the cluster's step cap: the knee of criticality against the slowest predicted "
-        "step, then every device trains its most critical selection within its memory and that step)"
-    )
+        note = " (memory only: every device trains its most critical selection that fits)"
+    else:
+        note = (
+            " (the planner also chooses the cluster's step cap: the knee of criticality against the slowest predicted "
+            "step, then every device trains its most critical selection within its memory and that step)"
+        )
+    every = results["setup"].get("rescore_every", 0)
+    if every:
+        replans = (results["methods"].get("dsparse") or {}).get("replans", [])
+        changed = sum(len(replan["changed"]) for replan in replans)
+        note += (
+            f"; re-scored every {every} rounds on the trained global model and re-planned ({len(replans)} re-plans, "
+            f"{changed} device selections changed; the per-device figures below are the first plan's)"
+        )
+    return note
 
 
 def _link_and_caps_lines(results: Mapping[str, Any]) -> list[str]:

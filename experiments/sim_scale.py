@@ -64,7 +64,7 @@ def planning_seconds(nodes: int, objective: str) -> float:
     plan_fn = planner_plan_fn(model, config, (train.x[:64], train.y[:64]))
     reports = [DeviceReport(100 + d, d, b, config.batch_size, 20) for d, b in enumerate(config.budgets_mb)]
     started = time.perf_counter()
-    plan = plan_fn(reports)
+    plan = plan_fn(reports, model.state_dict())
     assert len(plan.devices) == nodes
     return time.perf_counter() - started
 

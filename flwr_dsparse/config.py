@@ -66,6 +66,7 @@ class JobConfig:
     allow_inference_only: bool = False
     max_step_fraction: float = 1.0
     plan_objective: str = "balanced"
+    rescore_every: int = 0
     min_nodes: int = 2
     round_timeout: float = 600.0
     out_dir: str = "outputs"
@@ -178,7 +179,7 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
     )
     for key in positive + ("min-replies", "collective-timeout"):
         _positive(key, values.get(key, getattr(config, key.replace("-", "_"))))
-    for key in ("momentum", "memory-reserve-mb", "train-examples", "test-examples", "round-retries"):
+    for key in ("momentum", "memory-reserve-mb", "train-examples", "test-examples", "round-retries", "rescore-every"):
         value = getattr(config, key.replace("-", "_"))
         if value < 0:
             raise ValueError(f"{key} must be >= 0, got {value!r}")

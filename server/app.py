@@ -8,6 +8,7 @@ global model centrally after every round and writes ``metrics.json``,
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,9 +45,15 @@ CALIBRATION_EXAMPLES = 64
 def planner_plan_fn(
     model: torch.nn.Module, config: JobConfig, calibration: tuple[torch.Tensor, torch.Tensor]
 ) -> PlanFn:
-    """The default plan function: cost model, criticality scores and the planner, on the nodes' reports."""
+    """The default plan function: cost model, criticality scores and the planner, on the nodes' reports.
 
-    def plan_fn(reports: Sequence[DeviceReport]) -> Plan:
+    The scores are taken on the global model ``plan_fn`` is handed (loaded into a copy of
+    ``model``), so a re-plan with ``rescore-every`` scores the trained model.
+    """
+    scored = copy.deepcopy(model)
+
+    def plan_fn(reports: Sequence[DeviceReport], global_tensors: Mapping[str, torch.Tensor]) -> Plan:
+        scored.load_state_dict(global_tensors)
         devices = [DeviceSpec(report.device, report.budget_mb, report.batch_size) for report in reports]
         meta = {
             "model": config.model,
@@ -55,7 +62,7 @@ def planner_plan_fn(
             "max_step_fraction": config.max_step_fraction,
         }
         return plan_model(
-            model,
+            scored,
             devices,
             calibration,
             scorer=config.scorer,
@@ -218,6 +225,7 @@ def _run_job(grid: Grid, config: JobConfig, plan_fn: PlanFn | None) -> dict[str,
             # The server keeps the nodes' momentum only when it checkpoints: it costs upload bytes.
             keep_client_state=config.checkpoint and config.momentum > 0,
             checkpoint_every=config.checkpoint_every,
+            rescore_every=config.rescore_every,
             checkpoint_path=checkpoint_path(config) if config.checkpoint or config.resume else None,
             resume=config.resume,
             fingerprint=config.to_run_config(),

@@ -18,7 +18,8 @@ def test_a_100_device_plan_is_built_and_every_device_trains_within_its_budget(on
     model = build_model("tiny", seed=0)
     train, _ = load_dataset(config.dataset, seed=config.seed, num_train=128, num_test=10)
     plan = planner_plan_fn(model, config, (train.x[:64], train.y[:64]))(
-        [DeviceReport(100 + d, d, budget, config.batch_size, 20) for d, budget in enumerate(config.budgets_mb)]
+        [DeviceReport(100 + d, d, budget, config.batch_size, 20) for d, budget in enumerate(config.budgets_mb)],
+        model.state_dict(),
     )
     assert list(plan.device_ids) == list(range(100))
     for device in plan.device_ids:

@@ -52,7 +52,7 @@ def make_strategy(model: nn.Module, selections: dict[int, list[str]]) -> DSparse
     plan = plan_from_selections(
         model_units(model), selections, {name: tensor_nbytes({name: t}) for name, t in state.items()}
     )
-    strategy = DSparse(plan_fn=lambda reports: plan, train_config={"lr": 0.1})
+    strategy = DSparse(plan_fn=lambda reports, global_tensors: plan, train_config={"lr": 0.1})
     strategy.set_plan(plan, {NODE_OFFSET + device: device for device in selections})
     return strategy
 
@@ -345,7 +345,7 @@ def test_collective_round_messages_carry_the_configured_rendezvous():
     selections = {0: ["classifier"], 1: ["features.4", "classifier"]}
     plan = plan_from_selections(model_units(model), selections, {n: tensor_nbytes({n: t}) for n, t in state.items()})
     strategy = DSparse(
-        plan_fn=lambda reports: plan,
+        plan_fn=lambda reports, global_tensors: plan,
         transport="collective",
         collective_addr="10.0.0.5",
         collective_port_fn=lambda: 29512,

@@ -76,8 +76,8 @@ class DSparse(Strategy):
     Parameters
     ----------
     plan_fn : PlanFn
-        Builds the Plan from the nodes' query answers (``Sequence[DeviceReport]``),
-        e.g. :func:`flwr_dsparse.planner.make_plan` behind a cost model.
+        Builds the Plan from the nodes' query answers (``Sequence[DeviceReport]``) and the
+        global model's tensors, e.g. :func:`flwr_dsparse.planner.make_plan` behind a cost model.
     train_config : Mapping[str, Any], optional
         The job's keys sent with every train message; ``start()``'s ``train_config`` is merged on top.
     query_config : Mapping[str, Any], optional
@@ -95,6 +95,9 @@ class DSparse(Strategy):
     checkpoint_every : int (default: 1)
         With ``keep_client_state``, nodes return their momentum only in rounds divisible by
         this and in the run's last round (1: every round).
+    rescore_every : int (default: 0)
+        Re-plan every this many rounds with ``plan_fn`` on the trained global model, so the
+        criticality scores follow training (units that have learned give way); 0: never.
     checkpoint_path : str or Path, optional
         Where every round's end writes its checkpoint.
     resume : bool (default: False)
@@ -123,6 +126,7 @@ class DSparse(Strategy):
         round_retries: int = 2,
         keep_client_state: bool = False,
         checkpoint_every: int = 1,
+        rescore_every: int = 0,
         checkpoint_path: str | Path | None = None,
         resume: bool = False,
         fingerprint: Mapping[str, Any] | None = None,
@@ -138,16 +142,25 @@ class DSparse(Strategy):
             raise ValueError(f'transport is {transport!r}; use "server" or "collective"')
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}; 1 uploads momentum every round")
+        if rescore_every < 0:
+            raise ValueError(f"rescore_every must be >= 0, got {rescore_every}; 0 never re-scores")
         if resume and checkpoint_path is None:
             raise ValueError("resume=True needs a checkpoint_path")
+        self.model = GlobalModel()
         self.membership = Membership(
-            plan_fn, query_config or {}, min_nodes=min_nodes, settle_s=settle_s, min_replies=min_replies
+            plan_fn,
+            query_config or {},
+            min_nodes=min_nodes,
+            settle_s=settle_s,
+            min_replies=min_replies,
+            global_tensors=lambda: self.model.tensors,
         )
         self.replicas = Replicas()
         self.train_config = dict(train_config or {})
         self.min_replies, self.round_retries = min_replies, round_retries
         self.keep_client_state = keep_client_state
         self.checkpoint_every = checkpoint_every
+        self.rescore_every = rescore_every
         self.num_rounds: int | None = None  # set by start(): its last round always uploads momentum
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.resume = resume
@@ -159,7 +172,6 @@ class DSparse(Strategy):
         self.events: list[dict[str, Any]] = []
         self.rejections: Counter[str] = Counter()
         self.round: RoundState | None = None
-        self.model = GlobalModel()
 
     # -- the plan and who holds what ---------------------------------------------------------------
     @property

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore import log
@@ -21,7 +22,9 @@ from .replies import reply_node, sent_message_ids
 
 __all__ = ["Membership", "PlanFn", "RoundFailed"]
 
-PlanFn = Callable[[Sequence[DeviceReport]], Plan]
+#: ``plan_fn(reports, global_tensors)``: the Plan for the nodes' query answers, scored on the
+#: global model as it is now (the starting model in round 0, the trained one when re-scoring).
+PlanFn = Callable[[Sequence[DeviceReport], Mapping[str, torch.Tensor]], Plan]
 
 
 class RoundFailed(RuntimeError):
@@ -43,12 +46,22 @@ class Membership:
         After ``min_nodes`` connected, wait until the node count is stable this long.
     min_replies : int
         A plan with fewer devices than this cannot run a round (:class:`RoundFailed`).
+    global_tensors : Callable[[], Mapping[str, torch.Tensor]]
+        The global model as it is when a plan is made (handed to ``plan_fn``).
     """
 
     def __init__(
-        self, plan_fn: PlanFn, query_config: Mapping[str, Any], *, min_nodes: int, settle_s: float, min_replies: int
+        self,
+        plan_fn: PlanFn,
+        query_config: Mapping[str, Any],
+        *,
+        min_nodes: int,
+        settle_s: float,
+        min_replies: int,
+        global_tensors: Callable[[], Mapping[str, torch.Tensor]],
     ) -> None:
         self.plan_fn = plan_fn
+        self.global_tensors = global_tensors
         self.query_config = dict(query_config)
         self.min_nodes = min_nodes
         self.settle_s = settle_s
@@ -118,7 +131,7 @@ class Membership:
         return sorted(reports, key=lambda r: r.device)
 
     def make_plan(self, reports: Sequence[DeviceReport]) -> Plan:
-        plan = self.plan_fn(reports)
+        plan = self.plan_fn(reports, self.global_tensors())
         if len(plan.devices) < self.min_replies:
             raise RoundFailed(
                 f"only {len(plan.devices)} devices can be planned (devices {list(plan.device_ids)}), below "

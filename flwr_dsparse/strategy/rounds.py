@@ -131,12 +131,15 @@ def run_rounds(
         arrays = result.arrays = strategy.global_record()
     else:
         evaluate_round(strategy, evaluate_fn, 0, arrays, result)
+        strategy.model.take(arrays, None)  # the plan is scored on it (the first round reuses the decode)
         if strategy.plan is None:
             strategy.membership.query(grid, timeout)
     for server_round in range(first_round, num_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
         reasons = strategy.membership.changes(grid, server_round, timeout)
+        if strategy.rescore_every and server_round > 1 and (server_round - 1) % strategy.rescore_every == 0:
+            reasons.append(f"criticality re-scored on the global model (every {strategy.rescore_every} rounds)")
         if reasons:
             strategy.replan("; ".join(reasons), server_round)
         arrays, metrics = train_with_retries(strategy, grid, server_round, arrays, train_config, timeout)
