@@ -63,6 +63,7 @@ def test_the_scores_follow_the_tensors_the_plan_fn_is_handed():
     start = model.state_dict()
     # The classifier zeroed: its gradient (and so the criticality of everything before it) vanishes.
     silenced = {name: torch.zeros_like(t) if name.startswith("classifier") else t for name, t in start.items()}
+
     def chosen(tensors):  # the selections and their criticality (the plan's timings are measured, so they vary)
         return [(tuple(device.units), device.score) for device in planner(reports, tensors).devices]
 
