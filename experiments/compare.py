@@ -392,19 +392,22 @@ def dsparse_plan(setup: Setup, cost: CostModel, scores: Sequence[float], budgets
     )
 
 
+def criticality_scores(setup: Setup, model: torch.nn.Module, cost: CostModel, train: Split) -> list[float]:
+    """Each unit's criticality for ``model``'s weights, on the first (up to 64) training examples."""
+    calibration = min(64, len(train))
+    return get_scorer(setup.scorer)(model, cost.units, train.x[:calibration], train.y[:calibration])
+
+
 def rescoring_planner(setup: Setup, plans: Plans, train: Split) -> Callable[[Mapping[str, torch.Tensor]], Plan]:
     """The DSparse plan for the global model as it is: its criticality scored again (``rescore-every``).
 
     The cost model and the budgets stay the start's (neither depends on the weights).
     """
     model = build_model(setup.model, seed=setup.seed)
-    calibration = min(64, len(train))
-    inputs, targets = train.x[:calibration], train.y[:calibration]
 
     def replan(global_tensors: Mapping[str, torch.Tensor]) -> Plan:
         model.load_state_dict(global_tensors)
-        scores = get_scorer(setup.scorer)(model, plans.cost.units, inputs, targets)
-        return dsparse_plan(setup, plans.cost, scores, plans.budgets_mb)
+        return dsparse_plan(setup, plans.cost, criticality_scores(setup, model, plans.cost, train), plans.budgets_mb)
 
     return replan
 
@@ -419,8 +422,7 @@ def make_plans(setup: Setup, state: Mapping[str, torch.Tensor], train: Split) ->
     cost = CostModel(
         model, (3, 32, 32), optimizer="sgd", momentum=setup.momentum, **({} if timed else {"time_batches": None})
     )
-    calibration = min(64, len(train))
-    scores = get_scorer(setup.scorer)(model, cost.units, train.x[:calibration], train.y[:calibration])
+    scores = criticality_scores(setup, model, cost, train)
     full_mb = cost.predict(cost.unit_names, setup.batch_size).total
     budgets = resolve_budgets(setup, full_mb)
     meta = plan_meta(setup)
@@ -1470,7 +1472,10 @@ def run_compare(
                 None if method == "fedavg" else method_plans[method],
                 test,
                 progress,
-                replan=rescoring_planner(setup, plans, train) if method.startswith("dsparse") else None,
+                # A model for re-scoring only where the method re-plans at all.
+                replan=rescoring_planner(setup, plans, train)
+                if setup.rescore_every and method.startswith("dsparse")
+                else None,
             )
         runs[method] = flower_measures(method, run, method_plans[method], memory, setup)
     if "collective" in methods:
