@@ -34,6 +34,9 @@ from flwr_dsparse.models import build_model
 from flwr_dsparse.protocol import (
     ARRAYS,
     CONFIG,
+    NODE_MEMORY_MB,
+    NODE_NUM_PARTITIONS,
+    NODE_PARTITION_ID,
     OPTIMIZER,
     STATE_META,
     STATE_MOMENTUM,
@@ -65,15 +68,15 @@ def node_budget_mb(node_config: Mapping[str, Any], config: JobConfig) -> tuple[f
     Order: node-config ``memory-mb``; else ``sim-budgets-mb[partition-id]``; else
     psutil's available memory minus ``memory-reserve-mb``.
     """
-    if "memory-mb" in node_config:
-        value = node_config["memory-mb"]
+    if NODE_MEMORY_MB in node_config:
+        value = node_config[NODE_MEMORY_MB]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(
                 f"node-config memory-mb is {value!r}; set it to a positive number of MB, e.g. memory-mb=512"
             )
         return float(value), "node-config memory-mb"
     budgets = config.budgets_mb
-    partition = int(node_config.get("partition-id", -1))
+    partition = int(node_config.get(NODE_PARTITION_ID, -1))
     if budgets:
         if not 0 <= partition < len(budgets):
             raise ValueError(
@@ -140,7 +143,7 @@ def _partition(config: JobConfig, num_partitions: int) -> tuple[np.ndarray, ...]
 
 def _node_data(config: JobConfig, node_config: Mapping[str, Any]) -> tuple[Split, np.ndarray, int]:
     try:
-        partition, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        partition, count = int(node_config[NODE_PARTITION_ID]), int(node_config[NODE_NUM_PARTITIONS])
     except KeyError as missing:
         raise ValueError(
             f'node config lacks {missing}; start the SuperNode with --node-config "partition-id=0 num-partitions=7"'

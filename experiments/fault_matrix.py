@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from flwr.app import Error, Message
 
-from flwr_dsparse.protocol import ARRAYS, METRICS, REPORT_ROUND_KEY
+from flwr_dsparse.protocol import ARRAYS, METRICS, NODE_PARTITION_ID, REPORT_ROUND_KEY
 from flwr_dsparse.testing import Fault, LocalGrid
 
 __all__ = ["LocalGrid", "Fault", "SCENARIOS", "run_scenario", "run_supernode_kill", "main", "SMALL_JOB"]
@@ -373,7 +373,7 @@ def run_supernode_kill(
         )
     row: dict[str, Any] = {"fault": f"SuperNode killed mid-round ({transport})"}
     try:
-        record = next(node for node in deployment.supernodes if node.node_config["partition-id"] == victim)
+        record = next(node for node in deployment.supernodes if node.node_config[NODE_PARTITION_ID] == victim)
         run_config = {**KILL_JOB, "transport": transport, "out-dir": str(out)}
         finished: dict[str, Any] = {}
         runner = threading.Thread(

@@ -23,7 +23,7 @@ import ctypes.util
 import os
 from collections.abc import Mapping
 
-__all__ = ["MALLOC_SETTINGS", "allocator_env", "allocator_is_tuned", "tune_allocator"]
+__all__ = ["ALLOCATORS", "MALLOC_SETTINGS", "allocator_env", "allocator_is_tuned", "tune_allocator"]
 
 #: ``mallopt`` parameter -> (its number in glibc's malloc.h, value, environment variable).
 #: 128 KiB is glibc's own initial mmap threshold: fixing it there stops the upward drift.
@@ -34,6 +34,10 @@ MALLOC_SETTINGS: Mapping[str, tuple[int, int, str]] = {
     "M_TRIM_THRESHOLD": (-1, 128 * 1024, "MALLOC_TRIM_THRESHOLD_"),
     "M_ARENA_MAX": (-8, 2, "MALLOC_ARENA_MAX"),
 }
+
+#: How a process's allocator can be set, for the cost model's calibration: ``"tuned"``
+#: (:data:`MALLOC_SETTINGS`, how every training process runs) or ``"stock"`` (glibc as is).
+ALLOCATORS = ("tuned", "stock")
 
 _tuned = False
 

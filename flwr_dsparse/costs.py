@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allocator import ALLOCATORS
 from .memory import SavedTensorMeter, saved_tensors
 from .peak import PeakCoefficients, SelectionMemory, WorkspaceCoefficients
 from .plan import MemoryEstimate
@@ -47,8 +48,6 @@ __all__ = ["ALLOCATORS", "UnitCost", "PeakCoefficients", "WorkspaceCoefficients"
 OPTIMIZER_STATE_FACTOR = {("sgd", False): 0.0, ("sgd", True): 1.0, ("adam", False): 2.0, ("adam", True): 2.0}
 
 ProgressFn = Callable[[str], None]
-#: ``"tuned"``: :mod:`flwr_dsparse.allocator` (how every training process runs); ``"stock"``: glibc as is.
-ALLOCATORS = ("tuned", "stock")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ Job keys (the run_config, parsed by :func:`flwr_dsparse.config.load_config`) and
 other. Flower's own FedAvg (the baseline) sends only ``arrays`` and ``config``, with its
 ``server-round`` inside ``config``: :func:`read_train_message` reads both forms.
 
-The node's own durable state (``context.state``) uses the ``STATE_*`` names.
+The node's own durable state (``context.state``) uses the ``STATE_*`` names, and what a
+node is told at start (its ``node_config``) the ``NODE_*`` names.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ __all__ = [
     "FUSED_LAYOUT",
     "FUSED_LAYOUT_STYPE",
     "METRICS",
+    "NODE_MEMORY_MB",
+    "NODE_NUM_PARTITIONS",
+    "NODE_PARTITION_ID",
     "OPTIMIZER",
     "STATE_META",
     "STATE_MOMENTUM",
@@ -45,6 +49,8 @@ __all__ = [
     "DeviceReport",
     "QueryReply",
     "REPORT_EXAMPLES_KEY",
+    "REPORT_LOSS_KEY",
+    "REPORT_PARTITION_KEY",
     "REPORT_ROUND_KEY",
     "TrainControl",
     "TrainReport",
@@ -76,6 +82,11 @@ FUSED_LAYOUT_STYPE = "dsparse.layout+json"
 STATE_REPLICA = "dsparse.replica"  # ArrayRecord: the node's copy of the global model
 STATE_MOMENTUM = "dsparse.momentum"  # ArrayRecord: its momentum buffers
 STATE_META = "dsparse.meta"  # ConfigRecord: its last selection and batch cursor
+
+# -- the node's node_config (`flower-supernode --node-config`, or the simulation's) ---------------
+NODE_PARTITION_ID = "partition-id"  # int: which data partition (and device) the node is; Flower's own key
+NODE_NUM_PARTITIONS = "num-partitions"  # int: how many partitions there are; Flower's own key
+NODE_MEMORY_MB = "memory-mb"  # float: the device's training budget, when its owner states it
 
 
 def _wire(name: str) -> str:
@@ -269,6 +280,9 @@ class TrainReport:
 #: example count), derived from :class:`TrainReport` like every other key.
 REPORT_ROUND_KEY = _wire("server_round")
 REPORT_EXAMPLES_KEY = _wire("num_examples")
+#: ... and those the server's history reads from every reply (FedAvg's too).
+REPORT_PARTITION_KEY = _wire("partition_id")
+REPORT_LOSS_KEY = _wire("train_loss")
 
 
 def train_reply_content(arrays: ArrayRecord, report: TrainReport, state: ArrayRecord | None = None) -> RecordDict:

@@ -16,6 +16,8 @@ from typing import Any
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
+from .protocol import NODE_NUM_PARTITIONS, NODE_PARTITION_ID
+
 __all__ = ["Fault", "LocalGrid"]
 
 #: ``fault(partition, server_round, message, reply)`` returns the reply to deliver: the reply
@@ -79,8 +81,8 @@ class LocalGrid:
     def connect(self, partition: int) -> int:
         node_id = 1000 + partition + 100 * len(self.nodes)  # a new id for every (re)connection
         config = {
-            "partition-id": partition,
-            "num-partitions": self.num_partitions,
+            NODE_PARTITION_ID: partition,
+            NODE_NUM_PARTITIONS: self.num_partitions,
             **self.node_config.get(partition, {}),
         }
         self.nodes[node_id] = _Node(node_id, partition, Context(1, node_id, config, RecordDict(), {}))

@@ -30,7 +30,7 @@ from flwr_dsparse.models import build_model
 from flwr_dsparse.plan import Plan
 from flwr_dsparse.planner import DeviceSpec
 from flwr_dsparse.planning import plan_model
-from flwr_dsparse.protocol import METRICS
+from flwr_dsparse.protocol import METRICS, REPORT_EXAMPLES_KEY, REPORT_LOSS_KEY, REPORT_PARTITION_KEY
 from flwr_dsparse.records import from_array_record, record_nbytes, tensor_nbytes, to_array_record
 from flwr_dsparse.strategy import DeviceReport, DSparse, PlanFn
 from flwr_dsparse.strategy.replies import payload_nbytes
@@ -107,7 +107,7 @@ class MeasuredFedAvg(FedAvg):
             if reply.has_error():
                 continue
             reply_metrics = reply.content[METRICS]
-            devices[str(int(reply_metrics["partition-id"]))] = {
+            devices[str(int(reply_metrics[REPORT_PARTITION_KEY]))] = {
                 "status": "ok",
                 "bytes-up": payload_nbytes(reply),
                 "bytes-down": self._bytes_down,
@@ -115,11 +115,11 @@ class MeasuredFedAvg(FedAvg):
             }
         record = RoundRecord(
             round=server_round,
-            train_loss=float(metrics["train-loss"]) if metrics and "train-loss" in metrics else float("nan"),
+            train_loss=float(metrics[REPORT_LOSS_KEY]) if metrics and REPORT_LOSS_KEY in metrics else float("nan"),
             devices=devices,
             aggregation_seconds=aggregation_s,
             round_seconds=time.perf_counter() - self._started,
-            num_examples=int(sum(d.get("num-examples", 0) for d in devices.values())),
+            num_examples=int(sum(d.get(REPORT_EXAMPLES_KEY, 0) for d in devices.values())),
             accepted=sorted(int(d) for d in devices),
         )
         self.history.append(record.to_row())

@@ -19,7 +19,14 @@ from torch.nn import functional as F
 from client.app import train_selection
 from flwr_dsparse.models import build_model
 from flwr_dsparse.plan import plan_from_selections
-from flwr_dsparse.protocol import ARRAYS, METRICS, read_train_message
+from flwr_dsparse.protocol import (
+    ARRAYS,
+    METRICS,
+    REPORT_EXAMPLES_KEY,
+    REPORT_LOSS_KEY,
+    REPORT_ROUND_KEY,
+    read_train_message,
+)
 from flwr_dsparse.records import from_array_record, tensor_nbytes, to_array_record
 from flwr_dsparse.strategy import DSparse, device_tensors
 from flwr_dsparse.units import model_units
@@ -62,7 +69,8 @@ def by_device(messages) -> dict[int, Message]:
 
 
 def reply(message: Message, tensors: dict, examples: int, server_round: int, **metrics) -> Message:
-    record = MetricRecord({"num-examples": examples, "server-round": server_round, "train-loss": 1.0, **metrics})
+    figures = {REPORT_EXAMPLES_KEY: examples, REPORT_ROUND_KEY: server_round, REPORT_LOSS_KEY: 1.0}
+    record = MetricRecord({**figures, **metrics})
     return Message(RecordDict({ARRAYS: to_array_record(tensors), METRICS: record}), reply_to=message)
 
 

@@ -16,16 +16,8 @@ from typing import Any
 
 import torch
 
+from .. import collective as transport
 from ..allocator import tune_allocator
-from ..collective import (
-    DEFAULT_TIMEOUT_S,
-    CollectiveError,
-    PlanMismatchError,
-    Rendezvous,
-    check_plan_ranks,
-    launch_local,
-    run_collective_round,
-)
 from ..data import batch_iterator, make_synthetic
 from ..models import build_model
 from ..plan import Plan
@@ -61,7 +53,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="model and data seed")
     parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before a silent peer is an error"
+        "--timeout", type=float, default=transport.DEFAULT_TIMEOUT_S, help="seconds before a silent peer is an error"
     )
     parser.add_argument("--no-fusion", action="store_true", help="one collective per tensor instead of one per group")
     parser.add_argument("--out", type=Path, default=None, help="torch.save the final state here ({rank} is replaced)")
@@ -85,7 +77,12 @@ class CliJob:
 
 
 def cli_rank(
-    rank: int, world_size: int, master_addr: str, master_port: int, job: CliJob, rendezvous: Rendezvous | None = None
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    job: CliJob,
+    rendezvous: transport.Rendezvous | None = None,
 ) -> dict[str, Any]:
     plan = Plan.from_json(job.plan_json)
     batch_size = job.batch_size or plan.device(rank).batch_size or 32
@@ -93,8 +90,8 @@ def cli_rank(
     batches = batch_iterator(train, range(rank, len(train), world_size), batch_size, seed=job.seed + rank)
     model = build_model(job.model, seed=job.seed)
     optimizer_factory = make_optimizer_factory(job.optimizer, lr=job.lr, momentum=job.momentum)
-    rendezvous = rendezvous or Rendezvous(rank, world_size, master_addr, master_port)
-    result = run_collective_round(
+    rendezvous = rendezvous or transport.Rendezvous(rank, world_size, master_addr, master_port)
+    result = transport.run_collective_round(
         plan, rendezvous, model, batches, job.steps, optimizer_factory, job.timeout_s, fused=job.fused
     )
     if job.out:
@@ -141,8 +138,8 @@ def _cli_main(args: argparse.Namespace) -> int:
     )
     if args.local:
         world_size = args.world_size or len(plan.devices)
-        check_plan_ranks(plan, world_size)
-        outcomes = launch_local(
+        transport.check_plan_ranks(plan, world_size)
+        outcomes = transport.launch_local(
             cli_rank, world_size, (job,), master_addr=args.master_addr, deadline_s=args.timeout * 3 + 60
         )
         failed = [outcome for outcome in outcomes if not outcome.ok]
@@ -154,16 +151,18 @@ def _cli_main(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     tune_allocator()  # a rank started by hand or by torchrun trains with the same allocator settings
     if args.rank is None:
-        rendezvous = Rendezvous.from_environ()
+        rendezvous = transport.Rendezvous.from_environ()
     else:
-        rendezvous = Rendezvous(args.rank, args.world_size or len(plan.devices), args.master_addr, args.master_port)
+        rendezvous = transport.Rendezvous(
+            args.rank, args.world_size or len(plan.devices), args.master_addr, args.master_port
+        )
     if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun put several ranks on this machine: share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     try:
         summary = cli_rank(
             rendezvous.rank, rendezvous.world_size, rendezvous.master_addr, rendezvous.master_port, job, rendezvous
         )
-    except (CollectiveError, PlanMismatchError) as error:
+    except (transport.CollectiveError, transport.PlanMismatchError) as error:
         print(f"dsparse collective: rank {rendezvous.rank}: {error}", file=sys.stderr)
         return 1
     _print_rank(summary, args.steps)

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..hardcap import hard_caps_available
 from ..ports import free_port, port_in_use
+from ..protocol import NODE_MEMORY_MB, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 from .caps import NodeCap
 from .flwr_cli import (
     DEFAULT_SUPERLINK_PORT,
@@ -368,9 +369,9 @@ def start_deployment(
         )
         deployment.save()
         for index in range(num_nodes):
-            node_config: dict[str, Any] = {"partition-id": index, "num-partitions": num_nodes}
+            node_config: dict[str, Any] = {NODE_PARTITION_ID: index, NODE_NUM_PARTITIONS: num_nodes}
             if budgets[index] is not None:
-                node_config["memory-mb"] = float(budgets[index])
+                node_config[NODE_MEMORY_MB] = float(budgets[index])
             node_config.update(extra_node_config or {})
             private_key = None
             cap = None

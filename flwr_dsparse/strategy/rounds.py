@@ -29,7 +29,7 @@ from ..exchange import TensorVersions
 from ..history import RoundRecord
 from ..plan import Plan
 from ..ports import free_port
-from ..protocol import DeviceReport
+from ..protocol import REPORT_LOSS_KEY, DeviceReport
 from .membership import RoundFailed
 from .replies import ReplyTally, collective_mismatch, tally_metrics
 
@@ -276,7 +276,7 @@ def round_record(
         row["bytes-down"] = state.bytes_down.get(device, 0)
         row.setdefault("bytes-up", 0)
     examples = sum(u.examples for u in tally.updates.values())
-    loss = sum(devices[d].get("train-loss", 0.0) * u.examples for d, u in tally.updates.items())
+    loss = sum(devices[d].get(REPORT_LOSS_KEY, 0.0) * u.examples for d, u in tally.updates.items())
     return RoundRecord(
         round=state.server_round,
         train_loss=loss / examples if examples else float("nan"),
