@@ -19,10 +19,11 @@ Two objectives:
   device would train only its fastest unit, the classifier), so ``T`` is the knee of
   the cluster's criticality against its step (:func:`balanced_step_cap`): the last
   second of step that still buys criticality at the average rate between the
-  fastest plan and the memory-only one. At that ``T`` no plan has more criticality,
-  and no plan with as much criticality has a faster slowest device. The search is
-  exact: each device's (step time, criticality) Pareto frontier under its memory
-  budget, from the same subset enumeration, gives every candidate ``T``.
+  fastest plan and the memory-only one, and where that curve is flat (caps within
+  :data:`KNEE_TOLERANCE` of the best), the fastest of them. At that ``T`` no plan has
+  more criticality, and no plan with as much criticality has a faster slowest device.
+  The search is exact: each device's (step time, criticality) Pareto frontier under
+  its memory budget, from the same subset enumeration, gives every candidate ``T``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "MAX_SEARCH_UNITS",
     "OBJECTIVES",
     "SelectionSpace",
+    "KNEE_TOLERANCE",
     "balanced_step_cap",
     "best_selection",
     "make_plan",
@@ -57,6 +59,12 @@ _SLACK_MB = 1e-9  # float noise between the search's sums and predict()'s
 _SLACK_S = 1e-9  # relative float noise between the search's step-time sums and step_time()'s
 #: ``"balanced"``: the cluster's step cap chosen with criticality (default); ``"criticality"``: memory only.
 OBJECTIVES = ("balanced", "criticality")
+#: Step caps whose knee utility (:func:`balanced_step_cap`, a share of each range) is within this
+#: of the best are equally good, and the fastest of them is chosen. The utility of MobileNetV2's
+#: plans is flat near its best (on the comparison's cluster, caps from 0.45x to 0.49x of the
+#: full step are within 0.005 of it), so a hair of estimated criticality (the scores come from
+#: 64 examples) decided several percent of every synchronous step; time saved is certain.
+KNEE_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -230,7 +238,9 @@ def step_frontier(
     return _pareto(np.concatenate(seconds_parts), np.concatenate(value_parts))
 
 
-def balanced_step_cap(frontiers: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+def balanced_step_cap(
+    frontiers: Sequence[tuple[np.ndarray, np.ndarray]], *, tolerance: float = KNEE_TOLERANCE
+) -> float:
     """The cluster's step cap ``T``: where one more second of step stops paying for itself.
 
     ``frontiers`` are the devices' :func:`step_frontier` results (none empty). ``C(T)`` is
@@ -242,9 +252,12 @@ def balanced_step_cap(frontiers: Sequence[tuple[np.ndarray, np.ndarray]]) -> flo
         (C(T) - C(T_lo)) / (C(T_hi) - C(T_lo))  -  (T - T_lo) / (T_hi - T_lo)
 
     that is, the last cap whose extra second still buys criticality at least at the average
-    rate between the two ends. Ties go to the larger ``T`` (more criticality), so a cluster
-    whose criticality only comes with the slowest step keeps the memory-only plan. Every
-    candidate is a frontier time, so the cluster's slowest predicted step is ``T`` itself.
+    rate between the two ends. Caps within ``tolerance`` of the best utility count as equal and
+    the fastest of them wins (:data:`KNEE_TOLERANCE`). A curve with no knee (the best utility
+    at most ``tolerance``: criticality comes no faster than step time) keeps the best cap, ties
+    going to the larger ``T``, so a cluster whose criticality only comes with the slowest step
+    keeps the memory-only plan. Every candidate is a frontier time, so the cluster's slowest
+    predicted step is ``T`` itself.
     """
     if not frontiers or any(len(seconds) == 0 for seconds, _ in frontiers):
         raise ValueError("balanced_step_cap needs one non-empty frontier per trainable device")
@@ -259,8 +272,9 @@ def balanced_step_cap(frontiers: Sequence[tuple[np.ndarray, np.ndarray]]) -> flo
     if gain <= 0 or span <= 0:
         return float(candidates[-1] if gain > 0 else candidates[0])
     utility = (total - total[0]) / gain - (candidates - low) / span
-    best = int(np.flatnonzero(utility >= utility.max() - 1e-12)[-1])
-    return float(candidates[best])
+    if utility.max() <= tolerance:
+        return float(candidates[np.flatnonzero(utility >= utility.max() - 1e-12)[-1]])
+    return float(candidates[np.flatnonzero(utility >= utility.max() - tolerance)[0]])
 
 
 def make_plan(
