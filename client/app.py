@@ -48,6 +48,7 @@ from flwr_dsparse.protocol import (
     train_reply_content,
 )
 from flwr_dsparse.records import from_array_record, fuse_record, tensor_nbytes, to_array_record
+from flwr_dsparse.replica_store import ReplicaStore, replica_store_from_env
 from flwr_dsparse.sizes import MB
 from flwr_dsparse.trainer import SparseTrainer, StepResult, make_optimizer_factory
 from flwr_dsparse.units import model_units, unit_tensor_names
@@ -192,18 +193,21 @@ def train(msg: Message, context: Context) -> Message:
     received = from_array_record(arrays, writable=False)  # views: they are only copied into the model
     bytes_recv = tensor_nbytes(received)
     sparse = config.method != "fedavg"
+    store = replica_store_from_env() if sparse else None
     meta = context.state.get(STATE_META, ConfigRecord()) if sparse else ConfigRecord()
     live = node_state.take(context.run_id, context.node_id, meta.get("token")) if sparse else None
     if live is not None and len(received) == len(live.model.state_dict()):
         live = None  # the server resent everything (it thinks this node lost its state): rebuild
+    durable_momentum: dict[str, torch.Tensor] = {}
     if live is not None:
         model = live.model
         _load_into(model, received)
     else:
         model = build_model(config.model, seed=config.seed)
         state = dict(received)
-        if sparse and STATE_REPLICA in context.state:
-            state = {**from_array_record(context.state[STATE_REPLICA], writable=False), **received}
+        if sparse:
+            replica, durable_momentum = _durable_copy(context, store, meta)
+            state = {**replica, **received}
         expected = model.state_dict()
         missing = [name for name in expected if name not in state]
         if missing:
@@ -226,6 +230,8 @@ def train(msg: Message, context: Context) -> Message:
         momentum_state = from_array_record(msg.content[OPTIMIZER])
     elif live is not None:
         momentum_state = live.momentum
+    elif sparse:
+        momentum_state = durable_momentum
     else:
         momentum_state = from_array_record(context.state[STATE_MOMENTUM]) if STATE_MOMENTUM in context.state else {}
     batches = round_batches(config, split, indices, partition, control.server_round)
@@ -243,14 +249,21 @@ def train(msg: Message, context: Context) -> Message:
     # its own); Flower's FedAvg averages by array name, so it gets one array per tensor.
     encode = fuse_record if sparse else to_array_record
     reply = encode(sent)
-    momentum_record = encode(momentum_state)
-    context.state[STATE_MOMENTUM] = momentum_record
+    # Encoded only where it travels: the reply (when asked) and a context.state durable copy.
+    momentum_record = encode(momentum_state) if control.send_state or store is None else None
     if sparse:
-        # The durable copy of the replica: the whole model, one fused record (one copy of its bytes).
-        context.state[STATE_REPLICA] = fuse_record(trained)
         token = node_state.new_token(control.server_round)
+        if store is not None:  # the durable copy on the node's disk; context.state keeps its token
+            store.save(context.run_id, context.node_id, token, trained, momentum_state)
+            for key in (STATE_REPLICA, STATE_MOMENTUM):
+                context.state.pop(key, None)
+        else:  # the durable copy: the whole model, one fused record (one copy of its bytes)
+            context.state[STATE_REPLICA] = fuse_record(trained)
+            context.state[STATE_MOMENTUM] = momentum_record
         context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection), "token": token})
         node_state.put(context.run_id, context.node_id, node_state.NodeState(token, model, selection, momentum_state))
+    else:
+        context.state[STATE_MOMENTUM] = momentum_record
     examples = sum(r.examples for r in results)
     report = TrainReport(
         server_round=control.server_round,
@@ -264,8 +277,23 @@ def train(msg: Message, context: Context) -> Message:
         # The current budget, so the server re-plans a node whose memory dropped.
         budget_mb=node_budget_mb(context.node_config, config)[0],
     )
-    state_up = ArrayRecord(dict(momentum_record)) if control.send_state else None  # the same Arrays
+    state_up = ArrayRecord(dict(momentum_record)) if momentum_record is not None and control.send_state else None
     return Message(train_reply_content(reply, report, state_up), reply_to=msg)
+
+
+def _durable_copy(
+    context: Context, store: ReplicaStore | None, meta: ConfigRecord
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The node's replica and momentum as its last message left them (empty where there are none).
+
+    From the node's replica store when one is set (the entry of ``meta``'s token), else from
+    ``context.state``.
+    """
+    if store is not None:
+        return store.load(context.run_id, context.node_id, meta.get("token")) or ({}, {})
+    replica = from_array_record(context.state[STATE_REPLICA], writable=False) if STATE_REPLICA in context.state else {}
+    momentum = from_array_record(context.state[STATE_MOMENTUM]) if STATE_MOMENTUM in context.state else {}
+    return replica, momentum
 
 
 def _load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -411,6 +411,7 @@ def test_fast_launchers_and_environment(tmp_path: Path, monkeypatch: pytest.Monk
     from flwr_dsparse.deploy import fast_setup
 
     monkeypatch.delenv("DSPARSE_DATA_CACHE", raising=False)
+    monkeypatch.delenv("DSPARSE_REPLICA_STORE", raising=False)
 
     env, launchers = fast_setup(tmp_path / "state", tmp_path / "home")
     assert sorted(launchers) == ["flower-superexec", "flower-supernode"]
@@ -424,6 +425,8 @@ def test_fast_launchers_and_environment(tmp_path: Path, monkeypatch: pytest.Monk
     assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.25" and env["FLWR_DSPARSE_FAST_POLL"] == "0.02,0.25"
     # The ClientApps keep their split and partitions in the deployment's folder (unless the user named one).
     assert env["DSPARSE_DATA_CACHE"] == str(tmp_path / "state" / "data-cache")
+    # ... and each node's durable replica on its disk, not in context.state.
+    assert env["DSPARSE_REPLICA_STORE"] == str(tmp_path / "state" / "replica-store")
 
 
 def test_fast_task_command_matches_flowers_subprocess_executor(monkeypatch: pytest.MonkeyPatch) -> None:

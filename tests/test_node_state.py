@@ -13,7 +13,7 @@ from client.app import app
 from experiments.fault_matrix import SMALL_JOB
 from flwr_dsparse import node_state
 from flwr_dsparse.config import load_config
-from flwr_dsparse.protocol import FUSED_BUFFER, FUSED_LAYOUT, STATE_MOMENTUM, STATE_REPLICA
+from flwr_dsparse.protocol import FUSED_BUFFER, FUSED_LAYOUT, STATE_META, STATE_MOMENTUM, STATE_REPLICA
 from flwr_dsparse.records import (
     array_of,
     from_array_record,
@@ -24,13 +24,14 @@ from flwr_dsparse.records import (
     tensor_of,
     to_array_record,
 )
+from flwr_dsparse.replica_store import REPLICA_STORE_ENV, ReplicaStore, replica_store_from_env
 from flwr_dsparse.testing import LocalGrid
 from server.app import run_job
 
 JOB = {**SMALL_JOB, "num-server-rounds": 3, "checkpoint-every": 1}
 
 
-def _run(tmp_path, monkeypatch, *, live: bool, **extra):
+def _run(tmp_path, monkeypatch, *, live: bool, fault=None, **extra):
     hits = []
     take = node_state.take
 
@@ -41,7 +42,7 @@ def _run(tmp_path, monkeypatch, *, live: bool, **extra):
 
     monkeypatch.setattr(node_state, "take", counting_take)
     node_state.clear()
-    grid = LocalGrid(app, range(3), 3)
+    grid = LocalGrid(app, range(3), 3, fault=fault)
     run_job(grid, load_config({**JOB, **extra, "out-dir": str(tmp_path)}))  # type: ignore[arg-type]
     model = torch.load(tmp_path / "final_model.pt")
     contexts = {node.partition: node.context for node in grid.nodes.values()}
@@ -61,6 +62,66 @@ def test_live_state_and_rebuilding_from_context_state_are_bit_identical(tmp_path
             a, b = from_array_record(context.state[key]), from_array_record(other[key])
             assert a.keys() == b.keys() and a, (partition, key)
             assert all(torch.equal(a[name], b[name]) for name in a), (partition, key)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_the_replica_store_holds_what_context_state_would_and_gives_the_same_model(
+    tmp_path, monkeypatch, one_torch_thread
+):
+    cached, cached_nodes, _ = _run(tmp_path / "live", monkeypatch, live=True)
+    monkeypatch.setenv(REPLICA_STORE_ENV, str(tmp_path / "store"))
+    stored, stored_nodes, hits = _run(tmp_path / "stored", monkeypatch, live=False)
+    assert not any(hits) and _same(cached, stored)
+    store = ReplicaStore(tmp_path / "store")
+    for partition, context in stored_nodes.items():
+        # Only the token travels in context.state; the node's disk holds the same state.
+        assert STATE_REPLICA not in context.state and STATE_MOMENTUM not in context.state
+        replica, momentum = store.load(context.run_id, context.node_id, context.state[STATE_META]["token"])
+        expected = cached_nodes[partition].state
+        assert _same(replica, from_array_record(expected[STATE_REPLICA])), partition
+        assert _same(momentum, from_array_record(expected[STATE_MOMENTUM])) and momentum, partition
+    entries = sorted(p.name for p in store.folder.iterdir())  # one per node, no partial files left
+    assert entries == sorted(store.path(c.run_id, c.node_id).name for c in stored_nodes.values())
+
+
+def test_a_node_whose_store_entry_vanished_fails_one_round_and_is_resent_the_model(
+    tmp_path, monkeypatch, one_torch_thread
+):
+    """As a node that lost its context.state: its round is refused (never applied stale), the others'
+    replies are, and the server resends it the whole model the round after."""
+    monkeypatch.setenv(REPLICA_STORE_ENV, str(tmp_path / "store"))
+    store = ReplicaStore(tmp_path / "store")
+
+    def lose_node_1_after_round_1(partition, server_round, message, reply):
+        if (partition, server_round) == (1, 1):
+            store.path(1, message.metadata.dst_node_id).unlink()
+        return reply
+
+    _run(tmp_path / "run", monkeypatch, live=False, fault=lose_node_1_after_round_1)
+    rounds = [r for r in json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"] if r.get("devices")]
+    assert [sorted(r["accepted"]) for r in rounds] == [[0, 1, 2], [0, 2], [0, 1, 2]]
+    assert rounds[1]["devices"]["1"]["status"] != "ok"
+    model_bytes = rounds[0]["devices"]["1"]["bytes-down"]  # round 1 sends every node the whole model
+    assert rounds[2]["devices"]["1"]["bytes-down"] == model_bytes > rounds[2]["devices"]["0"]["bytes-down"]
+
+
+def test_a_store_entry_is_read_only_under_its_token_run_and_node(tmp_path):
+    store = ReplicaStore(tmp_path / "store")
+    replica, momentum = {"w": torch.randn(3), "n": torch.tensor(2)}, {"w": torch.randn(3)}
+    store.save(1, 7, "t1", replica, momentum)
+    got_replica, got_momentum = store.load(1, 7, "t1")
+    assert _same(got_replica, replica) and _same(got_momentum, momentum)
+    assert store.load(1, 7, "t0") is None  # stale: another process wrote the node since
+    assert store.load(2, 7, "t1") is None and store.load(1, 8, "t1") is None  # another run, another node
+    assert store.load(1, 7, None) is None  # context.state lost its token
+    store.save(1, 7, "t2", {"w": torch.zeros(3)}, {})
+    assert store.load(1, 7, "t1") is None and _same(store.load(1, 7, "t2")[0], {"w": torch.zeros(3)})
+    assert [p.name for p in store.folder.iterdir()] == ["run1-node7.pt"]  # replaced, no partial files left
+    assert replica_store_from_env({}) is None and replica_store_from_env({REPLICA_STORE_ENV: ""}) is None
+    assert replica_store_from_env({REPLICA_STORE_ENV: str(tmp_path)}).folder == tmp_path
 
 
 def test_a_live_state_is_used_only_for_its_run_node_and_token():

@@ -32,7 +32,11 @@ this module wires them into a deployment:
   own (isolation, and Flower's ``flwr_exit`` ends the process, so a thread would not do);
 * the environment sets ``DSPARSE_DATA_CACHE`` to a folder of the deployment
   (:mod:`flwr_dsparse.data.cache`): the first ClientApp of a node computes its training
-  split and partition, every later one memory-maps them (the same bytes).
+  split and partition, every later one memory-maps them (the same bytes);
+* the environment sets ``DSPARSE_REPLICA_STORE`` to a folder of the deployment
+  (:mod:`flwr_dsparse.replica_store`): each node's durable replica and momentum stay on its
+  disk between its ClientApp processes instead of travelling in ``context.state`` to and
+  from every one of them.
 
 Every patch checks the Flower version (1.42.* only) and the exact attribute it replaces;
 when either does not hold it logs one warning line and leaves that part stock, so a
@@ -119,6 +123,7 @@ def fast_env(
     longest: float = IDLE_POLL_S,
     warm_imports: Sequence[str] | None = None,
     data_cache: str | Path | None = None,
+    replica_store: str | Path | None = None,
 ) -> dict[str, str]:
     """What the processes of a fast deployment add to their environment.
 
@@ -128,7 +133,9 @@ def fast_env(
     ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` is set to ``longest``. ``warm_imports``
     replaces :data:`DEFAULT_WARM_IMPORTS`. ``data_cache`` (default ``data-cache`` beside the
     launchers' folder, unless ``$DSPARSE_DATA_CACHE`` is set already) is where the ClientApps
-    keep their training split and partitions (:mod:`flwr_dsparse.data.cache`).
+    keep their training split and partitions (:mod:`flwr_dsparse.data.cache`), and
+    ``replica_store`` (default ``replica-store`` beside it, unless ``$DSPARSE_REPLICA_STORE`` is
+    set already) where they keep each node's durable replica (:mod:`flwr_dsparse.replica_store`).
     """
     PollBackoff(first, longest)  # checks the pair
     if not 0.01 <= longest <= 60:
@@ -140,11 +147,15 @@ def fast_env(
     }
     if warm_imports is not None:
         env[WARM_IMPORTS_ENV] = ",".join(warm_imports)
-    from ..data.cache import DATA_CACHE_ENV  # here: the SuperNode's launcher must not import torch
+    # Imported here: the SuperNode's launcher must not import torch (both modules do).
+    from ..data.cache import DATA_CACHE_ENV
+    from ..replica_store import REPLICA_STORE_ENV
 
-    if data_cache is None:
-        data_cache = os.environ.get(DATA_CACHE_ENV) or Path(launchers).parent / "data-cache"
-    env[DATA_CACHE_ENV] = str(data_cache)
+    for key, given, default in (
+        (DATA_CACHE_ENV, data_cache, "data-cache"),
+        (REPLICA_STORE_ENV, replica_store, "replica-store"),
+    ):
+        env[key] = str(given if given is not None else os.environ.get(key) or Path(launchers).parent / default)
     return env
 
 
