@@ -24,10 +24,21 @@ from client.app import app
 from experiments.fault_matrix import SCENARIOS, SMALL_JOB, run_scenario
 from flwr_dsparse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from flwr_dsparse.config import load_config
+from flwr_dsparse.replica_store import REPLICA_STORE_ENV
 from flwr_dsparse.testing import LocalGrid
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["context-state", "replica-store"])
+def durable_copy(request, tmp_path, monkeypatch) -> str:
+    """Where the nodes keep their durable replica: ``context.state`` (Flower's way) or the node's replica store."""
+    if request.param == "replica-store":
+        monkeypatch.setenv(REPLICA_STORE_ENV, str(tmp_path / "replica-store"))
+    else:
+        monkeypatch.delenv(REPLICA_STORE_ENV, raising=False)
+    return request.param
 
 
 def _final(out: Path) -> dict[str, torch.Tensor]:
@@ -35,7 +46,7 @@ def _final(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-def test_fault_matrix(scenario, tmp_path):
+def test_fault_matrix(scenario, tmp_path, durable_copy):
     row = run_scenario(scenario, tmp_path)
     assert row["ok"], row["outcome"] + " " + row["stopped"]
     assert row["corrupt-applied"] == 0
@@ -223,7 +234,7 @@ SIM_JOB = {**SMALL_JOB, "num-server-rounds": 5, "local-steps": 3, "round-timeout
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path):
+def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, durable_copy):
     whole, part = tmp_path / "whole", tmp_path / "part"
     reference = _simulation({**SIM_JOB, "out-dir": str(whole)}, tmp_path / "whole.log")
     victim = _simulation({**SIM_JOB, "out-dir": str(part)}, tmp_path / "part.log")
