@@ -198,16 +198,14 @@ def train(msg: Message, context: Context) -> Message:
     live = node_state.take(context.run_id, context.node_id, meta.get("token")) if sparse else None
     if live is not None and len(received) == len(live.model.state_dict()):
         live = None  # the server resent everything (it thinks this node lost its state): rebuild
-    durable_momentum: dict[str, torch.Tensor] = {}
+    durable_momentum: dict[str, torch.Tensor] = {}  # read with the replica when there is no live state
     if live is not None:
         model = live.model
         _load_into(model, received)
     else:
         model = build_model(config.model, seed=config.seed)
-        state = dict(received)
-        if sparse:
-            replica, durable_momentum = _durable_copy(context, store, meta)
-            state = {**replica, **received}
+        replica, durable_momentum = _durable_copy(context, store, meta)  # FedAvg keeps no replica: {}
+        state = {**replica, **received}
         expected = model.state_dict()
         missing = [name for name in expected if name not in state]
         if missing:
@@ -230,10 +228,8 @@ def train(msg: Message, context: Context) -> Message:
         momentum_state = from_array_record(msg.content[OPTIMIZER])
     elif live is not None:
         momentum_state = live.momentum
-    elif sparse:
-        momentum_state = durable_momentum
     else:
-        momentum_state = from_array_record(context.state[STATE_MOMENTUM]) if STATE_MOMENTUM in context.state else {}
+        momentum_state = durable_momentum
     batches = round_batches(config, split, indices, partition, control.server_round)
     # Under `dsparse deploy up --hard-cap`: the cap binds from here, on what training adds (no-op elsewhere).
     join_cap_from_env(resident_mb=tensor_nbytes(model.state_dict()) / 2**20, label=",".join(selection))
@@ -251,19 +247,18 @@ def train(msg: Message, context: Context) -> Message:
     reply = encode(sent)
     # Encoded only where it travels: the reply (when asked) and a context.state durable copy.
     momentum_record = encode(momentum_state) if control.send_state or store is None else None
-    if sparse:
-        token = node_state.new_token(control.server_round)
-        if store is not None:  # the durable copy on the node's disk; context.state keeps its token
-            store.save(context.run_id, context.node_id, token, trained, momentum_state)
-            for key in (STATE_REPLICA, STATE_MOMENTUM):
-                context.state.pop(key, None)
-        else:  # the durable copy: the whole model, one fused record (one copy of its bytes)
-            context.state[STATE_REPLICA] = fuse_record(trained)
-            context.state[STATE_MOMENTUM] = momentum_record
-        context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection), "token": token})
-        node_state.put(context.run_id, context.node_id, node_state.NodeState(token, model, selection, momentum_state))
+    token = node_state.new_token(control.server_round)
+    if store is not None:  # the durable copy on the node's disk; context.state keeps its token
+        store.save(context.run_id, context.node_id, token, trained, momentum_state)
+        for key in (STATE_REPLICA, STATE_MOMENTUM):
+            context.state.pop(key, None)
     else:
         context.state[STATE_MOMENTUM] = momentum_record
+        if sparse:  # the durable copy: the whole model, one fused record (one copy of its bytes)
+            context.state[STATE_REPLICA] = fuse_record(trained)
+    if sparse:
+        context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection), "token": token})
+        node_state.put(context.run_id, context.node_id, node_state.NodeState(token, model, selection, momentum_state))
     examples = sum(r.examples for r in results)
     report = TrainReport(
         server_round=control.server_round,
@@ -277,7 +272,7 @@ def train(msg: Message, context: Context) -> Message:
         # The current budget, so the server re-plans a node whose memory dropped.
         budget_mb=node_budget_mb(context.node_config, config)[0],
     )
-    state_up = ArrayRecord(dict(momentum_record)) if momentum_record is not None and control.send_state else None
+    state_up = ArrayRecord(dict(momentum_record)) if control.send_state else None  # the same Arrays
     return Message(train_reply_content(reply, report, state_up), reply_to=msg)
 
 
