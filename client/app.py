@@ -48,10 +48,10 @@ from flwr_dsparse.protocol import (
     train_reply_content,
 )
 from flwr_dsparse.records import from_array_record, fuse_record, tensor_nbytes, to_array_record
-from flwr_dsparse.replica_store import ReplicaStore, replica_store_from_env
+from flwr_dsparse.replica_store import ReplicaStore, replica_store_for
 from flwr_dsparse.sizes import MB
 from flwr_dsparse.trainer import SparseTrainer, StepResult, make_optimizer_factory
-from flwr_dsparse.units import model_units, unit_tensor_names
+from flwr_dsparse.units import Unit, model_units, unit_tensor_names
 
 # Every process that trains (simulation actor, deployed ClientApp) runs with the tuned allocator.
 tune_allocator()
@@ -118,6 +118,20 @@ def train_selection(
         return results, trainer.momentum_state()
     finally:
         trainer.close()
+
+
+def _trainer(
+    config: JobConfig,
+    model: torch.nn.Module,
+    selection: list[str],
+    units: list[Unit],
+    momentum_state: Mapping[str, torch.Tensor],
+) -> SparseTrainer:
+    """A trainer of ``selection`` with plain SGD at the job's settings, its momentum restored."""
+    optimizer_factory = make_optimizer_factory("sgd", lr=config.lr, momentum=config.momentum)
+    trainer = SparseTrainer(model, selection, units=units, optimizer_factory=optimizer_factory)
+    trainer.load_momentum_state(momentum_state)
+    return trainer
 
 
 # Kept per process (a simulation actor serves many messages) and, where $DSPARSE_DATA_CACHE
@@ -193,26 +207,29 @@ def train(msg: Message, context: Context) -> Message:
     received = from_array_record(arrays, writable=False)  # views: they are only copied into the model
     bytes_recv = tensor_nbytes(received)
     sparse = config.method != "fedavg"
-    store = replica_store_from_env() if sparse else None
-    meta = context.state.get(STATE_META, ConfigRecord()) if sparse else ConfigRecord()
+    store = replica_store_for(config.replica_store)
+    meta = context.state.get(STATE_META, ConfigRecord())
     live = node_state.take(context.run_id, context.node_id, meta.get("token")) if sparse else None
-    if live is not None and len(received) == len(live.model.state_dict()):
-        live = None  # the server resent everything (it thinks this node lost its state): rebuild
+    if live is not None and len(received) == len(live.tensors):
+        # The server resent everything (it thinks this node lost its state): rebuild from it.
+        node_state.retire(live)
+        live = None
     durable_momentum: dict[str, torch.Tensor] = {}  # read with the replica when there is no live state
     if live is not None:
-        model = live.model
-        _load_into(model, received)
+        model, tensors, units = live.model, live.tensors, live.units
+        _load_into(tensors, received)
     else:
-        model = build_model(config.model, seed=config.seed)
+        # A retired model serves as well as a new one: the whole state dict is loaded into it.
+        spare = node_state.spare_model(config.model) if sparse else None
+        model = spare if spare is not None else build_model(config.model, seed=config.seed)
         replica, durable_momentum = _durable_copy(context, store, meta)  # FedAvg keeps no replica: {}
         state = {**replica, **received}
-        expected = model.state_dict()
-        missing = [name for name in expected if name not in state]
+        missing = [name for name in model.state_dict() if name not in state]
         if missing:
             # A restarted node lost its replica; failing makes the server resend everything.
             raise RuntimeError(f"replica lacks {len(missing)} tensors (e.g. {missing[:2]}); the node lost its state")
         model.load_state_dict(state)
-    units = model_units(model)
+        tensors, units = model.state_dict(), model_units(model)
 
     if not sparse:
         selection = [unit.name for unit in units]  # FedAvg sends the whole model every round
@@ -223,7 +240,8 @@ def train(msg: Message, context: Context) -> Message:
                 raise RuntimeError("no selection: this node has no saved selection and the server sent none")
             selection = [name for name in str(meta["selection"]).split(",") if name]
 
-    if OPTIMIZER in msg.content.array_records:
+    restored = OPTIMIZER in msg.content.array_records
+    if restored:
         # The server's copy of this node's momentum (after a retry, a restart or a resume).
         momentum_state = from_array_record(msg.content[OPTIMIZER])
     elif live is not None:
@@ -232,15 +250,23 @@ def train(msg: Message, context: Context) -> Message:
         momentum_state = durable_momentum
     batches = round_batches(config, split, indices, partition, control.server_round)
     # Under `dsparse deploy up --hard-cap`: the cap binds from here, on what training adds (no-op elsewhere).
-    join_cap_from_env(resident_mb=tensor_nbytes(model.state_dict()) / 2**20, label=",".join(selection))
+    join_cap_from_env(resident_mb=tensor_nbytes(tensors) / 2**20, label=",".join(selection))
+    # The live trainer's optimizer already holds the momentum it would be restored with. A
+    # collective round trains with its own trainer, so the live one's hooks come off first.
+    trainer = live.trainer if live is not None else None
+    if trainer is not None and (restored or live.selection != selection or control.round_transport == "collective"):
+        trainer.close()
+        trainer = None
     if control.round_transport == "collective":
         results, momentum_state = _collective_round(config, control, model, units, batches, momentum_state)
     else:
-        results, momentum_state = train_selection(
-            model, selection, batches, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state
-        )
-    trained = model.state_dict()
-    sent = {name: trained[name] for name in unit_tensor_names(units, selection)}
+        if trainer is None:
+            trainer = _trainer(config, model, selection, units, momentum_state)
+        results = trainer.train(batches)
+        momentum_state = trainer.momentum_state()
+        if not sparse:
+            trainer.close()  # FedAvg keeps nothing alive
+    sent = {name: tensors[name] for name in unit_tensor_names(units, selection)}
     # DSparse records travel fused (one buffer per dtype: Flower moves each array as objects of
     # its own); Flower's FedAvg averages by array name, so it gets one array per tensor.
     encode = fuse_record if sparse else to_array_record
@@ -249,16 +275,17 @@ def train(msg: Message, context: Context) -> Message:
     momentum_record = encode(momentum_state) if control.send_state or store is None else None
     token = node_state.new_token(control.server_round)
     if store is not None:  # the durable copy on the node's disk; context.state keeps its token
-        store.save(context.run_id, context.node_id, token, trained, momentum_state)
+        store.save(context.run_id, context.node_id, token, tensors if sparse else {}, momentum_state)
         for key in (STATE_REPLICA, STATE_MOMENTUM):
             context.state.pop(key, None)
     else:
         context.state[STATE_MOMENTUM] = momentum_record
         if sparse:  # the durable copy: the whole model, one fused record (one copy of its bytes)
-            context.state[STATE_REPLICA] = fuse_record(trained)
+            context.state[STATE_REPLICA] = fuse_record(tensors)
+    context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection), "token": token})
     if sparse:
-        context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection), "token": token})
-        node_state.put(context.run_id, context.node_id, node_state.NodeState(token, model, selection, momentum_state))
+        kept = node_state.NodeState(token, model, selection, momentum_state, config.model, tensors, units, trainer)
+        node_state.put(context.run_id, context.node_id, kept)
     examples = sum(r.examples for r in results)
     report = TrainReport(
         server_round=control.server_round,
@@ -291,12 +318,11 @@ def _durable_copy(
     return replica, momentum
 
 
-def _load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into the live model's parameters and buffers (by state-dict name)."""
-    state = model.state_dict()
+def _load_into(tensors: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``received`` into the live model's ``tensors`` (its state dict's views, by name)."""
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            state[name].copy_(tensor)
+        for name, tensor in received.items():
+            tensors[name].copy_(tensor)
 
 
 def _collective_round(

@@ -30,12 +30,17 @@ __all__ = [
     "PARTITIONINGS",
     "SCORERS",
     "TRANSPORTS",
+    "REPLICA_STORE_AUTO",
+    "REPLICA_STORE_CONTEXT",
 ]
 
 METHODS = ("dsparse", "fedavg")
 PARTITIONINGS = ("iid", "dirichlet")
 SCORERS = tuple(_SCORER_FUNCTIONS)  # the names of flwr_dsparse.scoring's scorers, not a second list
 TRANSPORTS = ("server", "collective")
+#: ``replica-store`` values (any other value is a folder): see :mod:`flwr_dsparse.replica_store`.
+REPLICA_STORE_AUTO = "auto"
+REPLICA_STORE_CONTEXT = "context"
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class JobConfig:
     collective_addr: str = "127.0.0.1"
     collective_port: int = 0
     collective_timeout: float = 60.0
+    replica_store: str = REPLICA_STORE_AUTO
 
     @property
     def budgets_mb(self) -> list[float]:
@@ -198,6 +204,11 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
         raise ValueError(
             'resume and transport="collective" are DSparse features; set method="dsparse", '
             'or resume=false and transport="server" for FedAvg'
+        )
+    if not config.replica_store.strip():
+        raise ValueError(
+            f'replica-store is empty; set it to "{REPLICA_STORE_AUTO}", "{REPLICA_STORE_CONTEXT}" '
+            "or a folder that exists on every node"
         )
     _ = config.budgets_mb  # parse now: a malformed budgets string must fail before training
     if config.dataset == "cifar10" and not config.data_root:

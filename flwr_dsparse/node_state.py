@@ -1,4 +1,4 @@
-"""A node's live state between messages: the model, its selection and momentum stay in the process.
+"""A node's live state between messages: its model, trainer and momentum stay in the process.
 
 Flower's simulation runs ClientApps in long-lived actor processes, so a node's model can stay
 alive between its messages instead of being rebuilt and reloaded from ``context.state`` every
@@ -14,6 +14,11 @@ node's ``context.state``; it is used only when the token matches, which rules ou
 
 A message from the server that resends the whole model (it thinks the node lost its state)
 drops the live copy: the node then rebuilds from the message and ``context.state``.
+
+A hit also keeps the trainer (its hooks, lean layers and optimizer with the momentum inside)
+while the selection stays the same. A miss (the node's last round ran on another actor, or
+the server resent everything) reuses a retired entry's model rather than building one: it
+loads a whole state dict into it either way.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["NodeState", "clear", "put", "take", "new_token"]
+from .trainer import SparseTrainer
+from .units import Unit
+
+__all__ = ["NodeState", "clear", "put", "retire", "spare_model", "take", "new_token"]
+
+#: Models of retired entries kept per model name for reuse: the one model a miss needs, and one more.
+MAX_SPARES = 2
 
 
 @dataclass
@@ -40,16 +51,29 @@ class NodeState:
     selection : list of str
         The units it trains.
     momentum : dict
-        Its momentum buffers by parameter name.
+        Its momentum buffers by parameter name (copies; the durable copy's and a new trainer's).
+    model_name : str
+        The architecture's name (:func:`flwr_dsparse.models.build_model`): which misses may reuse ``model``.
+    tensors : dict
+        ``model.state_dict()``: views of its parameters and buffers, which change only in place.
+    units : list of Unit
+        ``model_units(model)``.
+    trainer : SparseTrainer, optional
+        The trainer of ``selection`` on ``model``, hooks installed; its optimizer holds ``momentum``.
     """
 
     token: str
     model: torch.nn.Module
     selection: list[str]
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+    model_name: str = ""
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    units: list[Unit] = field(default_factory=list)
+    trainer: SparseTrainer | None = None
 
 
 _LIVE: dict[tuple[int, int], NodeState] = {}
+_SPARES: dict[str, list[torch.nn.Module]] = {}
 _COUNTER = itertools.count()
 
 
@@ -59,11 +83,35 @@ def new_token(server_round: int) -> str:
 
 
 def take(run_id: int, node_id: int, token: str | None) -> NodeState | None:
-    """The live state of (``run_id``, ``node_id``) if its token is ``token``; any stale entry is dropped."""
+    """The live state of (``run_id``, ``node_id``) if its token is ``token``; a stale entry is retired."""
     state = _LIVE.pop((run_id, node_id), None)
-    if state is None or token is None or state.token != token:
+    if state is not None and (token is None or state.token != token):
+        retire(state)
         return None
     return state
+
+
+def retire(state: NodeState) -> None:
+    """Drop ``state``, keeping its model as a spare for the next miss of the same architecture.
+
+    A miss loads a whole state dict into the model it trains (every parameter and buffer),
+    so a retired model serves as well as a freshly built one and saves building it (for
+    MobileNetV2 about as long as a training step). What a state dict does not hold is reset
+    here: the trainer's hooks and lean layers are removed and gradients dropped.
+    """
+    if state.trainer is not None:
+        state.trainer.close()
+    for param in state.model.parameters():
+        param.grad = None
+    spares = _SPARES.setdefault(state.model_name, [])
+    if state.model_name and len(spares) < MAX_SPARES:
+        spares.append(state.model)
+
+
+def spare_model(model_name: str) -> torch.nn.Module | None:
+    """A retired model of ``model_name`` to load a whole state dict into, or ``None``."""
+    spares = _SPARES.get(model_name)
+    return spares.pop() if spares else None
 
 
 def put(run_id: int, node_id: int, state: NodeState) -> None:
@@ -72,5 +120,6 @@ def put(run_id: int, node_id: int, state: NodeState) -> None:
 
 
 def clear() -> None:
-    """Forget every live state (tests; the durable copies in ``context.state`` remain)."""
+    """Forget every live state and spare model (tests; the durable copies in ``context.state`` remain)."""
     _LIVE.clear()
+    _SPARES.clear()

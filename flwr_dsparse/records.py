@@ -37,6 +37,7 @@ from .protocol import FUSED_BUFFER, FUSED_LAYOUT, FUSED_LAYOUT_STYPE
 
 __all__ = [
     "array_of",
+    "record_of",
     "from_array_record",
     "fuse_record",
     "is_fused",
@@ -121,6 +122,18 @@ def tensor_of(array: Array, *, writable: bool = True) -> torch.Tensor:
         return torch.from_numpy(values)
 
 
+def record_of(arrays: Mapping[str, Array]) -> ArrayRecord:
+    """An ``ArrayRecord`` holding these ``Array`` objects themselves.
+
+    Flower's ``ArrayRecord(dict)`` builds a new, validated ``Array`` per entry (about 5 us
+    each: a MobileNetV2 record costs 1.5 ms, paid for every message and every round).
+    """
+    record = ArrayRecord()
+    for name, array in arrays.items():
+        record[name] = array
+    return record
+
+
 def to_array_record(tensors: Mapping[str, torch.Tensor], *, arrays: Mapping[str, Array] | None = None) -> ArrayRecord:
     """Pack tensors (in the given order) into an ``ArrayRecord``; values are copied.
 
@@ -128,7 +141,7 @@ def to_array_record(tensors: Mapping[str, torch.Tensor], *, arrays: Mapping[str,
     a global tensor, shared by every message that carries it); they are used as they are.
     """
     arrays = arrays or {}
-    return ArrayRecord({name: arrays[name] if name in arrays else array_of(tensor) for name, tensor in tensors.items()})
+    return record_of({name: arrays[name] if name in arrays else array_of(tensor) for name, tensor in tensors.items()})
 
 
 def from_array_record(record: ArrayRecord, *, writable: bool = True) -> dict[str, torch.Tensor]:
@@ -170,7 +183,7 @@ def fuse_record(items: ArrayRecord | Mapping[str, torch.Tensor | Array]) -> Arra
     if isinstance(items, ArrayRecord) and (is_fused(items) or len(items) <= 1):
         return items
     if len(items) <= 1:
-        return ArrayRecord({name: item if isinstance(item, Array) else array_of(item) for name, item in items.items()})
+        return record_of({name: item if isinstance(item, Array) else array_of(item) for name, item in items.items()})
     layout, pieces = [], {}
     for name, item in items.items():
         dtype, shape, raw = _raw_bytes(item)
@@ -182,7 +195,7 @@ def fuse_record(items: ArrayRecord | Mapping[str, torch.Tensor | Array]) -> Arra
     }
     text = json.dumps(layout, separators=(",", ":")).encode()
     record[FUSED_LAYOUT] = Array(dtype="uint8", shape=(len(text),), stype=FUSED_LAYOUT_STYPE, data=text)
-    return ArrayRecord(record)
+    return record_of(record)
 
 
 def _layout_of(record: ArrayRecord) -> list[tuple[str, str, tuple[int, ...]]]:

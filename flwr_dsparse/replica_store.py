@@ -9,36 +9,65 @@ deployment, the actors in turn in a simulation): the replica is written once per
 read back only by a process that holds no live state (:mod:`flwr_dsparse.node_state`).
 
 ``context.state`` keeps the token of the node's current copy (``STATE_META``), and an entry is
-used only when its token matches, so a stale file (a round written by another process since),
-another run's or another node's file is never read as this node's state. An entry is written
-to a temporary file and renamed into place, so a reader never sees a partial one. A node whose
-entry is missing (a fresh disk, a reconnected node with a new node id) fails its message as a
-node that lost its state does, and the server resends the whole model.
+used only when its token matches, so a stale entry (a round written by another process since),
+another run's or another node's file is never read as this node's state. A node whose entry is
+missing or unreadable (a fresh disk, a reconnected node with a new node id) fails its message
+as a node that lost its state does, and the server resends the whole model.
 
-Set :data:`REPLICA_STORE_ENV` to a folder on each node (``dsparse deploy up --fast`` sets one
-in the deployment's state directory); unset or empty, the replica stays in ``context.state``.
+An entry is one file per (run, node), overwritten in place: a fixed-size header (the token and
+where the layout lies), every tensor's bytes written straight from its memory, and the layout
+(names, dtypes, shapes, offsets). Writing a new file per round and renaming it into place cost
+7 ms for MobileNetV2 on this machine (the kernel allocates fresh pages every time); rewriting
+the pages of the existing file costs 0.3 ms, and the whole save 1.4 ms. The header is first
+rewritten with no token, then the tensors, then the header with the new token, so a reader
+that finds the token it expects finds that write's tensors (it checks the header again after
+reading them).
+
+Where an entry lives is the job's ``replica-store`` key (:func:`replica_store_for`):
+``"auto"`` is the folder the ServerApp makes for a simulation (its nodes share its machine),
+else ``$DSPARSE_REPLICA_STORE`` on the node (``dsparse deploy up --fast`` sets one in the
+deployment's state directory), else ``context.state``; ``"context"`` is always ``context.state``;
+anything else is a folder on every node.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["REPLICA_STORE_ENV", "ReplicaStore", "replica_store_from_env"]
+from .config import REPLICA_STORE_AUTO, REPLICA_STORE_CONTEXT
+
+__all__ = ["HEADER_BYTES", "REPLICA_STORE_ENV", "ReplicaStore", "replica_store_for", "replica_store_from_env"]
 
 #: A folder on the node: ClientApps keep the node's replica and momentum there (unset or empty: in context.state).
 REPLICA_STORE_ENV = "DSPARSE_REPLICA_STORE"
+#: The header's fixed size: the token and where the layout (names, dtypes, shapes, offsets) lies.
+HEADER_BYTES = 4096
 
 
 def replica_store_from_env(env: Mapping[str, str] | None = None) -> ReplicaStore | None:
     """The store in ``$DSPARSE_REPLICA_STORE``, or ``None`` when it is unset or empty."""
     folder = (os.environ if env is None else env).get(REPLICA_STORE_ENV, "")
     return ReplicaStore(Path(folder)) if folder else None
+
+
+def replica_store_for(setting: str, env: Mapping[str, str] | None = None) -> ReplicaStore | None:
+    """The store the job's ``replica-store`` value names on this node (``None``: ``context.state``).
+
+    ``"context"``: none. ``"auto"``: ``$DSPARSE_REPLICA_STORE`` when set (the ServerApp of a
+    simulation has already replaced ``"auto"`` with its run folder). Anything else: that folder.
+    """
+    if setting == REPLICA_STORE_CONTEXT:
+        return None
+    if setting and setting != REPLICA_STORE_AUTO:
+        return ReplicaStore(Path(setting))
+    return replica_store_from_env(env)
 
 
 @dataclass(frozen=True)
@@ -48,7 +77,7 @@ class ReplicaStore:
     folder: Path
 
     def path(self, run_id: int, node_id: int) -> Path:
-        return self.folder / f"run{run_id}-node{node_id}.pt"
+        return self.folder / f"run{run_id}-node{node_id}.replica"
 
     def save(
         self,
@@ -58,15 +87,31 @@ class ReplicaStore:
         replica: Mapping[str, torch.Tensor],
         momentum: Mapping[str, torch.Tensor],
     ) -> None:
-        """Write the node's state under ``token``, replacing its previous entry atomically."""
+        """Write the node's state under ``token`` over its previous entry (see the module docstring)."""
+        layout, buffers, offset = [], [], HEADER_BYTES
+        for record, tensors in (("replica", replica), ("momentum", momentum)):
+            for name, tensor in tensors.items():
+                array = tensor.detach().cpu().contiguous().numpy()
+                raw = memoryview(array).cast("B") if array.nbytes else b""
+                layout.append([record, name, array.dtype.str, list(array.shape), offset, array.nbytes])
+                buffers.append(raw)
+                offset += array.nbytes
+        text = json.dumps(layout, separators=(",", ":")).encode()
+        where = {"layout": [offset, len(text)]}
         self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.path(run_id, node_id)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}")
+        descriptor = os.open(self.path(run_id, node_id), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            torch.save({"token": token, "replica": dict(replica), "momentum": dict(momentum)}, partial)
-            os.replace(partial, target)
+            os.pwrite(descriptor, _header({"token": "", **where}), 0)  # from here no reader takes the old entry
+            if os.fstat(descriptor).st_size != offset + len(text):
+                os.ftruncate(descriptor, offset + len(text))
+            position = HEADER_BYTES
+            buffers.append(text)
+            for first in range(0, len(buffers), _MAX_BUFFERS):  # the kernel takes at most IOV_MAX per call
+                chunk = buffers[first : first + _MAX_BUFFERS]
+                position += _write_all(descriptor, chunk, position)
+            os.pwrite(descriptor, _header({"token": token, **where}), 0)
         finally:
-            partial.unlink(missing_ok=True)
+            os.close(descriptor)
 
     def load(
         self, run_id: int, node_id: int, token: str | None
@@ -75,9 +120,59 @@ class ReplicaStore:
         if token is None:
             return None
         try:
-            entry = torch.load(self.path(run_id, node_id), map_location="cpu", weights_only=True)
+            with open(self.path(run_id, node_id), "rb") as file:
+                header = _read_header(file.read(HEADER_BYTES))
+                if header is None or header.get("token") != token:
+                    return None
+                size = os.fstat(file.fileno()).st_size
+                data = bytearray(size - HEADER_BYTES)  # writable: the tensors are views of it, no copy
+                if file.readinto(data) != len(data):
+                    return None
+                file.seek(0)
+                if (_read_header(file.read(HEADER_BYTES)) or {}).get("token") != token:
+                    return None  # rewritten while it was read
         except FileNotFoundError:
             return None
-        if entry.get("token") != token:
-            return None
-        return entry["replica"], entry["momentum"]
+        try:
+            at, length = header["layout"]
+            layout = json.loads(bytes(data[at - HEADER_BYTES : at - HEADER_BYTES + length]))
+            out: dict[str, dict[str, torch.Tensor]] = {"replica": {}, "momentum": {}}
+            for record, name, dtype, shape, offset, nbytes in layout:
+                values = np.frombuffer(
+                    data, dtype=np.dtype(dtype), count=nbytes // np.dtype(dtype).itemsize, offset=offset - HEADER_BYTES
+                )
+                out[record][name] = torch.from_numpy(values.reshape(shape))
+        except (KeyError, TypeError, ValueError):
+            return None  # not an entry this code wrote: as no entry, the server resends
+        return out["replica"], out["momentum"]
+
+
+#: Buffers per ``pwritev`` call (Linux's IOV_MAX is 1024).
+_MAX_BUFFERS = 1000
+
+
+def _write_all(descriptor: int, buffers: list, position: int) -> int:
+    """``os.pwritev`` of ``buffers`` at ``position`` until every byte is written; returns the bytes."""
+    total = sum(len(buffer) for buffer in buffers)
+    written = os.pwritev(descriptor, buffers, position)
+    if written < total:  # a short write (rare on a local file): write the rest plainly
+        rest = b"".join(bytes(buffer) for buffer in buffers)[written:]
+        while rest:
+            done = os.pwrite(descriptor, rest, position + written)
+            written, rest = written + done, rest[done:]
+    return total
+
+
+def _header(fields: dict) -> bytes:
+    text = json.dumps(fields).encode()
+    if len(text) > HEADER_BYTES:
+        raise ValueError(f"replica store header of {len(text)} bytes exceeds {HEADER_BYTES}")
+    return text.ljust(HEADER_BYTES, b" ")
+
+
+def _read_header(raw: bytes) -> dict | None:
+    try:
+        header = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # not an entry of this format (or none yet)
+    return header if isinstance(header, dict) and {"token", "layout"} <= header.keys() else None

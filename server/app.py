@@ -9,7 +9,10 @@ global model centrally after every round and writes ``metrics.json``,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO
@@ -22,9 +25,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from flwr_dsparse.config import JobConfig, load_config
+from flwr_dsparse.config import REPLICA_STORE_AUTO, JobConfig, load_config
 from flwr_dsparse.data import load_dataset
-from flwr_dsparse.deploy.fast_patches import fast_simulation_grid
+from flwr_dsparse.deploy.fast_patches import fast_simulation_grid, is_simulation_grid
 from flwr_dsparse.history import RoundRecord, merge_evaluations, write_metrics_csv
 from flwr_dsparse.models import build_model
 from flwr_dsparse.plan import Plan
@@ -188,10 +191,18 @@ def run_job(grid: Grid, config: JobConfig, *, plan_fn: PlanFn | None = None) -> 
     # slowest core (measured 5x slower under load); the nodes do the parallel work.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    store = None
+    if config.replica_store == REPLICA_STORE_AUTO and is_simulation_grid(grid):
+        # A simulation's nodes share this machine: their durable replicas go to a folder of the
+        # run (flwr_dsparse.replica_store) rather than through the engine with every message.
+        store = Path(tempfile.mkdtemp(prefix="dsparse-replicas-"))
+        config = dataclasses.replace(config, replica_store=str(store))
     try:
         return _run_job(grid, config, plan_fn)
     finally:
         torch.set_num_threads(threads)
+        if store is not None:
+            shutil.rmtree(store, ignore_errors=True)
 
 
 def _run_job(grid: Grid, config: JobConfig, plan_fn: PlanFn | None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
+import client.app as client_app_module
 from client.app import app
 from experiments.fault_matrix import SMALL_JOB
 from flwr_dsparse import node_state
@@ -24,19 +25,29 @@ from flwr_dsparse.records import (
     tensor_of,
     to_array_record,
 )
-from flwr_dsparse.replica_store import REPLICA_STORE_ENV, ReplicaStore, replica_store_from_env
+from flwr_dsparse.replica_store import (
+    HEADER_BYTES,
+    REPLICA_STORE_ENV,
+    ReplicaStore,
+    replica_store_for,
+    replica_store_from_env,
+)
 from flwr_dsparse.testing import LocalGrid
 from server.app import run_job
 
 JOB = {**SMALL_JOB, "num-server-rounds": 3, "checkpoint-every": 1}
+_TAKE = node_state.take
 
 
-def _run(tmp_path, monkeypatch, *, live: bool, fault=None, **extra):
+def _run(tmp_path, monkeypatch, *, live: bool | str, fault=None, **extra):
+    """``live``: True uses the live state; False never looks; ``"stale"`` finds every entry stale."""
     hits = []
-    take = node_state.take
+    take = _TAKE  # not node_state.take: an earlier _run of the same test patched it
 
-    def counting_take(*args):
-        state = take(*args) if live else None
+    def counting_take(run_id, node_id, token):
+        if live == "stale":  # as if another actor had trained the node since: the entry is retired
+            token = f"not-{token}"
+        state = take(run_id, node_id, token) if live else None
         hits.append(state is not None)
         return state
 
@@ -62,6 +73,23 @@ def test_live_state_and_rebuilding_from_context_state_are_bit_identical(tmp_path
             a, b = from_array_record(context.state[key]), from_array_record(other[key])
             assert a.keys() == b.keys() and a, (partition, key)
             assert all(torch.equal(a[name], b[name]) for name in a), (partition, key)
+
+
+def test_a_miss_trains_a_retired_model_as_it_would_a_new_one(tmp_path, monkeypatch, one_torch_thread):
+    """A stale entry's model (hooks off, gradients dropped) is reused: the same bits as building one."""
+    built = []
+    build = client_app_module.build_model
+    monkeypatch.setattr(client_app_module, "build_model", lambda *a, **k: built.append(1) or build(*a, **k))
+    rebuilt, rebuilt_nodes, _ = _run(tmp_path / "rebuilt", monkeypatch, live=False)
+    built_fresh = len(built)
+    built.clear()
+    reused, reused_nodes, hits = _run(tmp_path / "reused", monkeypatch, live="stale")
+    assert not any(hits) and built_fresh == 9 and len(built) == 3  # rounds 2 and 3 reuse round 1's models
+    assert _same(rebuilt, reused)
+    for partition, context in reused_nodes.items():
+        for key in (STATE_MOMENTUM, STATE_REPLICA):
+            other = rebuilt_nodes[partition].state
+            assert _same(from_array_record(context.state[key]), from_array_record(other[key])), (partition, key)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -119,9 +147,36 @@ def test_a_store_entry_is_read_only_under_its_token_run_and_node(tmp_path):
     assert store.load(1, 7, None) is None  # context.state lost its token
     store.save(1, 7, "t2", {"w": torch.zeros(3)}, {})
     assert store.load(1, 7, "t1") is None and _same(store.load(1, 7, "t2")[0], {"w": torch.zeros(3)})
-    assert [p.name for p in store.folder.iterdir()] == ["run1-node7.pt"]  # replaced, no partial files left
+    assert [p.name for p in store.folder.iterdir()] == [store.path(1, 7).name]  # overwritten in place
     assert replica_store_from_env({}) is None and replica_store_from_env({REPLICA_STORE_ENV: ""}) is None
     assert replica_store_from_env({REPLICA_STORE_ENV: str(tmp_path)}).folder == tmp_path
+
+
+def test_a_store_entry_cut_short_or_caught_mid_write_is_no_entry(tmp_path):
+    """A reader never takes a partial write: the server then resends, as for a lost entry."""
+    store = ReplicaStore(tmp_path / "store")
+    big = {"w": torch.randn(1000)}
+    store.save(1, 7, "t1", big, {})
+    path = store.path(1, 7)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) - 100])  # the arrays cut short
+    assert store.load(1, 7, "t1") is None
+    path.write_bytes(b" " * HEADER_BYTES + whole[HEADER_BYTES:])  # the header blanked (the write's first step)
+    assert store.load(1, 7, "t1") is None
+    path.write_bytes(b"not an entry")
+    assert store.load(1, 7, "t1") is None
+    store.save(1, 7, "t2", {"w": torch.ones(2)}, {"w": torch.ones(2)})  # over the junk, and smaller
+    assert _same(store.load(1, 7, "t2")[1], {"w": torch.ones(2)}) and path.stat().st_size < len(whole)
+
+
+def test_the_replica_store_key_names_the_folder_or_context_state(tmp_path):
+    env = {REPLICA_STORE_ENV: str(tmp_path / "env")}
+    assert replica_store_for("context", env) is None  # always context.state
+    assert replica_store_for("auto", env).folder == tmp_path / "env"  # the node's own folder
+    assert replica_store_for("auto", {}) is None  # none set: context.state
+    assert replica_store_for(str(tmp_path / "job"), env).folder == tmp_path / "job"  # the job's folder wins
+    with pytest.raises(ValueError, match="replica-store is empty"):
+        load_config({"replica-store": " "})
 
 
 def test_a_live_state_is_used_only_for_its_run_node_and_token():

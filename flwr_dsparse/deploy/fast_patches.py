@@ -31,6 +31,7 @@ __all__ = [
     "fast_object_pulls",
     "fast_simulation_grid",
     "flower_version_problem",
+    "is_simulation_grid",
     "poll_grid_replies",
     "polling_send_and_receive",
     "warn_stock",
@@ -246,6 +247,15 @@ def fast_simulation_grid(grid: Any, first: float = FAST_POLL_S, longest: float =
     loop); any other grid is returned untouched.
     """
     return _poll_replies_of(grid, "simulation reply polling (0.1 s)", "inmemory_grid", "InMemoryGrid", first, longest)
+
+
+def is_simulation_grid(grid: Any) -> bool:
+    """Whether ``grid`` is Flower's simulation grid (``InMemoryGrid``): its nodes run on this machine.
+
+    ``False`` (with the one-line warning) where this Flower is not the one read.
+    """
+    found = _guard("simulation detection", ("flwr.superlink.grid.inmemory_grid", "InMemoryGrid"))
+    return found is not None and isinstance(grid, found[0])
 
 
 def _poll_replies_of(grid: Any, part: str, module: str, name: str, first: float, longest: float) -> Any:

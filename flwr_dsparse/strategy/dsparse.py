@@ -48,7 +48,7 @@ from ..checkpoint import save_checkpoint
 from ..exchange import TensorVersions
 from ..plan import Plan
 from ..protocol import TrainControl, train_content
-from ..records import tensor_nbytes, to_array_record
+from ..records import fuse_record, tensor_nbytes, to_array_record
 from .aggregate import aggregate_groups, member_values
 from .global_model import GlobalModel
 from .membership import Membership, PlanFn
@@ -266,10 +266,12 @@ class DSparse(Strategy):
         versions = self.replicas.track(list(self.model.tensors))
         collective = collective_control(self.plan, state, self.collective_addr, self.collective_port_fn)
         job = {**self.train_config, **dict(config), "method": "dsparse"}
+        fused: dict[tuple[str, ...], ArrayRecord] = {}  # one fused payload per distinct set of tensors
         for node, device in sorted(self.membership.node_to_device.items(), key=lambda item: item[1]):
             units = self.plan.device(device).units
             send = versions.missing(device)
-            payload = self.model.arrays(send, versions)  # one encoding per tensor, shared by every message
+            if tuple(send) not in fused:  # one encoding per tensor, shared by every message
+                fused[tuple(send)] = fuse_record(self.model.arrays(send, versions))
             restore_state = self.replicas.state_to_restore(device) if self.keep_client_state else None
             control = TrainControl(
                 server_round,
@@ -281,7 +283,7 @@ class DSparse(Strategy):
             # The node's momentum may differ from the last accepted one (retry, rejected reply,
             # restart, resume): then it gets the server's copy (empty = start at zero).
             restore_record = to_array_record(restore_state) if restore_state is not None else None
-            content = train_content(ArrayRecord(payload), job, control, restore_record)
+            content = train_content(fused[tuple(send)], job, control, restore_record)
             if restore_state is not None:
                 state.state_down[device] = tensor_nbytes(restore_state)
             state.messages.append(

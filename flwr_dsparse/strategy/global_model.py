@@ -15,7 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from ..exchange import TensorVersions
-from ..records import array_of, from_array_record
+from ..records import array_of, from_array_record, record_of
 
 __all__ = ["GlobalModel"]
 
@@ -52,7 +52,7 @@ class GlobalModel:
 
     def record(self, versions: TensorVersions) -> ArrayRecord:
         """The whole model as an ``ArrayRecord`` of the shared encodings."""
-        self._returned = ArrayRecord(self.arrays(self.tensors, versions))
+        self._returned = record_of(self.arrays(self.tensors, versions))
         return self._returned
 
     def take(self, arrays: ArrayRecord, versions: TensorVersions | None) -> None:

@@ -67,6 +67,7 @@ RESUMABLE_KEYS = frozenset(
         "collective-timeout",
         "collective-addr",
         "collective-port",
+        "replica-store",
     }
 )
 
