@@ -32,7 +32,7 @@ import torch
 from .trainer import SparseTrainer
 from .units import Unit
 
-__all__ = ["NodeState", "clear", "put", "retire", "spare_model", "take", "new_token"]
+__all__ = ["NodeState", "add_spare", "clear", "put", "retire", "spare_model", "take", "new_token"]
 
 #: Models of retired entries kept per model name for reuse: the one model a miss needs, and one more.
 MAX_SPARES = 2
@@ -103,9 +103,15 @@ def retire(state: NodeState) -> None:
         state.trainer.close()
     for param in state.model.parameters():
         param.grad = None
-    spares = _SPARES.setdefault(state.model_name, [])
-    if state.model_name and len(spares) < MAX_SPARES:
-        spares.append(state.model)
+    if state.model_name:
+        add_spare(state.model_name, state.model)
+
+
+def add_spare(model_name: str, model: torch.nn.Module) -> None:
+    """Keep ``model`` (an architecture named ``model_name``) for a miss to load a state dict into."""
+    spares = _SPARES.setdefault(model_name, [])
+    if len(spares) < MAX_SPARES:
+        spares.append(model)
 
 
 def spare_model(model_name: str) -> torch.nn.Module | None:

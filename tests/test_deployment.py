@@ -400,8 +400,59 @@ def test_fast_mode_version_guard_and_fallback(
     monkeypatch.setattr(fast_patches, "warn_stock", lambda part, reason: warned.append(f"{part}: {reason}"))
     assert fast_mode.poll_grid_replies() is False and fast_mode.bound_supernode_sleeps() is False
     assert fast_mode.fork_task_processes() is False and fast_mode.fast_object_pulls() is False
+    assert fast_mode.reuse_installed_fabs() is False
     assert HttpGrid.send_and_receive is stock
-    assert len(warned) == 4 and all("Flower 1.43.0 is installed" in line for line in warned), warned
+    assert len(warned) == 5 and all("Flower 1.43.0 is installed" in line for line in warned), warned
+
+
+def test_fast_fab_install_happens_once_per_fab_and_again_when_its_folder_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from flwr_dsparse.deploy.fast_patches import reuse_installed_fabs
+
+    # The modules (their packages export functions of the same names).
+    run_clientapp = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    run_serverapp = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+
+    installs: list[bytes] = []
+
+    def flowers_install(fab: bytes, install_dir: Path | None = None, skip_prompt: bool = False) -> Path:
+        installs.append(fab)
+        folder = Path(install_dir) / "apps" / f"app-{len(installs)}"
+        folder.mkdir(parents=True)
+        return folder
+
+    for module in (run_clientapp, run_serverapp):  # restored after the test, patched or not
+        monkeypatch.setattr(module, "install_from_fab", flowers_install)
+    assert reuse_installed_fabs() and reuse_installed_fabs()  # a second call does not wrap twice
+    install = run_clientapp.install_from_fab
+    first = install(b"fab-1", tmp_path, skip_prompt=True)
+    assert install(b"fab-1", tmp_path, skip_prompt=True) == first and installs == [b"fab-1"]
+    assert run_serverapp.install_from_fab(b"fab-1", tmp_path, skip_prompt=True) == first  # the same marker
+    other = install(b"fab-2", tmp_path, skip_prompt=True)  # other bytes: installed
+    assert other != first and installs == [b"fab-1", b"fab-2"]
+    first.rmdir()  # the installed folder removed: Flower installs it again
+    assert install(b"fab-1", tmp_path, skip_prompt=True) != first and len(installs) == 3
+    assert install(b"fab-1", tmp_path) and len(installs) == 4  # a prompt would be asked: always Flower's
+
+
+def test_fast_launcher_builds_spare_models_a_clientapp_child_inherits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr_dsparse import node_state
+    from flwr_dsparse.deploy.fast_launcher import WARM_MODELS_ENV, build_spare_models, warm_models_from_env
+    from flwr_dsparse.models import MODELS
+
+    assert warm_models_from_env({}) == list(MODELS) and warm_models_from_env({WARM_MODELS_ENV: ""}) == []
+    assert warm_models_from_env({WARM_MODELS_ENV: "tiny, mobilenet_v2"}) == ["tiny", "mobilenet_v2"]
+    node_state.clear()
+    try:
+        assert build_spare_models(["tiny", "no-such-model"]) == ["no-such-model"]
+        spare = node_state.spare_model("tiny")
+        assert spare is not None and node_state.spare_model("tiny") is None  # one each
+        assert all(param.grad is None for param in spare.parameters())
+    finally:
+        node_state.clear()
 
 
 def test_fast_launchers_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
