@@ -85,8 +85,15 @@ def schedule_seconds(devices: dict[str, Any], local_steps: int, cores: int) -> f
     return max(workers) - compute_seconds(devices, local_steps, cores)
 
 
-def round_rows(metrics: dict[str, Any], local_steps: int, cores: int) -> list[dict[str, float]]:
-    """Per training round of a DSparse/FedAvg run: wall time, arithmetic, overhead and bytes."""
+def round_rows(
+    metrics: dict[str, Any], local_steps: int, cores: int, *, whole_steps: bool = True
+) -> list[dict[str, float]]:
+    """Per training round of a DSparse/FedAvg run: wall time, arithmetic, overhead and bytes.
+
+    ``whole_steps``: the nodes take turns on the cores a whole message at a time (Flower's
+    simulation workers), so ``schedule-s`` applies; a deployment's node processes share the
+    cores at once (0 there).
+    """
     rows = []
     for row in metrics["rounds"]:
         devices = row.get("devices")
@@ -100,7 +107,7 @@ def round_rows(metrics: dict[str, Any], local_steps: int, cores: int) -> list[di
                 "round-s": round_s,
                 "compute-s": compute_s,
                 "overhead-s": round_s - compute_s,
-                "schedule-s": schedule_seconds(devices, local_steps, cores),
+                "schedule-s": schedule_seconds(devices, local_steps, cores) if whole_steps else 0.0,
                 "down-bytes": {pid: float(d.get("bytes-down", d.get("bytes-recv", 0))) for pid, d in devices.items()},
                 "up-bytes": {pid: float(d.get("bytes-up", d.get("bytes-sent", 0))) for pid, d in devices.items()},
             }
@@ -241,7 +248,7 @@ class Bench:
         wall = time.perf_counter()
         run("app", self.job(method, rounds, nodes, out))
         metrics = json.loads((out / APPS["app"][1]).read_text())
-        rows = round_rows(metrics, self.args.local_steps, self.cores)
+        rows = round_rows(metrics, self.args.local_steps, self.cores, whole_steps=runtime == "simulation")
         self.add(runtime, method, "app", nodes, rows, time.perf_counter() - wall)
         echo_out = self.work / f"{runtime}-{method}-echo"
         config = self.echo_config(runtime, method, rounds, nodes, echo_out)

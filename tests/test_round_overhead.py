@@ -32,5 +32,6 @@ def test_round_rows_take_the_training_rounds_and_their_overhead():
     (row,) = round_rows(metrics, local_steps=1, cores=2)
     assert (row["round"], row["compute-s"], row["overhead-s"], row["schedule-s"]) == (1, 3.5, 1.5, 0.5)
     assert row["down-bytes"] == {str(pid): 10.0 for pid in range(7)}
+    assert round_rows(metrics, local_steps=1, cores=2, whole_steps=False)[0]["schedule-s"] == 0.0  # a deployment
     summary = summarize([row])
     assert summary["median-overhead-s"] == 1.5 and summary["median-schedule-s"] == 0.5
