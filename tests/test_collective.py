@@ -79,15 +79,18 @@ WITH_INFERENCE_ONLY = {  # rank 1 trains nothing and only receives
 # --------------------------------------------------------------------------- rank workers
 
 
-def train_rank(rank, world_size, master_addr, master_port, plan_json, model_name, fused, rounds=1):
-    """``rounds`` calls of the client hook in one process, as a Flower node would make them."""
+def train_rank(rank, world_size, master_addr, master_port, plan_json, model_name, fused, rounds=1, ports=()):
+    """``rounds`` calls of the client hook in one process, as a Flower node would make them.
+
+    Rounds after the first rendezvous on ``ports`` (one port per round, as in :func:`momentum_rank`).
+    """
     plan = Plan.from_json(plan_json)
     model = make_model(model_name)
     batches = iter(rank_batches(rank, STEPS * rounds))
-    for _ in range(rounds):
+    for round_port in (master_port, *ports)[:rounds]:
         result = run_collective_round(
             plan,
-            Rendezvous(rank, world_size, master_addr, master_port),
+            Rendezvous(rank, world_size, master_addr, round_port),
             model,
             batches,
             STEPS,
@@ -278,8 +281,10 @@ def assert_close_states(actual, expected, atol=1e-6):
 )
 def test_ranks_are_bit_identical_and_match_grouped_reference(selections, fused, rounds):
     plan = make_plan("tiny", selections)
+    # A fresh port per round: reusing one back to back races (see momentum_rank); it failed CI once.
+    ports = tuple(free_port("127.0.0.1") for _ in range(rounds - 1))
     outcomes = launch_local(
-        train_rank, 3, (plan.to_json(), "tiny", fused, rounds), start_method=START_METHOD, deadline_s=DEADLINE_S
+        train_rank, 3, (plan.to_json(), "tiny", fused, rounds, ports), start_method=START_METHOD, deadline_s=DEADLINE_S
     )
     assert_ok(outcomes)
     states = [o.result["state"] for o in outcomes]
