@@ -24,16 +24,19 @@ that finds the token it expects finds that write's tensors (it checks the header
 reading them).
 
 Where an entry lives is the job's ``replica-store`` key (:func:`replica_store_for`):
-``"auto"`` is the folder the ServerApp makes for a simulation (its nodes share its machine),
-else ``$DSPARSE_REPLICA_STORE`` on the node (``dsparse deploy up --fast`` sets one in the
-deployment's state directory), else ``context.state``; ``"context"`` is always ``context.state``;
-anything else is a folder on every node.
+``"auto"`` is ``$DSPARSE_REPLICA_STORE`` on the node where it is set (``dsparse deploy up
+--fast`` sets one in the deployment's state directory), else, in a simulation, a folder of the
+run that the ServerApp makes (:func:`make_run_folder`; its nodes share its machine), else
+``context.state``; ``"context"`` is always ``context.state``; anything else is a folder on
+every node.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +46,20 @@ import torch
 
 from .config import REPLICA_STORE_AUTO, REPLICA_STORE_CONTEXT
 
-__all__ = ["HEADER_BYTES", "REPLICA_STORE_ENV", "ReplicaStore", "replica_store_for", "replica_store_from_env"]
+__all__ = [
+    "HEADER_BYTES",
+    "REPLICA_STORE_ENV",
+    "RUN_FOLDER_PREFIX",
+    "ReplicaStore",
+    "make_run_folder",
+    "replica_store_for",
+    "replica_store_from_env",
+]
 
 #: A folder on the node: ClientApps keep the node's replica and momentum there (unset or empty: in context.state).
 REPLICA_STORE_ENV = "DSPARSE_REPLICA_STORE"
+#: What a simulation's run folder is called: the prefix, then the ServerApp's process id.
+RUN_FOLDER_PREFIX = "dsparse-replicas-"
 #: The header's fixed size: the token and where the layout (names, dtypes, shapes, offsets) lies.
 HEADER_BYTES = 4096
 
@@ -57,11 +70,36 @@ def replica_store_from_env(env: Mapping[str, str] | None = None) -> ReplicaStore
     return ReplicaStore(Path(folder)) if folder else None
 
 
+def make_run_folder(root: str | Path | None = None) -> Path:
+    """A new folder for one simulation's store, named after this process (in the temp folder).
+
+    The ServerApp removes it at the run's end; one that was killed first cannot, so the
+    folders of processes that are gone are removed here (a live process's never are).
+    """
+    root = Path(root) if root is not None else Path(tempfile.gettempdir())
+    for folder in root.glob(f"{RUN_FOLDER_PREFIX}*"):
+        owner = folder.name[len(RUN_FOLDER_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and not _process_alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{RUN_FOLDER_PREFIX}{os.getpid()}-", dir=root))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
+
+
 def replica_store_for(setting: str, env: Mapping[str, str] | None = None) -> ReplicaStore | None:
     """The store the job's ``replica-store`` value names on this node (``None``: ``context.state``).
 
-    ``"context"``: none. ``"auto"``: ``$DSPARSE_REPLICA_STORE`` when set (the ServerApp of a
-    simulation has already replaced ``"auto"`` with its run folder). Anything else: that folder.
+    ``"context"``: none. ``"auto"``: ``$DSPARSE_REPLICA_STORE`` when set (where it is not, the
+    ServerApp of a simulation has replaced ``"auto"`` with its run folder). Anything else: that
+    folder.
     """
     if setting == REPLICA_STORE_CONTEXT:
         return None

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO
@@ -35,6 +34,7 @@ from flwr_dsparse.planner import DeviceSpec
 from flwr_dsparse.planning import plan_model
 from flwr_dsparse.protocol import METRICS, REPORT_EXAMPLES_KEY, REPORT_LOSS_KEY, REPORT_PARTITION_KEY
 from flwr_dsparse.records import from_array_record, record_nbytes, tensor_nbytes, to_array_record
+from flwr_dsparse.replica_store import make_run_folder, replica_store_from_env
 from flwr_dsparse.strategy import DeviceReport, DSparse, PlanFn
 from flwr_dsparse.strategy.replies import payload_nbytes
 from flwr_dsparse.trainer import evaluate_model
@@ -192,10 +192,10 @@ def run_job(grid: Grid, config: JobConfig, *, plan_fn: PlanFn | None = None) -> 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     store = None
-    if config.replica_store == REPLICA_STORE_AUTO and is_simulation_grid(grid):
+    if config.replica_store == REPLICA_STORE_AUTO and replica_store_from_env() is None and is_simulation_grid(grid):
         # A simulation's nodes share this machine: their durable replicas go to a folder of the
         # run (flwr_dsparse.replica_store) rather than through the engine with every message.
-        store = Path(tempfile.mkdtemp(prefix="dsparse-replicas-"))
+        store = make_run_folder()
         config = dataclasses.replace(config, replica_store=str(store))
     try:
         return _run_job(grid, config, plan_fn)

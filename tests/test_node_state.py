@@ -28,7 +28,9 @@ from flwr_dsparse.records import (
 from flwr_dsparse.replica_store import (
     HEADER_BYTES,
     REPLICA_STORE_ENV,
+    RUN_FOLDER_PREFIX,
     ReplicaStore,
+    make_run_folder,
     replica_store_for,
     replica_store_from_env,
 )
@@ -167,6 +169,23 @@ def test_a_store_entry_cut_short_or_caught_mid_write_is_no_entry(tmp_path):
     assert store.load(1, 7, "t1") is None
     store.save(1, 7, "t2", {"w": torch.ones(2)}, {"w": torch.ones(2)})  # over the junk, and smaller
     assert _same(store.load(1, 7, "t2")[1], {"w": torch.ones(2)}) and path.stat().st_size < len(whole)
+
+
+def test_a_simulations_run_folder_is_named_after_its_process_and_dead_ones_are_removed(tmp_path):
+    """A ServerApp killed before its cleanup leaves its run folder; the next run removes it."""
+    import os
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    left = tmp_path / f"{RUN_FOLDER_PREFIX}{dead}-abc"
+    mine = tmp_path / f"{RUN_FOLDER_PREFIX}{os.getpid()}-def"
+    unnamed = tmp_path / f"{RUN_FOLDER_PREFIX}xyz"
+    for folder in (left, mine, unnamed):
+        (folder / "entry").mkdir(parents=True)
+    made = make_run_folder(tmp_path)
+    assert made.name.startswith(f"{RUN_FOLDER_PREFIX}{os.getpid()}-") and made.is_dir()
+    assert not left.exists() and mine.exists() and unnamed.exists()  # only a gone process's
 
 
 def test_the_replica_store_key_names_the_folder_or_context_state(tmp_path):
