@@ -111,24 +111,25 @@ def train_selection(
     ``momentum_state`` (by parameter name) and returned updated, because the trainer's
     optimizer is rebuilt every round while momentum must carry over.
     """
-    trainer = SparseTrainer(model, selection, optimizer_factory=make_optimizer_factory("sgd", lr=lr, momentum=momentum))
+    trainer = _sgd_trainer(model, selection, lr=lr, momentum=momentum, momentum_state=momentum_state or {})
     try:
-        trainer.load_momentum_state(momentum_state or {})
         results = trainer.train(batches)
         return results, trainer.momentum_state()
     finally:
         trainer.close()
 
 
-def _trainer(
-    config: JobConfig,
+def _sgd_trainer(
     model: torch.nn.Module,
     selection: list[str],
-    units: list[Unit],
+    *,
+    lr: float,
+    momentum: float,
     momentum_state: Mapping[str, torch.Tensor],
+    units: list[Unit] | None = None,
 ) -> SparseTrainer:
-    """A trainer of ``selection`` with plain SGD at the job's settings, its momentum restored."""
-    optimizer_factory = make_optimizer_factory("sgd", lr=config.lr, momentum=config.momentum)
+    """A trainer of ``selection`` with plain SGD, its momentum buffers restored (by parameter name)."""
+    optimizer_factory = make_optimizer_factory("sgd", lr=lr, momentum=momentum)
     trainer = SparseTrainer(model, selection, units=units, optimizer_factory=optimizer_factory)
     trainer.load_momentum_state(momentum_state)
     return trainer
@@ -261,7 +262,9 @@ def train(msg: Message, context: Context) -> Message:
         results, momentum_state = _collective_round(config, control, model, units, batches, momentum_state)
     else:
         if trainer is None:
-            trainer = _trainer(config, model, selection, units, momentum_state)
+            trainer = _sgd_trainer(
+                model, selection, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state, units=units
+            )
         results = trainer.train(batches)
         momentum_state = trainer.momentum_state()
         if not sparse:

@@ -270,8 +270,9 @@ class DSparse(Strategy):
         for node, device in sorted(self.membership.node_to_device.items(), key=lambda item: item[1]):
             units = self.plan.device(device).units
             send = versions.missing(device)
-            if tuple(send) not in fused:  # one encoding per tensor, shared by every message
-                fused[tuple(send)] = fuse_record(self.model.arrays(send, versions))
+            payload = fused.get(tuple(send))
+            if payload is None:  # one encoding per tensor, shared by every message
+                payload = fused[tuple(send)] = fuse_record(self.model.arrays(send, versions))
             restore_state = self.replicas.state_to_restore(device) if self.keep_client_state else None
             control = TrainControl(
                 server_round,
@@ -283,7 +284,7 @@ class DSparse(Strategy):
             # The node's momentum may differ from the last accepted one (retry, rejected reply,
             # restart, resume): then it gets the server's copy (empty = start at zero).
             restore_record = to_array_record(restore_state) if restore_state is not None else None
-            content = train_content(fused[tuple(send)], job, control, restore_record)
+            content = train_content(payload, job, control, restore_record)
             if restore_state is not None:
                 state.state_down[device] = tensor_nbytes(restore_state)
             state.messages.append(
