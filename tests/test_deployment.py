@@ -538,3 +538,54 @@ def test_fast_reply_polling_returns_every_reply_and_backs_off() -> None:
     missing = Grid([])
     assert polling_send_and_receive(missing, [], timeout=0.2, first=0.01, longest=0.05) == []
     assert 0.2 <= time.monotonic() - began < 2.0 and missing.pulls >= 4
+
+
+def test_simulation_pickup_hands_pushed_messages_to_the_running_engine_loop() -> None:
+    """The pushed message reaches the workers' queue through Flower's own loop's state and queue, once."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from flwr_dsparse.deploy.fast_patches import SimulationPickup, fast_simulation_grid
+
+    def message(node: int) -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node))
+
+    class State:  # the LinkState's contract: each undelivered message is handed out once
+        def __init__(self) -> None:
+            self.undelivered: dict[int, list[SimpleNamespace]] = {}
+            self.takers: list[str] = []
+
+        def get_message_ins(self, node_id: int, limit: int | None) -> list[SimpleNamespace]:
+            if threading.current_thread() is engine:
+                return []  # the engine's own look comes "too late": only deliver() can hand it out
+            taken = self.undelivered.pop(node_id, [])
+            self.takers += [threading.current_thread().name] * len(taken)
+            return taken
+
+    state, workers, stop = State(), queue.Queue(), threading.Event()
+    pickup = SimulationPickup(vce_api.add_messages_to_queue.__code__)
+    assert pickup.engine() is None  # no engine loop yet: messages wait for it, as stock
+    pickup.deliver([message(7)])
+    engine = threading.Thread(
+        target=vce_api.add_messages_to_queue, args=(state, workers, {7: 0, 8: 1}, stop), name="engine"
+    )
+    engine.start()
+    try:
+        for _ in range(200):
+            if pickup.engine() is not None:
+                break
+            time.sleep(0.005)
+        assert pickup.engine() == (state, workers)
+        pushed = [message(8), message(7)]
+        state.undelivered = {7: [pushed[1]], 8: [pushed[0]]}
+        pickup.deliver(pushed)
+        assert [workers.get_nowait(), workers.get_nowait()] == pushed  # push order, at once
+        assert workers.empty() and state.takers == [threading.current_thread().name] * 2
+    finally:
+        stop.set()
+        engine.join(timeout=5)
+    grid = SimpleNamespace(send_and_receive="stock")
+    assert fast_simulation_grid(grid).send_and_receive == "stock"  # only Flower's InMemoryGrid is patched

@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -25,7 +25,10 @@ __all__ = [
     "FAST_POLL_S",
     "IDLE_POLL_S",
     "SUPPORTED_FLOWER",
+    "SIM_IDLE_POLL_S",
+    "SIM_POLL_S",
     "PollBackoff",
+    "SimulationPickup",
     "bound_supernode_sleeps",
     "fast_grid",
     "fast_object_pulls",
@@ -45,6 +48,11 @@ SUPPORTED_FLOWER = "1.42."  # the release whose internals the patches below were
 # a waiting deployment near the stock one's cost, and the first polls after work fast.
 FAST_POLL_S = 0.02
 IDLE_POLL_S = 0.25
+# The simulation's grid looks for replies in an in-memory LinkState (a dict lookup under a
+# lock), so it can look far more often than a deployment's HTTP grid can.
+SIM_POLL_S = 0.005
+SIM_IDLE_POLL_S = 0.02
+SIM_ENGINE_MODULE = "flwr.server.superlink.fleet.vce.vce_api"  # the simulation engine's message loop
 
 
 def flower_version_problem(version: str | None = None) -> str | None:
@@ -190,10 +198,18 @@ def polling_send_and_receive(
     timeout: float | None = None,
     first: float = FAST_POLL_S,
     longest: float = IDLE_POLL_S,
+    after_push: Callable[[list[Any]], None] | None = None,
 ) -> list[Any]:
-    """``HttpGrid.send_and_receive`` of Flower 1.42, pulling after ``first`` to ``longest`` s instead of 3 s."""
+    """``HttpGrid.send_and_receive`` of Flower 1.42, pulling after ``first`` to ``longest`` s instead of 3 s.
+
+    ``after_push(messages)``, where given, runs once the messages are stored (the
+    simulation hands them to its workers there, :class:`SimulationPickup`).
+    """
     backoff = PollBackoff(first, longest)
+    messages = list(messages)
     message_ids = set(grid.push_messages(messages))
+    if after_push is not None:
+        after_push(messages)
     del messages
     end_time = time.time() + (timeout if timeout is not None else 0.0)
     replies: list[Any] = []
@@ -237,17 +253,74 @@ def fast_grid(grid: Any, first: float = FAST_POLL_S, longest: float = IDLE_POLL_
     return _poll_replies_of(grid, "ServerApp reply polling (3 s)", "http_grid", "HttpGrid", first, longest)
 
 
-def fast_simulation_grid(grid: Any, first: float = FAST_POLL_S, longest: float = IDLE_POLL_S) -> Any:
-    """``grid`` with replies polled every ``first``-``longest`` seconds (the simulation's ``InMemoryGrid`` only).
+def fast_simulation_grid(grid: Any, first: float = SIM_POLL_S, longest: float = SIM_IDLE_POLL_S) -> Any:
+    """``grid`` with messages handed to the workers on push and replies polled every ``first``-``longest`` s.
 
-    Flower's simulation grid sleeps its ``pull_interval`` (0.1 s) between looks for replies, so
-    a round of per-step DSparse idles up to 0.1 s after its last reply, a quarter of what the
-    round costs beyond its arithmetic. A look is a lookup in the in-memory LinkState, so the
-    backed-off polls of :func:`polling_send_and_receive` cost nothing. The ServerApp applies
-    it in every simulation (the echo app too, so the transport floor it measures is the same
-    loop); any other grid is returned untouched.
+    For the simulation's ``InMemoryGrid`` only; any other grid is returned untouched. Flower's
+    simulation waits 0.1 s twice a round: its engine looks for new messages every 0.1 s
+    (``vce_api.add_messages_to_queue``), and its grid sleeps its ``pull_interval`` (0.1 s)
+    between looks for replies. The patched ``send_and_receive`` gives the messages it pushed
+    to the engine's workers at once (:class:`SimulationPickup`) and looks for replies every
+    ``first`` to ``longest`` s; a look is a lookup in the in-memory LinkState, so the short
+    polls cost next to nothing. The ServerApp applies it in every simulation (the echo app
+    too, so the transport floor it measures is the same loop).
     """
-    return _poll_replies_of(grid, "simulation reply polling (0.1 s)", "inmemory_grid", "InMemoryGrid", first, longest)
+    found = _guard(
+        "simulation message pickup and reply polling (0.1 s)",
+        ("flwr.superlink.grid.inmemory_grid", "InMemoryGrid"),
+        (SIM_ENGINE_MODULE, "add_messages_to_queue"),
+    )
+    if found is not None and isinstance(grid, found[0]):
+        pickup = SimulationPickup(found[1].__code__)
+        grid.send_and_receive = partial(
+            polling_send_and_receive, grid, first=first, longest=longest, after_push=pickup.deliver
+        )
+    return grid
+
+
+class SimulationPickup:
+    """Hands pushed messages to the simulation engine's workers at once, instead of at its next 0.1 s look.
+
+    Flower 1.42's engine runs ``add_messages_to_queue(state, queue, nodes_mapping, f_stop)``
+    in a thread of the ServerApp's process: every 0.1 s it takes each node's next
+    undelivered message from the LinkState (``get_message_ins``, which marks it delivered
+    under the state's lock) and puts it on the workers' queue. :meth:`deliver` does the same
+    for the nodes just messaged, right after the push, through that thread's own ``state``
+    and ``queue`` (read from its frame): a message is handed out once, whoever takes it
+    first, so the engine's loop and this one never both deliver it. Until the engine's
+    thread runs (its Ray actors start after the ServerApp does) the messages wait for it as
+    they would stock; if it never shows up after replies came, one warning says so.
+    """
+
+    def __init__(self, scanner_code: types.CodeType) -> None:
+        self.scanner_code = scanner_code
+        self._engine: tuple[Any, Any] | None = None  # the engine thread's (state, queue)
+        self._pushes = 0
+
+    def engine(self) -> tuple[Any, Any] | None:
+        """The running engine loop's ``(state, queue)``, or ``None`` while it has not started."""
+        if self._engine is None:
+            for frame in sys._current_frames().values():  # noqa: SLF001 - the only way to reach that thread
+                while frame is not None and frame.f_code is not self.scanner_code:
+                    frame = frame.f_back
+                if frame is not None:
+                    local = frame.f_locals
+                    self._engine = (local["state"], local["queue"])
+                    break
+        return self._engine
+
+    def deliver(self, messages: list[Any]) -> None:
+        """Put each pushed message's node's next undelivered message on the workers' queue, in push order."""
+        self._pushes += 1
+        engine = self.engine()
+        if engine is None:
+            if self._pushes == 3:  # by then the engine has answered two pushes: it runs elsewhere
+                warn_stock("simulation message pickup (0.1 s)", "the engine's message loop was not found")
+            return
+        state, queue = engine
+        for node_id in dict.fromkeys(message.metadata.dst_node_id for message in messages):
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(message)
 
 
 def is_simulation_grid(grid: Any) -> bool:
