@@ -221,7 +221,8 @@ def train(msg: Message, context: Context) -> Message:
         _load_into(tensors, received)
     else:
         # A retired model serves as well as a new one: the whole state dict is loaded into it.
-        spare = node_state.spare_model(config.model) if sparse else None
+        # A node absent from the previous round on this actor was trained elsewhere since.
+        spare = node_state.spare_model(config.model, reclaim_before=control.server_round - 1) if sparse else None
         model = spare if spare is not None else build_model(config.model, seed=config.seed)
         replica, durable_momentum = _durable_copy(context, store, meta)  # FedAvg keeps no replica: {}
         state = {**replica, **received}
@@ -287,7 +288,9 @@ def train(msg: Message, context: Context) -> Message:
             context.state[STATE_REPLICA] = fuse_record(tensors)
     context.state[STATE_META] = ConfigRecord({"selection": ",".join(selection), "token": token})
     if sparse:
-        kept = node_state.NodeState(token, model, selection, momentum_state, config.model, tensors, units, trainer)
+        kept = node_state.NodeState(
+            token, model, selection, momentum_state, config.model, tensors, units, trainer, control.server_round
+        )
         node_state.put(context.run_id, context.node_id, kept)
     examples = sum(r.examples for r in results)
     report = TrainReport(

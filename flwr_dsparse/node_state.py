@@ -18,7 +18,11 @@ drops the live copy: the node then rebuilds from the message and ``context.state
 A hit also keeps the trainer (its hooks, lean layers and optimizer with the momentum inside)
 while the selection stays the same. A miss (the node's last round ran on another actor, or
 the server resent everything) reuses a retired entry's model rather than building one: it
-loads a whole state dict into it either way.
+loads a whole state dict into it either way. Where no entry was retired yet, it reclaims the
+model of an entry that is stale by age: a node whose entry here is older than the previous
+round was served elsewhere since (per-step rounds message every node every round), so the
+actor's copy will never match again; building a model instead costs as much as a MobileNetV2
+step on this machine's cores.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class NodeState:
         ``model_units(model)``.
     trainer : SparseTrainer, optional
         The trainer of ``selection`` on ``model``, hooks installed; its optimizer holds ``momentum``.
+    server_round : int
+        The round the entry was kept after (how stale it is: :func:`spare_model`).
     """
 
     token: str
@@ -70,6 +76,7 @@ class NodeState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     units: list[Unit] = field(default_factory=list)
     trainer: SparseTrainer | None = None
+    server_round: int = 0
 
 
 _LIVE: dict[tuple[int, int], NodeState] = {}
@@ -114,9 +121,23 @@ def add_spare(model_name: str, model: torch.nn.Module) -> None:
         spares.append(model)
 
 
-def spare_model(model_name: str) -> torch.nn.Module | None:
-    """A retired model of ``model_name`` to load a whole state dict into, or ``None``."""
+def spare_model(model_name: str, reclaim_before: int | None = None) -> torch.nn.Module | None:
+    """A retired model of ``model_name`` to load a whole state dict into, or ``None``.
+
+    With no retired one, and ``reclaim_before`` given, the oldest live entry of that
+    architecture kept before round ``reclaim_before`` is retired for it (see the module's
+    docstring): dropping an entry never loses anything, its node's durable copy remains.
+    """
     spares = _SPARES.get(model_name)
+    if not spares and reclaim_before is not None:
+        stale = [
+            key
+            for key, state in _LIVE.items()
+            if state.model_name == model_name and state.server_round < reclaim_before
+        ]
+        if stale:
+            retire(_LIVE.pop(min(stale, key=lambda key: _LIVE[key].server_round)))
+            spares = _SPARES.get(model_name)
     return spares.pop() if spares else None
 
 

@@ -213,6 +213,21 @@ def test_a_live_state_is_used_only_for_its_run_node_and_token():
     assert node_state.new_token(3) != node_state.new_token(3)
 
 
+def test_a_miss_without_spares_reclaims_the_oldest_entry_stale_by_age_only():
+    node_state.clear()
+    old, older, fresh, other = (torch.nn.Linear(2, 2) for _ in range(4))
+    node_state.put(1, 7, node_state.NodeState("a", old, ["w"], model_name="lin", server_round=3))
+    node_state.put(1, 8, node_state.NodeState("b", older, ["w"], model_name="lin", server_round=2))
+    node_state.put(1, 9, node_state.NodeState("c", fresh, ["w"], model_name="lin", server_round=4))
+    node_state.put(1, 10, node_state.NodeState("d", other, ["w"], model_name="conv", server_round=1))
+    assert node_state.spare_model("lin") is None  # without reclaim_before nothing live is touched
+    assert node_state.spare_model("lin", reclaim_before=4) is older  # the oldest of rounds < 4
+    assert node_state.take(1, 8, "b") is None and node_state.take(1, 7, "a").model is old
+    assert node_state.spare_model("lin", reclaim_before=4) is None  # round 4 may still be current
+    assert node_state.take(1, 9, "c").model is fresh and node_state.take(1, 10, "d").model is other
+    node_state.clear()
+
+
 @pytest.mark.parametrize(
     "tensor",
     [
