@@ -566,9 +566,10 @@ def test_simulation_pickup_hands_pushed_messages_to_the_running_engine_loop() ->
             return taken
 
     state, workers, stop = State(), queue.Queue(), threading.Event()
-    pickup = SimulationPickup(vce_api.add_messages_to_queue.__code__)
+    pickup = SimulationPickup(vce_api.add_messages_to_queue.__code__, state)
     assert pickup.engine() is None  # no engine loop yet: messages wait for it, as stock
     pickup.deliver([message(7)])
+    other_run = SimulationPickup(vce_api.add_messages_to_queue.__code__, State())
     engine = threading.Thread(
         target=vce_api.add_messages_to_queue, args=(state, workers, {7: 0, 8: 1}, stop), name="engine"
     )
@@ -579,6 +580,7 @@ def test_simulation_pickup_hands_pushed_messages_to_the_running_engine_loop() ->
                 break
             time.sleep(0.005)
         assert pickup.engine() == (state, workers)
+        assert other_run.engine() is None  # a loop over another LinkState is not this grid's engine
         pushed = [message(8), message(7)]
         state.undelivered = {7: [pushed[1]], 8: [pushed[0]]}
         pickup.deliver(pushed)

@@ -271,7 +271,7 @@ def fast_simulation_grid(grid: Any, first: float = SIM_POLL_S, longest: float = 
         (SIM_ENGINE_MODULE, "add_messages_to_queue"),
     )
     if found is not None and isinstance(grid, found[0]):
-        pickup = SimulationPickup(found[1].__code__)
+        pickup = SimulationPickup(found[1].__code__, grid.state)
         grid.send_and_receive = partial(
             polling_send_and_receive, grid, first=first, longest=longest, after_push=pickup.deliver
         )
@@ -287,25 +287,26 @@ class SimulationPickup:
     under the state's lock) and puts it on the workers' queue. :meth:`deliver` does the same
     for the nodes just messaged, right after the push, through that thread's own ``state``
     and ``queue`` (read from its frame): a message is handed out once, whoever takes it
-    first, so the engine's loop and this one never both deliver it. Until the engine's
-    thread runs (its Ray actors start after the ServerApp does) the messages wait for it as
-    they would stock; if it never shows up after replies came, one warning says so.
+    first, so the engine's loop and this one never both deliver it. Only the loop over
+    ``state``, the grid's own LinkState, counts: a finished run's loop that has not exited
+    yet serves another state. Until the engine's thread runs (its Ray actors start after the
+    ServerApp does) the messages wait for it as they would stock; if it never shows up after
+    replies came, one warning says so.
     """
 
-    def __init__(self, scanner_code: types.CodeType) -> None:
-        self.scanner_code = scanner_code
+    def __init__(self, scanner_code: types.CodeType, state: Any) -> None:
+        self.scanner_code, self.state = scanner_code, state
         self._engine: tuple[Any, Any] | None = None  # the engine thread's (state, queue)
         self._pushes = 0
 
     def engine(self) -> tuple[Any, Any] | None:
-        """The running engine loop's ``(state, queue)``, or ``None`` while it has not started."""
+        """The running engine loop's ``(state, queue)`` for :attr:`state`, or ``None`` while it has not started."""
         if self._engine is None:
             for frame in sys._current_frames().values():  # noqa: SLF001 - the only way to reach that thread
                 while frame is not None and frame.f_code is not self.scanner_code:
                     frame = frame.f_back
-                if frame is not None:
-                    local = frame.f_locals
-                    self._engine = (local["state"], local["queue"])
+                if frame is not None and frame.f_locals["state"] is self.state:
+                    self._engine = (self.state, frame.f_locals["queue"])
                     break
         return self._engine
 
