@@ -35,3 +35,23 @@ def test_round_rows_take_the_training_rounds_and_their_overhead():
     assert round_rows(metrics, local_steps=1, cores=2, whole_steps=False)[0]["schedule-s"] == 0.0  # a deployment
     summary = summarize([row])
     assert summary["median-overhead-s"] == 1.5 and summary["median-schedule-s"] == 0.5
+
+
+def test_echo_payloads_are_distinct_objects_of_the_asked_sizes():
+    """Flower moves equal objects once: the echo's arrays must differ, or its floor moves fewer bytes."""
+    import experiments.round_overhead  # noqa: F401 - puts the echo app's folder on sys.path
+    from echo_app import STAMP_EVERY, payload
+
+    record = payload(9_000_000, 158, "up/1/0")
+    assert len(record) == 158 and sum(array.numpy().nbytes for array in record.values()) == 9_000_000
+    assert len({array.object_id for array in record.values()}) == 158
+    other_node = payload(9_000_000, 158, "up/1/1")
+    assert not {a.object_id for a in record.values()} & {a.object_id for a in other_node.values()}
+    # Where the real app's messages carry the same tensors, the echo's carry the same bytes.
+    assert [a.object_id for a in payload(1000, 3, "down/1/1000").values()] == [
+        a.object_id for a in payload(1000, 3, "down/1/1000").values()
+    ]
+    # An array beyond one of Flower's chunks has a stamp in every stretch of STAMP_EVERY bytes.
+    big = payload(3 * STAMP_EVERY, 1, "down/2/x")["a0"].numpy()
+    stretches = [bytes(big[i : i + STAMP_EVERY]) for i in range(0, len(big), STAMP_EVERY)]
+    assert len(set(stretches)) == 3

@@ -3,7 +3,8 @@
 Round ``r`` sends every node ``down-bytes[partition-id]`` bytes (split into
 ``down-arrays[partition-id]`` arrays) and the node replies at once with
 ``up-bytes[partition-id]`` bytes (in ``up-arrays[partition-id]`` arrays). Flower moves every
-array as objects of its own, one request each, so the array count matters as much as the bytes. The ServerApp
+array as objects of its own, one request each, so the array count matters as much as the
+bytes; and it moves equal objects once, so no two arrays are alike (:func:`payload`). The ServerApp
 times each round (push to last reply) and writes ``<out-dir>/echo.json``. It is the floor
 that ``experiments/round_overhead.py`` sets beside a real round moving the same bytes.
 """
@@ -33,10 +34,25 @@ def size_for(values: list[int], partition: int) -> int:
     return values[min(partition, len(values) - 1)]
 
 
-def payload(nbytes: int, arrays: int = 1) -> ArrayRecord:
-    """``nbytes`` of zeros in ``arrays`` uint8 arrays (at least one byte each)."""
+#: Bytes between two stamps of an array: below Flower's 5 MiB array chunks, so every chunk has its own.
+STAMP_EVERY = 1 << 20
+
+
+def payload(nbytes: int, arrays: int = 1, salt: str = "") -> ArrayRecord:
+    """``nbytes`` in ``arrays`` uint8 arrays (at least one byte each), every array and chunk distinct.
+
+    Flower addresses every object by a hash of its bytes and moves each id once, so equal
+    arrays travel as one: 158 arrays of zeros were one object, and the echo moved a 158th of
+    FedAvg's bytes. Each array is zeros stamped with ``salt``, its index and the offset every
+    :data:`STAMP_EVERY` bytes (nothing to compute, yet no two alike); payloads with the same
+    ``salt`` are equal, as the real app's are where its messages carry the same tensors.
+    """
     arrays = max(1, min(arrays, nbytes or 1))
     parts = np.array_split(np.zeros(max(nbytes, arrays), dtype=np.uint8), arrays)
+    for index, part in enumerate(parts):
+        for offset in range(0, len(part), STAMP_EVERY):
+            stamp = f"{salt}/{index}/{offset}".encode()[: len(part) - offset]
+            part[offset : offset + len(stamp)] = np.frombuffer(stamp, dtype=np.uint8)
     return ArrayRecord({f"a{index}": Array(part) for index, part in enumerate(parts)})
 
 
@@ -54,7 +70,10 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     reply = RecordDict(
         {
-            "arrays": payload(int(config["up-bytes"]), int(config["up-arrays"])),
+            # Every node's reply is its own (as trained values are).
+            "arrays": payload(
+                int(config["up-bytes"]), int(config["up-arrays"]), f"up/{msg.metadata.group_id}/{_partition(context)}"
+            ),
             "metrics": MetricRecord({"partition-id": _partition(context), "step-seconds": 0.0}),
         }
     )
@@ -78,9 +97,12 @@ def run_echo(grid: Grid, cfg: dict) -> None:
     for server_round in range(1, int(cfg["num-server-rounds"]) + 1):
         messages = []
         for node, part in sorted(partition.items()):
+            # Nodes sent as many bytes share one payload, as the app's nodes that lack the same
+            # global tensors do (FedAvg's all do); a new round, new bytes.
+            nbytes = size_for(down, part)
             content = RecordDict(
                 {
-                    "arrays": payload(size_for(down, part), size_for(down_arrays, part)),
+                    "arrays": payload(nbytes, size_for(down_arrays, part), f"down/{server_round}/{nbytes}"),
                     "config": ConfigRecord({"up-bytes": size_for(up, part), "up-arrays": size_for(up_arrays, part)}),
                 }
             )
