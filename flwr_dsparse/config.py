@@ -63,6 +63,7 @@ class JobConfig:
     data_root: str = ""
     train_examples: int = 0
     test_examples: int = 256
+    evaluate_every: int = 1
     scorer: str = "gradient"
     partitioning: str = "iid"
     dirichlet_alpha: float = 0.5
@@ -175,6 +176,7 @@ def load_config(run_config: Mapping[str, Any]) -> JobConfig:
     _one_of("plan-objective", config.plan_objective, OBJECTIVES)
     positive = (
         "checkpoint-every",
+        "evaluate-every",
         "num-server-rounds",
         "local-steps",
         "batch-size",

@@ -62,12 +62,13 @@ class RoundRecord:
 
 
 def merge_evaluations(history: Sequence[Mapping[str, Any]], evaluations: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """One row per evaluated round: its evaluation (``round``, ``loss``, ``accuracy``) and its record."""
-    by_round = {row["round"]: row for row in history}
-    return [
-        {**evaluation, **{k: v for k, v in by_round.get(evaluation["round"], {}).items() if k != "round"}}
-        for evaluation in evaluations
-    ]
+    """One row per round, in order: its evaluation (``loss``, ``accuracy``) where it had one, and its record.
+
+    Round 0 has only its evaluation; a round that ``evaluate-every`` skipped has only its record.
+    """
+    records = {int(row["round"]): row for row in history}  # a retried round: its last record
+    evaluated = {int(row["round"]): row for row in evaluations}
+    return [{**evaluated.get(r, {}), **records.get(r, {})} for r in sorted(records.keys() | evaluated.keys())]
 
 
 CSV_COLUMNS = (

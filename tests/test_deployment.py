@@ -532,8 +532,26 @@ def test_fast_reply_polling_returns_every_reply_and_backs_off() -> None:
             return [reply(i) for i in self.batches.pop(0)] if self.batches else []
 
     grid = Grid([[], ["b"], [], ["a", "c"]])
-    replies = polling_send_and_receive(grid, [], timeout=5.0, first=0.001, longest=0.002)
+    arrived: list[tuple[str, int]] = []  # each reply, and the pull it came with
+    replies = polling_send_and_receive(
+        grid,
+        [],
+        timeout=5.0,
+        first=0.001,
+        longest=0.002,
+        on_reply=lambda r: arrived.append((r.metadata.reply_to_message_id, grid.pulls)),
+    )
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"] and grid.pulls == 4
+    assert arrived == [("b", 2), ("a", 4), ("c", 4)]  # as each came in, not at the end
+
+    # The strategy hands its per-reply check only to a grid whose send_and_receive takes it.
+    from functools import partial
+
+    from flwr_dsparse.strategy.rounds import streams_replies
+
+    streaming = SimpleNamespace(send_and_receive=partial(polling_send_and_receive, grid, first=0.001))
+    stock = SimpleNamespace(send_and_receive=lambda messages, *, timeout=None: [])
+    assert streams_replies(streaming) and not streams_replies(stock)
     began = time.monotonic()
     missing = Grid([])
     assert polling_send_and_receive(missing, [], timeout=0.2, first=0.01, longest=0.05) == []

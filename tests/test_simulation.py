@@ -99,6 +99,7 @@ def test_seven_node_simulation_trains_only_planned_units(tmp_path):
         "plan-objective": "criticality",
         "min-nodes": 7,
         "out-dir": str(out),
+        "evaluate-every": 5,  # round 0, every 5th and the last; every round still has its record
     }
     simulate(overrides, nodes=7, cpus=2)
     plan = Plan.from_json((out / "plan.json").read_text())
@@ -119,6 +120,7 @@ def test_seven_node_simulation_trains_only_planned_units(tmp_path):
 
     rounds = metrics["rounds"]
     assert [row["round"] for row in rounds] == list(range(17))
+    assert [row["round"] for row in rounds if "accuracy" in row] == [0, 5, 10, 15, 16]
     assert all(row["accepted"] == list(range(7)) for row in rounds[1:])
     assert metrics["summary"]["final-accuracy"] > 0.2  # chance is 0.1
 

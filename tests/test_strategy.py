@@ -95,13 +95,34 @@ TINY_SELECTIONS = {
 EXAMPLES = {0: 10, 1: 20, 2: 45}
 
 
-def test_grouped_aggregation_equals_hand_computation():
+def check_on_arrival(strategy: DSparse, replies: list[Message], monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a streaming Grid does: give each reply (with the id the LinkState gives it) to ``check_reply``.
+
+    Then the round's end must reuse those verdicts: checking a reply again fails the test.
+    """
+    from flwr_dsparse.strategy import replies as replies_module
+
+    for index, message in enumerate(replies):
+        message.metadata.__dict__["_message_id"] = f"reply-{index}"
+        strategy.check_reply(message)
+    assert len(strategy.round.checked) == len(replies)
+
+    def checked_twice(*args, **kwargs):
+        raise AssertionError("aggregate_train checked a reply that check_reply had checked")
+
+    monkeypatch.setattr(replies_module, "accept_train_reply", checked_twice)
+
+
+@pytest.mark.parametrize("on_arrival", [False, True], ids=["checked-at-the-end", "checked-on-arrival"])
+def test_grouped_aggregation_equals_hand_computation(on_arrival, monkeypatch):
     model = build_model("tiny", seed=0)
     initial = {name: t.clone() for name, t in model.state_dict().items()}
     strategy = make_strategy(model, TINY_SELECTIONS)
     messages = by_device(strategy.configure_train(1, to_array_record(initial), ConfigRecord(), None))
     sent = {device: perturbed(strategy, device, initial, seed=device) for device in TINY_SELECTIONS}
     replies = [reply(messages[d], sent[d], EXAMPLES[d], 1) for d in (2, 0, 1)]  # arrival order must not matter
+    if on_arrival:
+        check_on_arrival(strategy, replies, monkeypatch)
 
     arrays, metrics = strategy.aggregate_train(1, replies)
     result = from_array_record(arrays)
@@ -253,14 +274,17 @@ def _bad_reply_cases():
     }
 
 
+@pytest.mark.parametrize("on_arrival", [False, True], ids=["checked-at-the-end", "checked-on-arrival"])
 @pytest.mark.parametrize("case", sorted(_bad_reply_cases()))
-def test_bad_reply_is_rejected_counted_and_never_applied(case):
+def test_bad_reply_is_rejected_counted_and_never_applied(case, on_arrival, monkeypatch):
     model = build_model("tiny", seed=0)
     state = model.state_dict()
     strategy = make_strategy(model, TINY_SELECTIONS)
     messages, sent = _round_one(strategy, state)
     bad = _bad_reply_cases()[case](messages, sent, state)
     good = [reply(messages[d], sent[d], EXAMPLES[d], 1) for d in (0, 2)]
+    if on_arrival:
+        check_on_arrival(strategy, good + bad, monkeypatch)
 
     arrays, metrics = strategy.aggregate_train(1, good + bad)
     result = from_array_record(arrays)

@@ -199,11 +199,14 @@ def polling_send_and_receive(
     first: float = FAST_POLL_S,
     longest: float = IDLE_POLL_S,
     after_push: Callable[[list[Any]], None] | None = None,
+    on_reply: Callable[[Any], None] | None = None,
 ) -> list[Any]:
     """``HttpGrid.send_and_receive`` of Flower 1.42, pulling after ``first`` to ``longest`` s instead of 3 s.
 
     ``after_push(messages)``, where given, runs once the messages are stored (the
     simulation hands them to its workers there, :class:`SimulationPickup`).
+    ``on_reply(reply)``, where given, runs for each reply as it is pulled (the DSparse
+    strategy checks it then, while other nodes still train).
     """
     backoff = PollBackoff(first, longest)
     messages = list(messages)
@@ -214,8 +217,11 @@ def polling_send_and_receive(
     end_time = time.time() + (timeout if timeout is not None else 0.0)
     replies: list[Any] = []
     while timeout is None or time.time() < end_time:
-        pulled = grid.pull_messages(message_ids)
+        pulled = list(grid.pull_messages(message_ids))
         replies.extend(pulled)
+        if on_reply is not None:
+            for reply in pulled:
+                on_reply(reply)
         message_ids.difference_update({message.metadata.reply_to_message_id for message in pulled})
         if not message_ids:
             break
@@ -237,8 +243,16 @@ def poll_grid_replies(first: float = FAST_POLL_S, longest: float = IDLE_POLL_S) 
         return False
     grid_class = found[0]
 
-    def send_and_receive(self: Any, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
-        return polling_send_and_receive(self, messages, timeout=timeout, first=first, longest=longest)
+    def send_and_receive(
+        self: Any,
+        messages: Iterable[Any],
+        *,
+        timeout: float | None = None,
+        on_reply: Callable[[Any], None] | None = None,
+    ) -> list[Any]:
+        return polling_send_and_receive(
+            self, messages, timeout=timeout, first=first, longest=longest, on_reply=on_reply
+        )
 
     grid_class.send_and_receive = send_and_receive
     return True

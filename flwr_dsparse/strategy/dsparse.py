@@ -53,7 +53,7 @@ from .aggregate import aggregate_groups, member_values
 from .global_model import GlobalModel
 from .membership import Membership, PlanFn
 from .replicas import Replicas
-from .replies import reply_node, selection_of, sent_message_ids, tally_metrics, tally_replies
+from .replies import check_reply, reply_node, selection_of, sent_message_ids, tally_metrics, tally_replies
 from .rounds import (
     TOO_FEW_REPLIES,
     EvaluateFn,
@@ -297,6 +297,26 @@ class DSparse(Strategy):
         log(INFO, "configure_train: %d nodes, %.2f MiB down in total", len(state.messages), mib_down)
         return state.messages
 
+    def check_reply(self, reply: Message) -> None:
+        """Check one train reply as it arrives; :meth:`aggregate_train` then reuses the verdict.
+
+        Called by a Grid that hands over replies one by one (:func:`~flwr_dsparse.deploy.
+        fast_patches.streams_replies`). The checks read only the reply, the plan and the
+        global model before this round, none of which changes until ``aggregate_train``.
+        """
+        state, plan = self.round, self.plan
+        if state is None or plan is None or not reply.metadata.message_id:
+            return
+        node = reply_node(reply, sent_message_ids(state.messages))
+        expected = partial(selection_of, plan, self.model.tensors)
+        try:
+            verdict = check_reply(reply, state.server_round, self.membership.node_to_device.get(node), expected)
+        except Exception as error:  # noqa: BLE001 - never lose a pulled reply: aggregate_train checks it again
+            log(WARNING, "check_reply: reply %s left to aggregate_train (%r)", reply.metadata.message_id, error)
+            return
+        if verdict is not None:
+            state.checked[reply.metadata.message_id] = verdict
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -318,7 +338,7 @@ class DSparse(Strategy):
             key=lambda item: (self.membership.node_to_device.get(item[0], 1 << 62), item[0]),
         )
         expected = partial(selection_of, plan, self.model.tensors)
-        tally = tally_replies(server_round, by_node, self.membership.node_to_device, expected)
+        tally = tally_replies(server_round, by_node, self.membership.node_to_device, expected, state.checked)
         failure = round_failure(state, tally, plan, self.min_replies)
         if failure is not None:
             # Nothing of this attempt is applied; what the nodes hold is now unknown or diverged.

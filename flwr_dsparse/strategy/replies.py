@@ -32,6 +32,7 @@ __all__ = [
     "ReplyRejected",
     "accept_train_reply",
     "check_optimizer_state",
+    "check_reply",
     "ReplyTally",
     "check_update",
     "collective_mismatch",
@@ -276,13 +277,16 @@ def tally_replies(
     replies: Iterable[tuple[int, Message]],
     node_to_device: Mapping[int, int],
     expected: Callable[[int], tuple[Mapping[str, torch.Tensor], list[str]]],
+    checked: Mapping[str, AcceptedReply | ReplyRejected] | None = None,
 ) -> ReplyTally:
     """Check every ``(node, reply)`` of a round (sorted by device id by the caller).
 
     ``expected(device)`` gives the global values of the device's selected tensors and its
     selected parameters (see :func:`accept_train_reply`). An error reply makes its device
     ``missing``; a reply from a node outside the plan, a second reply of one node, and every
-    reply failing a check are rejected, counted by kind, and never applied.
+    reply failing a check are rejected, counted by kind, and never applied. ``checked``
+    holds :func:`check_reply`'s verdicts by reply message id, reached while other nodes
+    still trained; a reply without one is checked here.
     """
     replies = list(replies)
     per_node = Counter(node for node, _ in replies)
@@ -307,7 +311,13 @@ def tally_replies(
                 raise ReplyRejected(
                     "duplicate", f"device {device} sent {per_node[node]} replies in round {server_round}"
                 )
-            accepted = accept_train_reply(message, server_round, device, *expected(device))
+            verdict = (checked or {}).get(message.metadata.message_id) or check_reply(
+                message, server_round, device, expected
+            )
+            if isinstance(verdict, ReplyRejected):
+                raise verdict
+            assert verdict is not None  # error replies and unknown nodes were sorted out above
+            accepted = verdict
         except ReplyRejected as rejection:
             tally.rejected[rejection.kind] += 1
             row["status"] = f"rejected:{rejection.kind}"
@@ -321,6 +331,26 @@ def tally_replies(
         if accepted.state is not None:
             row["bytes-up-state"] = record_nbytes(message.content[OPTIMIZER])
     return tally
+
+
+def check_reply(
+    message: Message,
+    server_round: int,
+    device: int | None,
+    expected: Callable[[int], tuple[Mapping[str, torch.Tensor], list[str]]],
+) -> AcceptedReply | ReplyRejected | None:
+    """:func:`accept_train_reply`'s verdict on one reply, for :func:`tally_replies` to reuse.
+
+    ``None`` where the tally decides alone: an error reply, or a node outside the plan
+    (``device`` is ``None``). Pure: the same reply, round and expected values give the same
+    verdict, whether it is reached as the reply arrives or at the round's end.
+    """
+    if device is None or message.has_error():
+        return None
+    try:
+        return accept_train_reply(message, server_round, device, *expected(device))
+    except ReplyRejected as rejection:
+        return rejection
 
 
 def collective_mismatch(

@@ -9,6 +9,7 @@ server-side transport, or stop the run with :class:`~.membership.RoundFailed`.
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from collections import Counter
@@ -31,7 +32,7 @@ from ..plan import Plan
 from ..ports import free_port
 from ..protocol import REPORT_LOSS_KEY, DeviceReport
 from .membership import RoundFailed
-from .replies import ReplyTally, collective_mismatch, tally_metrics
+from .replies import AcceptedReply, ReplyRejected, ReplyTally, collective_mismatch, tally_metrics
 
 if TYPE_CHECKING:
     from .dsparse import DSparse
@@ -64,6 +65,7 @@ RESUMABLE_KEYS = frozenset(
         "checkpoint",
         "checkpoint-every",
         "test-examples",
+        "evaluate-every",
         "collective-timeout",
         "collective-addr",
         "collective-port",
@@ -97,6 +99,9 @@ class RoundState:
         Tensor and optimizer-state bytes sent per device.
     failure_kind, failure : str
         Why ``aggregate_train`` produced no model (empty when it did).
+    checked : dict
+        :meth:`DSparse.check_reply`'s verdicts by reply message id, reached as the replies
+        came in.
     """
 
     server_round: int
@@ -107,6 +112,7 @@ class RoundState:
     state_down: dict[int, int] = field(default_factory=dict)
     failure_kind: str = ""
     failure: str = ""
+    checked: dict[str, AcceptedReply | ReplyRejected] = field(default_factory=dict)
 
     @property
     def sent(self) -> set[int]:
@@ -182,6 +188,18 @@ def round_failure(state: RoundState, tally: ReplyTally, plan: Plan, min_replies:
     return None
 
 
+def streams_replies(grid: Grid) -> bool:
+    """Whether ``grid.send_and_receive`` takes ``on_reply``: a callback for each reply as it comes in.
+
+    This project's polling grids do (:func:`flwr_dsparse.deploy.fast_patches.polling_send_and_receive`);
+    Flower's own return the replies only at the end.
+    """
+    try:
+        return "on_reply" in inspect.signature(grid.send_and_receive).parameters
+    except (TypeError, ValueError):  # a callable without a signature: call it plainly
+        return False
+
+
 def train_with_retries(
     strategy: DSparse, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
 ) -> tuple[ArrayRecord, MetricRecord]:
@@ -194,7 +212,13 @@ def train_with_retries(
         attempt += 1
         strategy.round_transport = transport
         messages = strategy.configure_train(server_round, arrays, config, grid)
-        new_arrays, metrics = strategy.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
+        if streams_replies(grid):
+            # Each reply is checked as it comes in, while the slowest nodes still train, so the
+            # round's end has only the mean left to do (a free core on an uneven split).
+            replies = grid.send_and_receive(messages, timeout=timeout, on_reply=strategy.check_reply)
+        else:
+            replies = grid.send_and_receive(messages, timeout=timeout)
+        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
         state = strategy.round
         if new_arrays is not None:
             strategy.history[-1]["attempts"] = attempt + int(fell_back)
