@@ -233,10 +233,15 @@ def _kill_tree(process: subprocess.Popen) -> None:
 SIM_JOB = {**SMALL_JOB, "num-server-rounds": 5, "local-steps": 3, "round-timeout": 240.0, "checkpoint-every": 1}
 
 
+# The uninterrupted run's final model, from whichever durable copy ran first: both give the same
+# model bit for bit (tests/test_node_state.py), and one reference run fewer saves a minute of CI.
+_UNINTERRUPTED: dict[str, torch.Tensor] = {}
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, durable_copy):
     whole, part = tmp_path / "whole", tmp_path / "part"
-    reference = _simulation({**SIM_JOB, "out-dir": str(whole)}, tmp_path / "whole.log")
+    reference = None if _UNINTERRUPTED else _simulation({**SIM_JOB, "out-dir": str(whole)}, tmp_path / "whole.log")
     victim = _simulation({**SIM_JOB, "out-dir": str(part)}, tmp_path / "part.log")
     try:
         deadline = time.monotonic() + 300
@@ -257,10 +262,12 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, durable_copy):
             tmp_path / "part.log"
         ).read_text()[-3000:]
         assert not (part / "final_model.pt").exists()
-        assert reference.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+        if reference is not None:
+            assert reference.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+            _UNINTERRUPTED.update(_final(whole))
     finally:
         for process in (reference, victim):
-            if process.poll() is None:
+            if process is not None and process.poll() is None:
                 _kill_tree(process)
     resumed = _simulation({**SIM_JOB, "out-dir": str(part), "resume": True}, tmp_path / "resume.log")
     try:
@@ -269,7 +276,7 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, durable_copy):
         if resumed.poll() is None:
             _kill_tree(resumed)
     assert "resumed from" in (tmp_path / "resume.log").read_text()
-    a, b = _final(whole), _final(part)
-    assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
+    a, b = _UNINTERRUPTED, _final(part)
+    assert a and all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
     rounds = json.loads((part / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == list(range(SIM_JOB["num-server-rounds"] + 1))
