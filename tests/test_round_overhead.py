@@ -39,8 +39,12 @@ def test_round_rows_take_the_training_rounds_and_their_overhead():
 
 def test_echo_payloads_are_distinct_objects_of_the_asked_sizes():
     """Flower moves equal objects once: the echo's arrays must differ, or its floor moves fewer bytes."""
+    import importlib
+
     import experiments.round_overhead  # noqa: F401 - puts the echo app's folder on sys.path
-    from echo_app import STAMP_EVERY, payload
+
+    echo_app = importlib.import_module("echo_app")  # a top-level module of that folder
+    STAMP_EVERY, payload = echo_app.STAMP_EVERY, echo_app.payload
 
     record = payload(9_000_000, 158, "up/1/0")
     assert len(record) == 158 and sum(array.numpy().nbytes for array in record.values()) == 9_000_000
