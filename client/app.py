@@ -271,8 +271,8 @@ def train(msg: Message, context: Context) -> Message:
         if not sparse:
             trainer.close()  # FedAvg keeps nothing alive
     sent = {name: tensors[name] for name in unit_tensor_names(units, selection)}
-    # DSparse records travel fused (one buffer per dtype: Flower moves each array as objects of
-    # its own); Flower's FedAvg averages by array name, so it gets one array per tensor.
+    # DSparse records travel fused (one Array for all the tensors: Flower moves each array as
+    # objects of its own); Flower's FedAvg averages by array name, so it gets one array per tensor.
     encode = fuse_record if sparse else to_array_record
     reply = encode(sent)
     # Encoded only where it travels: the reply (when asked) and a context.state durable copy.

@@ -65,7 +65,7 @@ def replies_for(strategy: DSparse, messages: Sequence[Message], server_round: in
         }
         budget = strategy.plan.device(device).budget_mb
         report = TrainReport(server_round, device, 32, 1.0, 0.1, 100.0, 0, tensor_nbytes(tensors), budget)
-        # Fused, as the ClientApp sends a sparse reply (one buffer per dtype; client/app.py).
+        # Fused, as the ClientApp sends a sparse reply (one Array for all its tensors; client/app.py).
         out.append(Message(train_reply_content(fuse_record(tensors), report), reply_to=message))
     return out
 

@@ -58,7 +58,7 @@ os.environ.update(FLOWER_ENV)
 RUNTIMES = ("simulation", "stock", "fast")
 METHODS = ("dsparse", "fedavg")
 QUICK_BUDGETS = "11,12.5,13.7,15,17.9,20,25"  # MB per partition id for the tiny model
-FUSED_ARRAYS = 3  # arrays of a fused DSparse record (flwr_dsparse.records.fuse_record)
+FUSED_ARRAYS = 1  # arrays of a fused DSparse record (flwr_dsparse.records.fuse_record)
 #: The two apps of every row pair: their folder and the file each writes into its ``out-dir``.
 APPS = {"app": (REPO, "metrics.json"), "echo": (ECHO_APP, "echo.json")}
 #: ``run(app, config)``: one run of an :data:`APPS` app on the runtime being measured, to its end.
@@ -222,7 +222,7 @@ class Bench:
         """The echo app's run config: the bytes each node moved in the ``runtime``/``method`` row."""
         rows = self.app_rows(runtime, method)
         down, up = payload_sizes(rows, "down-bytes"), payload_sizes(rows, "up-bytes")
-        if method == "dsparse":  # fused records: a float32 and an int64 buffer and the layout
+        if method == "dsparse":  # fused records: one Array of every dtype's buffer and the layout
             down_arrays, up_arrays = [FUSED_ARRAYS] * len(down), [FUSED_ARRAYS] * len(up)
         else:  # Flower's FedAvg: one array per tensor
             tensors, total = model_tensors("tiny" if self.args.quick else "mobilenet_v2")

@@ -35,9 +35,8 @@ __all__ = [
     "CONTROL",
     "CONTROL_KEYS",
     "FEDAVG_ROUND_KEY",
-    "FUSED_BUFFER",
-    "FUSED_LAYOUT",
-    "FUSED_LAYOUT_STYPE",
+    "FUSED",
+    "FUSED_STYPE",
     "METRICS",
     "NODE_MEMORY_MB",
     "NODE_NUM_PARTITIONS",
@@ -73,10 +72,10 @@ FEDAVG_ROUND_KEY = "server-round"
 
 # -- inside an ArrayRecord: a fused record (flwr_dsparse.records.fuse_record) -----------------------
 # Flower 1.42 moves every Array as objects of its own (one request each, per hop), so the
-# DSparse messages and the node's state carry one buffer per dtype plus this layout instead.
-FUSED_LAYOUT = "dsparse.layout"  # Array (stype FUSED_LAYOUT_STYPE): JSON [[name, dtype, shape], ...]
-FUSED_BUFFER = "dsparse.fused."  # + a dtype ("float32"): Array, the 1-D buffer of that dtype's tensors
-FUSED_LAYOUT_STYPE = "dsparse.layout+json"
+# DSparse messages and the node's state carry one Array instead: every dtype's buffer and the
+# layout in one byte string.
+FUSED = "dsparse.fused"  # the one Array (stype FUSED_STYPE) of a fused record
+FUSED_STYPE = "dsparse.fused+v2"
 
 # -- the node's context.state ---------------------------------------------------------------------
 STATE_REPLICA = "dsparse.replica"  # ArrayRecord: the node's copy of the global model

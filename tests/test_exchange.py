@@ -53,7 +53,7 @@ def test_fused_mean_equals_hand_computation_bitwise():
 
 
 def test_fused_mean_of_decoded_fused_replies_equals_hand_computation():
-    # Replies arrive as fused records, decoded to views of one buffer per dtype; fuse copies each
+    # Replies arrive as fused records, decoded to views of the fused array's buffer of each dtype; fuse copies each
     # run of back-to-back views at once. Names in an order that breaks the runs, plus one tensor
     # that is not a view (non-contiguous), must give exactly the per-tensor result.
     gen = torch.Generator().manual_seed(1)

@@ -14,8 +14,11 @@ from client.app import app
 from experiments.fault_matrix import SMALL_JOB
 from flwr_dsparse import node_state
 from flwr_dsparse.config import load_config
-from flwr_dsparse.protocol import FUSED_BUFFER, FUSED_LAYOUT, STATE_META, STATE_MOMENTUM, STATE_REPLICA
+from flwr_dsparse.protocol import FUSED, FUSED_STYPE, STATE_META, STATE_MOMENTUM, STATE_REPLICA
 from flwr_dsparse.records import (
+    FUSED_ALIGN,
+    FUSED_MAGIC,
+    FUSED_PREFIX,
     array_of,
     from_array_record,
     fuse_record,
@@ -272,20 +275,22 @@ def _mixed() -> dict[str, torch.Tensor]:
     }
 
 
-def test_fused_record_is_one_buffer_per_dtype_and_reads_back_in_order():
+def test_fused_record_is_one_array_of_every_dtype_and_reads_back_in_order():
     tensors = _mixed()
     record = fuse_record(tensors)
-    assert sorted(record) == [FUSED_BUFFER + "float32", FUSED_BUFFER + "int64", FUSED_LAYOUT]
+    assert list(record) == [FUSED] and record[FUSED].stype == FUSED_STYPE  # one Array: 6 objects a message
     assert is_fused(record) and record_nbytes(record) == tensor_nbytes(tensors)
+    buffers = {dtype: offset for dtype, offset, _ in _layout(record)["buffers"]}
+    assert sorted(buffers) == ["float32", "int64"] and all(offset % FUSED_ALIGN == 0 for offset in buffers.values())
     # Fused from already-encoded Arrays (the server's shared encodings): the same bytes.
     again = fuse_record(to_array_record(tensors))
-    assert all(bytes(again[key].data) == bytes(record[key].data) for key in record)
+    assert bytes(again[FUSED].data) == bytes(record[FUSED].data)
     views, copies = from_array_record(record, writable=False), from_array_record(record)
     assert list(views) == list(copies) == list(tensors)
     for name, tensor in tensors.items():
         assert torch.equal(views[name], tensor) and torch.equal(copies[name], tensor)
-    wire = np.frombuffer(record[FUSED_BUFFER + "float32"].data, dtype=np.uint8).ctypes.data
-    size = len(record[FUSED_BUFFER + "float32"].data)
+    wire = np.frombuffer(record[FUSED].data, dtype=np.uint8).ctypes.data
+    size = len(record[FUSED].data)
     assert wire <= views["conv.weight"].data_ptr() < wire + size  # a view of the wire bytes
     assert not wire <= copies["conv.weight"].data_ptr() < wire + size
     assert fuse_record(record) is record  # fusing twice changes nothing
@@ -293,31 +298,48 @@ def test_fused_record_is_one_buffer_per_dtype_and_reads_back_in_order():
     assert list(single) == ["w"] and not is_fused(single)  # one tensor: nothing to fuse
 
 
-def _retyped(record, key, text: bytes):
-    layout = Array(dtype="uint8", shape=(len(text),), stype=record[FUSED_LAYOUT].stype, data=text)
-    return ArrayRecord({**dict(record), key: layout})
+def _layout(record: ArrayRecord) -> dict:
+    data = bytes(record[FUSED].data)
+    _, at, _ = FUSED_PREFIX.unpack_from(data)
+    return json.loads(data[at:])
+
+
+def _relaid(record: ArrayRecord, text: bytes, *, magic: bytes = FUSED_MAGIC) -> ArrayRecord:
+    """``record``'s fused Array with its layout replaced by ``text`` (and its prefix by ``magic``)."""
+    data = bytes(record[FUSED].data)
+    _, at, _ = FUSED_PREFIX.unpack_from(data)
+    data = FUSED_PREFIX.pack(magic, at, len(text)) + data[FUSED_PREFIX.size : at] + text
+    return ArrayRecord({FUSED: Array(dtype="uint8", shape=(len(data),), stype=FUSED_STYPE, data=data)})
+
+
+def _tensors_changed(change):
+    return lambda layout: {**layout, "tensors": change(layout["tensors"])}
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda layout: layout + [["ghost", "float32", [2]]], "needs more"),
-        (lambda layout: layout[:-1], "more values than the layout uses"),
-        (lambda layout: layout + [layout[0]], "names a tensor twice"),
-        (lambda layout: [[layout[0][0], "float64", layout[0][2]], *layout[1:]], "lacks the buffer"),
-        (lambda layout: [[n, d, [-1] + s[1:]] if s else [n, d, s] for n, d, s in layout], "negative dimension"),
-        (lambda layout: {"not": "a list"}, "not a JSON list"),
+        (_tensors_changed(lambda t: t + [["ghost", "float32", [2]]]), "needs more"),
+        (_tensors_changed(lambda t: t[:-1]), "more values than the layout uses"),
+        (_tensors_changed(lambda t: t + [t[0]]), "names a tensor twice"),
+        (_tensors_changed(lambda t: [[t[0][0], "float64", t[0][2]], *t[1:]]), "lacks the float64 buffer"),
+        (_tensors_changed(lambda t: [[n, d, [-1] + s[1:]] if s else [n, d, s] for n, d, s in t]), "negative dimension"),
+        (lambda layout: {**layout, "buffers": [["float32", 64, 10**9]]}, "outside the record's bytes"),
+        (lambda layout: {**layout, "buffers": [["float32", 64, 5], ["float32", 128, 0]]}, "two buffers"),
+        (lambda layout: {**layout, "buffers": [["no-such-dtype", 64, 1]]}, "is not a dtype"),
+        (lambda layout: {"not": "a list"}, "not the JSON of tensors and buffers"),
     ],
 )
 def test_a_fused_record_that_does_not_match_its_layout_is_refused(change, message):
     record = fuse_record({"a": torch.randn(3), "b": torch.randn(2, 2)})
-    layout = json.loads(bytes(record[FUSED_LAYOUT].data))
-    broken = _retyped(record, FUSED_LAYOUT, json.dumps(change(layout)).encode())
+    broken = _relaid(record, json.dumps(change(_layout(record))).encode())
     with pytest.raises(ValueError, match=message):
         from_array_record(broken)
     stray = ArrayRecord({**dict(record), "stray": array_of(torch.ones(1))})
-    with pytest.raises(ValueError, match="arrays its layout does not use"):
+    with pytest.raises(ValueError, match="arrays besides"):
         from_array_record(stray)
+    with pytest.raises(ValueError, match="prefix"):
+        from_array_record(_relaid(record, json.dumps(_layout(record)).encode(), magic=b"NOTFUSED"))
 
 
 def test_fused_replies_pass_every_check_of_the_strategy():
@@ -348,9 +370,9 @@ def test_fused_replies_pass_every_check_of_the_strategy():
             accept_train_reply(reply(tensors), 1, 0, selected, ["a.weight", "a.bias"])
         assert error.value.kind == kind, (kind, str(error.value))
     content = reply(good).content
-    broken = _retyped(content[ARRAYS], FUSED_LAYOUT, b"[[")
+    broken = _relaid(content[ARRAYS], b"[[")
     message = Message(RecordDict({**dict(content), ARRAYS: broken}), dst_node_id=1, message_type=MessageType.TRAIN)
-    with pytest.raises(ReplyRejected, match="do not decode.*not a JSON list") as error:
+    with pytest.raises(ReplyRejected, match="do not decode.*not the JSON of tensors and buffers") as error:
         accept_train_reply(message, 1, 0, selected, ["a.weight", "a.bias"])
     assert error.value.kind == "malformed"
 
@@ -370,6 +392,6 @@ def test_train_messages_and_dsparse_replies_travel_fused(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(LocalGrid, "send_and_receive", counting)
     _, contexts, _ = _run(tmp_path, monkeypatch, live=True)
-    assert sizes and max(sizes) <= 3, sizes  # a float32 and an int64 buffer and the layout
+    assert sizes and max(sizes) == 1, sizes  # one Array: every dtype's buffer and the layout
     for context in contexts.values():
         assert is_fused(context.state[STATE_REPLICA])
