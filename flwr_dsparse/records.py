@@ -119,8 +119,11 @@ def tensor_of(array: Array, *, writable: bool = True) -> torch.Tensor:
     else:
         count = math.prod(shape)
         values = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-    if writable:
-        return torch.from_numpy(values.copy())
+    return torch.from_numpy(values.copy()) if writable else _read_only_tensor(values)
+
+
+def _read_only_tensor(values: np.ndarray) -> torch.Tensor:
+    """``values`` (a view of wire bytes) as a tensor sharing its memory, which nobody writes to."""
     with warnings.catch_warnings():
         # torch warns that the view is not writable: that is the point, nobody writes to it.
         warnings.simplefilter("ignore", UserWarning)
@@ -202,9 +205,9 @@ def fuse_record(items: ArrayRecord | Mapping[str, torch.Tensor | Array]) -> Arra
         dtype, shape, raw = _raw_bytes(item)
         tensors.append([name, str(dtype), list(shape)])
         pieces.setdefault(dtype, []).append(raw)
-    parts: list[bytes | memoryview] = [b""]  # the prefix, once the layout's place is known
+    # parts[0] becomes the prefix once the layout's place is known; the buffers start aligned.
+    parts: list[bytes | memoryview] = [b"", bytes(FUSED_ALIGN - FUSED_PREFIX.size)]
     buffers, at = [], FUSED_ALIGN
-    parts.append(bytes(FUSED_ALIGN - FUSED_PREFIX.size))
     for dtype, raws in pieces.items():
         nbytes = sum(len(raw) for raw in raws)
         buffers.append([str(dtype), at, nbytes // dtype.itemsize])
@@ -260,12 +263,10 @@ def _unfuse(record: ArrayRecord, writable: bool) -> dict[str, torch.Tensor]:
         raise ValueError(f"fused record holds arrays besides {FUSED!r}: {extra[:3]}")
     array = record[FUSED]
     tensors, buffers = _layout_of(array)
-    views: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only views of the wire bytes: see tensor_of
-        for dtype, offset, count in buffers:
-            values = np.frombuffer(array.data, dtype=np.dtype(dtype), count=count, offset=offset)
-            views[dtype] = torch.from_numpy(values)
+    views = {
+        dtype: _read_only_tensor(np.frombuffer(array.data, dtype=np.dtype(dtype), count=count, offset=offset))
+        for dtype, offset, count in buffers
+    }
     used = dict.fromkeys(views, 0)
     out = {}
     for name, dtype, shape in tensors:

@@ -300,8 +300,8 @@ class DSparse(Strategy):
     def check_reply(self, reply: Message) -> None:
         """Check one train reply as it arrives; :meth:`aggregate_train` then reuses the verdict.
 
-        Called by a Grid that hands over replies one by one (:func:`~flwr_dsparse.deploy.
-        fast_patches.streams_replies`). The checks read only the reply, the plan and the
+        Called by a Grid that hands over replies one by one (:func:`~.rounds.streams_replies`
+        says which do). The checks read only the reply, the plan and the
         global model before this round, none of which changes until ``aggregate_train``.
         """
         state, plan = self.round, self.plan
