@@ -279,7 +279,10 @@ def train(msg: Message, context: Context) -> Message:
     momentum_record = encode(momentum_state) if control.send_state or store is None else None
     token = node_state.new_token(control.server_round)
     if store is not None:  # the durable copy on the node's disk; context.state keeps its token
-        store.save(context.run_id, context.node_id, token, tensors if sparse else {}, momentum_state)
+        # A live model changed only in what it received and what it trained (frozen units stay
+        # as they were: BatchNorm eval, no gradients), so only those bytes are rewritten.
+        changed = {*received, *sent} if live is not None else None
+        store.save(context.run_id, context.node_id, token, tensors if sparse else {}, momentum_state, changed=changed)
         for key in (STATE_REPLICA, STATE_MOMENTUM):
             context.state.pop(key, None)
     else:

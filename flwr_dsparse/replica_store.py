@@ -18,7 +18,10 @@ An entry is one file per (run, node), overwritten in place: a fixed-size header 
 where the layout lies), every tensor's bytes written straight from its memory, and the layout
 (names, dtypes, shapes, offsets). Writing a new file per round and renaming it into place cost
 7 ms for MobileNetV2 on this machine (the kernel allocates fresh pages every time); rewriting
-the pages of the existing file costs 0.3 ms, and the whole save 1.4 ms. The header is first
+the pages of the existing file costs 0.3 ms, and the whole save 1.4 ms (7-12 ms on a loaded
+day). A process that wrote the entry last, and whose node changed only some tensors (a live
+node: what it received and trained), rewrites only those and the momentum (0.7-0.9 ms on that
+loaded day). Either way the header is first
 rewritten with no token, then the tensors, then the header with the new token, so a reader
 that finds the token it expects finds that write's tensors (it checks the header again after
 reading them).
@@ -37,7 +40,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,30 +127,34 @@ class ReplicaStore:
         token: str,
         replica: Mapping[str, torch.Tensor],
         momentum: Mapping[str, torch.Tensor],
+        *,
+        changed: Collection[str] | None = None,
     ) -> None:
-        """Write the node's state under ``token`` over its previous entry (see the module docstring)."""
-        layout, buffers, offset = [], [], HEADER_BYTES
-        for record, tensors in (("replica", replica), ("momentum", momentum)):
-            for name, tensor in tensors.items():
-                array = tensor.detach().cpu().contiguous().numpy()
-                raw = memoryview(array).cast("B") if array.nbytes else b""
-                layout.append([record, name, array.dtype.str, list(array.shape), offset, array.nbytes])
-                buffers.append(raw)
-                offset += array.nbytes
-        text = json.dumps(layout, separators=(",", ":")).encode()
-        where = {"layout": [offset, len(text)]}
+        """Write the node's state under ``token`` over its previous entry (see the module docstring).
+
+        ``changed``: the replica tensors that differ from the last entry this process wrote
+        there (``None``: any may). While that entry is still the file's (its token in the header)
+        and the names, dtypes and shapes are the same, only those tensors and the momentum are
+        rewritten in place, under the same blank-token protocol as a whole write; otherwise the
+        whole entry is. A live node changes only what it received and what it trained.
+        """
+        path = self.path(run_id, node_id)
+        signature = tuple(
+            (record, name, tensor.dtype, tuple(tensor.shape))
+            for record, tensors in (("replica", replica), ("momentum", momentum))
+            for name, tensor in tensors.items()
+        )
+        last = _WRITTEN.pop(path, None)
         self.folder.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path(run_id, node_id), os.O_RDWR | os.O_CREAT, 0o600)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.pwrite(descriptor, _header({"token": "", **where}), 0)  # from here no reader takes the old entry
-            if os.fstat(descriptor).st_size != offset + len(text):
-                os.ftruncate(descriptor, offset + len(text))
-            position = HEADER_BYTES
-            buffers.append(text)
-            for first in range(0, len(buffers), _MAX_BUFFERS):  # the kernel takes at most IOV_MAX per call
-                chunk = buffers[first : first + _MAX_BUFFERS]
-                position += _write_all(descriptor, chunk, position)
-            os.pwrite(descriptor, _header({"token": token, **where}), 0)
+            header = _read_header(os.pread(descriptor, HEADER_BYTES, 0))
+            if changed is not None and last is not None and last.signature == signature and header == last.header:
+                _rewrite(descriptor, last, replica, momentum, changed, token)
+                _WRITTEN[path] = _Written(signature, {**last.header, "token": token}, last.offsets)
+            else:
+                written = _write_whole(descriptor, replica, momentum, token)
+                _WRITTEN[path] = _Written(signature, *written)
         finally:
             os.close(descriptor)
 
@@ -187,6 +194,69 @@ class ReplicaStore:
 
 #: Buffers per ``pwritev`` call (Linux's IOV_MAX is 1024).
 _MAX_BUFFERS = 1000
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What this process last wrote to an entry's file: enough to rewrite only part of it."""
+
+    signature: tuple  # (record, name, dtype, shape) of every tensor, in file order
+    header: dict  # the header it left (the token and where the layout lies)
+    offsets: dict[tuple[str, str], int]  # (record, name) -> where the tensor's bytes start
+
+
+#: Per entry file, this process's last write to it (a live node's next save rewrites part of it).
+_WRITTEN: dict[Path, _Written] = {}
+
+
+def _raw(tensor: torch.Tensor) -> tuple[np.ndarray, memoryview | bytes]:
+    array = tensor.detach().cpu().contiguous().numpy()
+    return array, memoryview(array).cast("B") if array.nbytes else b""
+
+
+def _write_whole(
+    descriptor: int, replica: Mapping[str, torch.Tensor], momentum: Mapping[str, torch.Tensor], token: str
+) -> tuple[dict, dict[tuple[str, str], int]]:
+    """Write a whole entry; return its header and every tensor's offset."""
+    layout, buffers, offsets, offset = [], [], {}, HEADER_BYTES
+    for record, tensors in (("replica", replica), ("momentum", momentum)):
+        for name, tensor in tensors.items():
+            array, raw = _raw(tensor)
+            layout.append([record, name, array.dtype.str, list(array.shape), offset, array.nbytes])
+            buffers.append(raw)
+            offsets[(record, name)] = offset
+            offset += array.nbytes
+    text = json.dumps(layout, separators=(",", ":")).encode()
+    where = {"layout": [offset, len(text)]}
+    os.pwrite(descriptor, _header({"token": "", **where}), 0)  # from here no reader takes the old entry
+    if os.fstat(descriptor).st_size != offset + len(text):
+        os.ftruncate(descriptor, offset + len(text))
+    position = HEADER_BYTES
+    buffers.append(text)
+    for first in range(0, len(buffers), _MAX_BUFFERS):  # the kernel takes at most IOV_MAX per call
+        chunk = buffers[first : first + _MAX_BUFFERS]
+        position += _write_all(descriptor, chunk, position)
+    header = {"token": token, **where}
+    os.pwrite(descriptor, _header(header), 0)
+    return header, offsets
+
+
+def _rewrite(
+    descriptor: int,
+    last: _Written,
+    replica: Mapping[str, torch.Tensor],
+    momentum: Mapping[str, torch.Tensor],
+    changed: Collection[str],
+    token: str,
+) -> None:
+    """Rewrite the ``changed`` replica tensors and all the momentum of the entry ``last`` describes, in place."""
+    os.pwrite(descriptor, _header({**last.header, "token": ""}), 0)  # as a whole write: no reader meanwhile
+    parts = [("replica", name, replica[name]) for name in changed if name in replica]
+    parts += [("momentum", name, tensor) for name, tensor in momentum.items()]
+    for record, name, tensor in parts:
+        _, raw = _raw(tensor)
+        _write_all(descriptor, [raw], last.offsets[(record, name)])
+    os.pwrite(descriptor, _header({**last.header, "token": token}), 0)
 
 
 def _write_all(descriptor: int, buffers: list, position: int) -> int:

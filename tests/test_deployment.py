@@ -372,6 +372,21 @@ def test_stop_processes_kills_the_whole_tree(tmp_path: Path) -> None:
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
+def test_stop_processes_names_a_process_that_outlives_sigkill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A process still there after SIGKILL (e.g. stuck in a kernel wait) is named, with the command to retry."""
+    import sys
+
+    from flwr_dsparse.deploy import processes, spawn_process
+
+    record = spawn_process("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "s.log", {}, 0)
+    monkeypatch.setattr(processes, "_wait_gone", lambda procs, timeout: list(procs))  # every wait: still running
+    stop_processes([record], grace=1)
+    err = capsys.readouterr().err
+    assert f"processes {record.pid} still run after SIGKILL; stop them with: kill -9 {record.pid}" in err
+
+
 # ----------------------------------------------------------------------------- fast mode (no processes)
 
 

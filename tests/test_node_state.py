@@ -101,13 +101,14 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
+@pytest.mark.parametrize("live", [False, True], ids=["whole-writes", "live-nodes-rewrite-what-changed"])
 def test_the_replica_store_holds_what_context_state_would_and_gives_the_same_model(
-    tmp_path, monkeypatch, one_torch_thread
+    live, tmp_path, monkeypatch, one_torch_thread
 ):
     cached, cached_nodes, _ = _run(tmp_path / "live", monkeypatch, live=True)
     monkeypatch.setenv(REPLICA_STORE_ENV, str(tmp_path / "store"))
-    stored, stored_nodes, hits = _run(tmp_path / "stored", monkeypatch, live=False)
-    assert not any(hits) and _same(cached, stored)
+    stored, stored_nodes, hits = _run(tmp_path / "stored", monkeypatch, live=live)
+    assert hits.count(True) == (6 if live else 0) and _same(cached, stored)
     store = ReplicaStore(tmp_path / "store")
     for partition, context in stored_nodes.items():
         # Only the token travels in context.state; the node's disk holds the same state.
@@ -155,6 +156,30 @@ def test_a_store_entry_is_read_only_under_its_token_run_and_node(tmp_path):
     assert [p.name for p in store.folder.iterdir()] == [store.path(1, 7).name]  # overwritten in place
     assert replica_store_from_env({}) is None and replica_store_from_env({REPLICA_STORE_ENV: ""}) is None
     assert replica_store_from_env({REPLICA_STORE_ENV: str(tmp_path)}).folder == tmp_path
+
+
+def test_a_save_rewrites_only_what_changed_while_the_file_holds_this_process_s_last_write(tmp_path):
+    store = ReplicaStore(tmp_path / "store")
+    replica, momentum = {"a": torch.zeros(4), "b": torch.zeros(3)}, {"a": torch.zeros(4)}
+    store.save(1, 7, "t1", replica, momentum)
+    replica["a"] += 1
+    momentum["a"] += 2
+    replica["b"] += 5  # changed, but not said to be: an in-place rewrite leaves it as it was on disk
+    store.save(1, 7, "t2", replica, momentum, changed={"a"})
+    got_replica, got_momentum = store.load(1, 7, "t2")
+    assert _same(got_replica, {"a": torch.ones(4), "b": torch.zeros(3)}) and _same(got_momentum, momentum)
+    # Another process wrote the entry since (its token in the header): the whole entry is written.
+    path = store.path(1, 7)
+    header = json.loads(path.read_bytes()[:HEADER_BYTES])
+    path.write_bytes(
+        json.dumps({**header, "token": "other"}).encode().ljust(HEADER_BYTES) + path.read_bytes()[HEADER_BYTES:]
+    )
+    store.save(1, 7, "t3", replica, momentum, changed={"a"})
+    assert _same(store.load(1, 7, "t3")[0], replica)
+    # Another shape (a new selection's momentum): the whole entry again, the file resized.
+    store.save(1, 7, "t4", replica, {"b": torch.full((3,), 7.0)}, changed=set())
+    assert _same(store.load(1, 7, "t4")[1], {"b": torch.full((3,), 7.0)})
+    assert store.load(1, 7, "t3") is None
 
 
 def test_a_store_entry_cut_short_or_caught_mid_write_is_no_entry(tmp_path):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import batch
+from torch import nn
 
 from flwr_dsparse.memory import SavedTensorMeter, saved_tensors
 from flwr_dsparse.models import build_model
 from flwr_dsparse.trainer import SparseTrainer, make_optimizer_factory
+from flwr_dsparse.units import model_units
 
 
 def test_trainer_freezes_before_backward_and_keeps_frozen_state() -> None:
@@ -49,3 +52,41 @@ def test_inference_only_trainer_steps_without_optimizer() -> None:
     result = SparseTrainer(model, []).step(*batch(4))
     assert result.examples == 4 and np.isfinite(result.loss)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=False))
+
+
+def _recursive_modes(model: nn.Module, trainer: SparseTrainer) -> dict[str, bool]:
+    """The modes ``model.train()`` and then ``eval()`` of every frozen unit give, by module name."""
+    model.train()
+    modules = dict(model.named_modules())
+    for unit in trainer.units:
+        if unit.name not in trainer.selection:
+            modules[unit.name].eval()
+    return {name: module.training for name, module in modules.items()}
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "mobilenet_v2"])
+def test_train_mode_sets_every_module_as_the_recursive_calls_would(model_name: str) -> None:
+    model = build_model(model_name)
+    names = [unit.name for unit in model_units(model)]
+    trainer = SparseTrainer(model, names[-2:])
+    for selection in (names[-2:], names[1:3], []):
+        trainer.set_selection(selection)
+        model.eval()  # whatever the modes were before (an evaluation), train_mode sets every one
+        trainer.train_mode()
+        flat = {name: module.training for name, module in model.named_modules()}
+        assert flat == _recursive_modes(model, trainer)
+        assert any(flat.values()) and not all(flat.values())
+
+
+def test_train_mode_calls_a_module_s_own_train_override() -> None:
+    calls = []
+
+    class Counting(nn.Linear):
+        def train(self, mode: bool = True) -> nn.Module:
+            calls.append(mode)
+            return super().train(mode)
+
+    model = nn.Sequential(nn.Linear(4, 4), Counting(4, 2))
+    trainer = SparseTrainer(model, [model_units(model)[-1].name])
+    trainer.train_mode()
+    assert calls == [True] and model[1].training and not model[0].training

@@ -194,7 +194,12 @@ def stop_processes(records: Sequence[ProcessRecord], *, grace: float = 5.0, hard
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-    _wait_gone(alive, grace)
+    left = _wait_gone(alive, grace)
+    if left:
+        # Once a benchmark deployment outlived its run, idle-polling; say so rather than leave it unseen.
+        pids = " ".join(str(process.pid) for process in left)
+        message = f"WARNING: processes {pids} still run after SIGKILL; stop them with: kill -9 {pids}"
+        print(message, file=sys.stderr, flush=True)
     for record in records:
         popen = _CHILDREN.pop(record.pid, None)
         if popen is not None:
