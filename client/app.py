@@ -210,11 +210,15 @@ def train(msg: Message, context: Context) -> Message:
     sparse = config.method != "fedavg"
     store = replica_store_for(config.replica_store)
     meta = context.state.get(STATE_META, ConfigRecord())
-    live = node_state.take(context.run_id, context.node_id, meta.get("token")) if sparse else None
+    durable_token = meta.get("token")
+    # With a store, a stale entry (another actor trained the node since) is refreshed from it.
+    live = node_state.take(context.run_id, context.node_id, durable_token, stale=store is not None) if sparse else None
     if live is not None and len(received) == len(live.tensors):
         # The server resent everything (it thinks this node lost its state): rebuild from it.
         node_state.retire(live)
         live = None
+    if live is not None and live.token != durable_token:
+        live = _refreshed(live, store, context, durable_token)
     durable_momentum: dict[str, torch.Tensor] = {}  # read with the replica when there is no live state
     if live is not None:
         model, tensors, units = live.model, live.tensors, live.units
@@ -222,7 +226,9 @@ def train(msg: Message, context: Context) -> Message:
     else:
         # A retired model serves as well as a new one: the whole state dict is loaded into it.
         # A node absent from the previous round on this actor was trained elsewhere since.
-        spare = node_state.spare_model(config.model, reclaim_before=control.server_round - 1) if sparse else None
+        # With a store a stale entry is worth keeping (it is refreshed, see above): none is reclaimed.
+        reclaim_before = control.server_round - 1 if store is None else None
+        spare = node_state.spare_model(config.model, reclaim_before=reclaim_before) if sparse else None
         model = spare if spare is not None else build_model(config.model, seed=config.seed)
         replica, durable_momentum = _durable_copy(context, store, meta)  # FedAvg keeps no replica: {}
         state = {**replica, **received}
@@ -279,9 +285,10 @@ def train(msg: Message, context: Context) -> Message:
     momentum_record = encode(momentum_state) if control.send_state or store is None else None
     token = node_state.new_token(control.server_round)
     if store is not None:  # the durable copy on the node's disk; context.state keeps its token
-        # A live model changed only in what it received and what it trained (frozen units stay
-        # as they were: BatchNorm eval, no gradients), so only those bytes are rewritten.
-        changed = {*received, *sent} if live is not None else None
+        # The model is the entry this process last wrote or read plus what it received and what
+        # it trained (frozen units stay as they were: BatchNorm eval, no gradients), live or
+        # loaded, so only those bytes are rewritten (the store checks the file is still that entry).
+        changed = {*received, *sent} if sparse else None
         store.save(context.run_id, context.node_id, token, tensors if sparse else {}, momentum_state, changed=changed)
         for key in (STATE_REPLICA, STATE_MOMENTUM):
             context.state.pop(key, None)
@@ -325,6 +332,25 @@ def _durable_copy(
     replica = from_array_record(context.state[STATE_REPLICA], writable=False) if STATE_REPLICA in context.state else {}
     momentum = from_array_record(context.state[STATE_MOMENTUM]) if STATE_MOMENTUM in context.state else {}
     return replica, momentum
+
+
+def _refreshed(
+    live: node_state.NodeState, store: ReplicaStore | None, context: Context, token: str | None
+) -> node_state.NodeState | None:
+    """``live`` (a stale entry) brought to the store's entry under ``token`` in place, or ``None``.
+
+    The tensors are read from the store straight into the live model and the trainer's
+    momentum is replaced with the entry's, so the entry is then what a miss would rebuild.
+    ``None`` (the entry retired) where the store has no such entry or it does not fit.
+    """
+    momentum = store.load_into(context.run_id, context.node_id, token, live.tensors) if store is not None else None
+    if momentum is None:
+        node_state.retire(live)
+        return None
+    if live.trainer is not None:
+        live.trainer.load_momentum_state(momentum)
+    live.momentum, live.token = momentum, token or ""
+    return live
 
 
 def _load_into(tensors: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> None:

@@ -16,13 +16,19 @@ A message from the server that resends the whole model (it thinks the node lost 
 drops the live copy: the node then rebuilds from the message and ``context.state``.
 
 A hit also keeps the trainer (its hooks, lean layers and optimizer with the momentum inside)
-while the selection stays the same. A miss (the node's last round ran on another actor, or
-the server resent everything) reuses a retired entry's model rather than building one: it
-loads a whole state dict into it either way. Where no entry was retired yet, it reclaims the
-model of an entry that is stale by age: a node whose entry here is older than the previous
-round was served elsewhere since (per-step rounds message every node every round), so the
-actor's copy will never match again; building a model instead costs as much as a MobileNetV2
-step on this machine's cores.
+while the selection stays the same. Where the durable copy is a replica store on the node's
+disk, a stale entry is not dropped but refreshed: the store's entry is read straight into its
+tensors and the trainer's momentum replaced, a third of the cost of loading a state dict into a
+model, and the trainer is kept. Without a store a stale entry is dropped.
+
+A miss (no entry, a dropped one, or the server resent everything) reuses a retired entry's
+model rather than building one: it loads a whole state dict into it either way. Without a
+store, where no entry was retired yet, it reclaims the model of an entry that is stale by age:
+a node whose entry here is older than the previous round was served elsewhere since (per-step
+rounds message every node every round), so the actor's copy will never match again; building
+a model instead costs as much as a MobileNetV2 step on this machine's cores. With a store no
+entry is reclaimed: a stale one is refreshed on the node's next visit, so each actor builds a
+node's model at most once.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ import torch
 from .trainer import SparseTrainer
 from .units import Unit
 
-__all__ = ["NodeState", "add_spare", "clear", "put", "retire", "spare_model", "take", "new_token"]
+__all__ = ["MAX_LIVE", "NodeState", "add_spare", "clear", "put", "retire", "spare_model", "take", "new_token"]
 
 #: Models of retired entries kept per model name for reuse: the one model a miss needs, and one more.
 MAX_SPARES = 2
+#: Live entries kept per process; beyond it the oldest is retired (its durable copy remains). With a
+#: replica store no entry is reclaimed on a miss, so this is what bounds an actor's memory.
+MAX_LIVE = 16
 
 
 @dataclass
@@ -89,10 +98,16 @@ def new_token(server_round: int) -> str:
     return f"{os.getpid()}:{server_round}:{next(_COUNTER)}"
 
 
-def take(run_id: int, node_id: int, token: str | None) -> NodeState | None:
-    """The live state of (``run_id``, ``node_id``) if its token is ``token``; a stale entry is retired."""
+def take(run_id: int, node_id: int, token: str | None, *, stale: bool = False) -> NodeState | None:
+    """The live state of (``run_id``, ``node_id``) if its token is ``token``; a stale entry is retired.
+
+    ``stale=True`` returns a stale entry too (its token differs from ``token``): a node whose
+    durable copy is in a replica store refreshes the entry's tensors in place from it
+    (:meth:`flwr_dsparse.replica_store.ReplicaStore.load_into`) and keeps its trainer. With no
+    ``token`` (``context.state`` lost it) the entry is always retired.
+    """
     state = _LIVE.pop((run_id, node_id), None)
-    if state is not None and (token is None or state.token != token):
+    if state is not None and (token is None or (state.token != token and not stale)):
         retire(state)
         return None
     return state
@@ -142,8 +157,10 @@ def spare_model(model_name: str, reclaim_before: int | None = None) -> torch.nn.
 
 
 def put(run_id: int, node_id: int, state: NodeState) -> None:
-    """Keep ``state`` alive for the node's next message."""
+    """Keep ``state`` alive for the node's next message (retiring the oldest beyond :data:`MAX_LIVE`)."""
     _LIVE[(run_id, node_id)] = state
+    while len(_LIVE) > MAX_LIVE:
+        retire(_LIVE.pop(min(_LIVE, key=lambda key: _LIVE[key].server_round)))
 
 
 def clear() -> None:

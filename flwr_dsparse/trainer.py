@@ -194,6 +194,8 @@ class SparseTrainer:
         selection may have changed). ``zeros_for_missing`` gives every selected parameter
         a buffer, zero where none was saved: with dampening 0 a zero buffer is what SGD's
         first step assumes anyway, and it lets ranks average buffers of equal layout.
+        Otherwise a selected parameter with no saved buffer has none afterwards, so a
+        trainer that already trained holds exactly ``state`` (a refreshed live node).
         """
         if not self._sgd_momentum():
             return
@@ -204,6 +206,7 @@ class SparseTrainer:
             elif zeros_for_missing:
                 buffer = torch.zeros_like(param, memory_format=torch.preserve_format).detach()
             else:
+                self.optimizer.state.pop(param, None)  # type: ignore[union-attr]
                 continue
             self.optimizer.state[param]["momentum_buffer"] = buffer  # type: ignore[union-attr]
 

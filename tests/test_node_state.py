@@ -29,6 +29,7 @@ from flwr_dsparse.records import (
     to_array_record,
 )
 from flwr_dsparse.replica_store import (
+    _SEEN,
     HEADER_BYTES,
     REPLICA_STORE_ENV,
     RUN_FOLDER_PREFIX,
@@ -49,10 +50,10 @@ def _run(tmp_path, monkeypatch, *, live: bool | str, fault=None, **extra):
     hits = []
     take = _TAKE  # not node_state.take: an earlier _run of the same test patched it
 
-    def counting_take(run_id, node_id, token):
-        if live == "stale":  # as if another actor had trained the node since: the entry is retired
-            token = f"not-{token}"
-        state = take(run_id, node_id, token) if live else None
+    def counting_take(run_id, node_id, token, *, stale=False):
+        if live == "stale":
+            _make_stale(run_id, node_id)
+        state = take(run_id, node_id, token, stale=stale) if live else None
         hits.append(state is not None)
         return state
 
@@ -63,6 +64,20 @@ def _run(tmp_path, monkeypatch, *, live: bool | str, fault=None, **extra):
     model = torch.load(tmp_path / "final_model.pt")
     contexts = {node.partition: node.context for node in grid.nodes.values()}
     return model, contexts, hits
+
+
+def _make_stale(run_id: int, node_id: int) -> None:
+    """As if another actor had trained the node since: another token, and its tensors and momentum all wrong."""
+    entry = node_state._LIVE.get((run_id, node_id))
+    if entry is None:
+        return
+    entry.token = f"not-{entry.token}"
+    with torch.no_grad():
+        for tensor in [*entry.tensors.values(), *entry.momentum.values()]:
+            tensor.fill_(7)
+        optimizer = entry.trainer.optimizer if entry.trainer is not None else None
+        for state in optimizer.state.values() if optimizer is not None else ():
+            state["momentum_buffer"].fill_(-3)
 
 
 def test_live_state_and_rebuilding_from_context_state_are_bit_identical(tmp_path, monkeypatch, one_torch_thread):
@@ -119,6 +134,77 @@ def test_the_replica_store_holds_what_context_state_would_and_gives_the_same_mod
         assert _same(momentum, from_array_record(expected[STATE_MOMENTUM])) and momentum, partition
     entries = sorted(p.name for p in store.folder.iterdir())  # one per node, no partial files left
     assert entries == sorted(store.path(c.run_id, c.node_id).name for c in stored_nodes.values())
+
+
+def test_a_stale_entry_is_refreshed_from_the_store_in_place_with_the_same_bits(tmp_path, monkeypatch, one_torch_thread):
+    """Another actor trained the node since (its entry here holds other bits): with a store the entry's
+    model is read in place and its trainer kept, and the run ends as one that never went stale."""
+    built, loads = [], []
+    build = client_app_module.build_model
+    monkeypatch.setattr(client_app_module, "build_model", lambda *a, **k: built.append(1) or build(*a, **k))
+    load_into = ReplicaStore.load_into
+    monkeypatch.setattr(ReplicaStore, "load_into", lambda *a: loads.append(1) or load_into(*a))
+    cached, cached_nodes, _ = _run(tmp_path / "live", monkeypatch, live=True)
+    monkeypatch.setenv(REPLICA_STORE_ENV, str(tmp_path / "store"))
+    built.clear()
+    refreshed, refreshed_nodes, hits = _run(tmp_path / "stale", monkeypatch, live="stale")
+    assert hits.count(True) == 6 and len(loads) == 6 and len(built) == 3  # rounds 2 and 3 build nothing
+    assert _same(cached, refreshed)
+    store = ReplicaStore(tmp_path / "store")
+    for partition, context in refreshed_nodes.items():
+        replica, momentum = store.load(context.run_id, context.node_id, context.state[STATE_META]["token"])
+        expected = cached_nodes[partition].state
+        assert _same(replica, from_array_record(expected[STATE_REPLICA])), partition
+        assert _same(momentum, from_array_record(expected[STATE_MOMENTUM])) and momentum, partition
+
+
+def test_load_into_reads_an_entry_into_the_given_tensors_or_leaves_them_untouched(tmp_path):
+    store = ReplicaStore(tmp_path / "store")
+    replica = {"w": torch.randn(2, 3), "n": torch.tensor(4), "b": torch.randn(5, dtype=torch.float64)}
+    momentum = {"w": torch.randn(2, 3)}
+    store.save(1, 7, "t1", replica, momentum)
+    live = {name: torch.zeros_like(tensor) for name, tensor in replica.items()}
+    addresses = {name: tensor.data_ptr() for name, tensor in live.items()}
+    got = store.load_into(1, 7, "t1", live)
+    assert _same(got, momentum) and _same(live, replica)
+    assert {name: tensor.data_ptr() for name, tensor in live.items()} == addresses  # the same memory
+    misfits = {
+        "another shape": {**live, "w": torch.zeros(3, 2)},
+        "another dtype": {**live, "b": torch.zeros(5)},
+        "a name missing": {"w": live["w"], "n": live["n"]},
+        "a name more": {**live, "x": torch.zeros(1)},
+        "not contiguous": {**live, "w": torch.zeros(3, 2).t()},
+    }
+    for why, tensors in misfits.items():
+        before = {name: tensor.clone() for name, tensor in tensors.items()}
+        assert store.load_into(1, 7, "t1", tensors) is None, why
+        assert _same(tensors, before), why
+    assert store.load_into(1, 7, "t0", live) is None and store.load_into(1, 7, None, live) is None
+
+
+def test_a_save_after_a_load_rewrites_only_what_changed(tmp_path):
+    """A process that read an entry (a forked ClientApp, a refreshed live node) rewrites only part of it."""
+    store = ReplicaStore(tmp_path / "store")
+    store.save(1, 7, "t1", {"a": torch.zeros(4), "b": torch.zeros(3)}, {"a": torch.zeros(4)})
+    _SEEN.clear()  # as a new process
+    replica, momentum = store.load(1, 7, "t1")
+    replica["a"] += 1
+    replica["b"] += 5  # changed, but not said to be: an in-place rewrite leaves it as it was on disk
+    momentum["a"] += 2
+    store.save(1, 7, "t2", replica, momentum, changed={"a"})
+    got_replica, got_momentum = store.load(1, 7, "t2")
+    assert _same(got_replica, {"a": torch.ones(4), "b": torch.zeros(3)}) and _same(got_momentum, momentum)
+
+
+def test_live_entries_beyond_max_live_retire_the_oldest(monkeypatch):
+    node_state.clear()
+    monkeypatch.setattr(node_state, "MAX_LIVE", 2)
+    for node, server_round in ((7, 3), (8, 1), (9, 2)):
+        entry = node_state.NodeState(str(node), torch.nn.Linear(2, 2), ["w"], server_round=server_round)
+        node_state.put(1, node, entry)
+    assert node_state.take(1, 8, "8") is None  # the oldest round, retired
+    assert node_state.take(1, 7, "7") is not None and node_state.take(1, 9, "9") is not None
+    node_state.clear()
 
 
 def test_a_node_whose_store_entry_vanished_fails_one_round_and_is_resent_the_model(
@@ -234,6 +320,10 @@ def test_a_live_state_is_used_only_for_its_run_node_and_token():
     assert node_state.take(1, 8, "t1") is None  # another node
     assert node_state.take(1, 7, "t0") is None  # stale: another process trained the node since
     assert node_state.take(1, 7, "t1") is None  # ...and the stale entry was dropped
+    node_state.put(1, 7, node_state.NodeState("t1", model, ["a"]))
+    assert node_state.take(1, 7, "t0", stale=True).model is model  # to refresh from a replica store
+    node_state.put(1, 7, node_state.NodeState("t1", model, ["a"]))
+    assert node_state.take(1, 7, None, stale=True) is None  # but never without a token
     node_state.put(1, 7, node_state.NodeState("t1", model, ["a"]))
     assert node_state.take(1, 7, None) is None  # context.state lost its token (a restarted node)
     node_state.put(1, 7, node_state.NodeState("t1", model, ["a"]))

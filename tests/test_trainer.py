@@ -90,3 +90,21 @@ def test_train_mode_calls_a_module_s_own_train_override() -> None:
     trainer = SparseTrainer(model, [model_units(model)[-1].name])
     trainer.train_mode()
     assert calls == [True] and model[1].training and not model[0].training
+
+
+def test_load_momentum_state_leaves_exactly_the_saved_buffers() -> None:
+    """A trainer that trained takes a saved state as is: its buffers, and none where it has none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    units = model_units(model)
+    trainer = SparseTrainer(
+        model, [unit.name for unit in units], optimizer_factory=make_optimizer_factory("sgd", lr=0.1, momentum=0.9)
+    )
+    trainer.train([(torch.randn(5, 4), torch.randint(0, 2, (5,)))])
+    trained = trainer.momentum_state()
+    saved = {name: torch.full_like(buffer, 0.5) for name, buffer in trained.items() if name.startswith("0.")}
+    assert len(trained) == 4 and len(saved) == 2
+    trainer.load_momentum_state(saved)
+    after = trainer.momentum_state()
+    assert after.keys() == saved.keys() and all(torch.equal(after[name], saved[name]) for name in saved)
+    trainer.close()
