@@ -16,7 +16,7 @@ there are cores (a round's wall time is the ServerApp's ``round-seconds``: from
   up --fast``, :mod:`flwr_dsparse.deploy.fast`);
 * **echo** beside each: ``experiments/echo_app``, a ClientApp that moves the same
   payload sizes per node (the median bytes each node received and sent in the real rows,
-  in as many arrays as the real messages: 3 for DSparse's fused records, and for FedAvg as
+  in as many arrays as the real messages: 1 for DSparse's fused records, and for FedAvg as
   many as the model has tensors in that share of its bytes) and
   computes nothing: the floor of Flower's own transport for those bytes.
 
