@@ -230,14 +230,26 @@ def train(msg: Message, context: Context) -> Message:
         reclaim_before = control.server_round - 1 if store is None else None
         spare = node_state.spare_model(config.model, reclaim_before=reclaim_before) if sparse else None
         model = spare if spare is not None else build_model(config.model, seed=config.seed)
-        replica, durable_momentum = _durable_copy(context, store, meta)  # FedAvg keeps no replica: {}
-        state = {**replica, **received}
-        missing = [name for name in model.state_dict() if name not in state]
-        if missing:
-            # A restarted node lost its replica; failing makes the server resend everything.
-            raise RuntimeError(f"replica lacks {len(missing)} tensors (e.g. {missing[:2]}); the node lost its state")
-        model.load_state_dict(state)
-        tensors, units = model.state_dict(), model_units(model)
+        tensors = model.state_dict()
+        # From a store the entry is read straight into the model (a third of the cost of a
+        # state dict loaded into it); otherwise, or where it does not fit, the whole state dict.
+        stored = None
+        if sparse and store is not None and len(received) < len(tensors):
+            stored = store.load_into(context.run_id, context.node_id, durable_token, tensors)
+        if stored is not None:
+            durable_momentum = stored
+            _load_into(tensors, received)
+        else:
+            replica, durable_momentum = _durable_copy(context, store, meta)  # FedAvg keeps no replica: {}
+            state = {**replica, **received}
+            missing = [name for name in tensors if name not in state]
+            if missing:
+                # A restarted node lost its replica; failing makes the server resend everything.
+                raise RuntimeError(
+                    f"replica lacks {len(missing)} tensors (e.g. {missing[:2]}); the node lost its state"
+                )
+            model.load_state_dict(state)
+        units = model_units(model)
 
     if not sparse:
         selection = [unit.name for unit in units]  # FedAvg sends the whole model every round
