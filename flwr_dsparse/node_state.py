@@ -42,13 +42,15 @@ import torch
 from .trainer import SparseTrainer
 from .units import Unit
 
-__all__ = ["MAX_LIVE", "NodeState", "add_spare", "clear", "put", "retire", "spare_model", "take", "new_token"]
+__all__ = ["MAX_LIVE_BYTES", "NodeState", "add_spare", "clear", "put", "retire", "spare_model", "take", "new_token"]
 
 #: Models of retired entries kept per model name for reuse: the one model a miss needs, and one more.
 MAX_SPARES = 2
-#: Live entries kept per process; beyond it the oldest is retired (its durable copy remains). With a
-#: replica store no entry is reclaimed on a miss, so this is what bounds an actor's memory.
-MAX_LIVE = 16
+#: Bytes of live entries kept per process (their models' tensors and gradients, and momentum);
+#: beyond it the oldest entries are retired (their durable copies remain). With a replica store no
+#: entry is reclaimed on a miss, so this is what bounds an actor's memory: about 19 MobileNetV2
+#: entries, every entry of a 100-node run of the tiny model.
+MAX_LIVE_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -90,6 +92,7 @@ class NodeState:
 
 _LIVE: dict[tuple[int, int], NodeState] = {}
 _SPARES: dict[str, list[torch.nn.Module]] = {}
+_BYTES: dict[tuple[int, int], int] = {}  # what each entry of _LIVE held when it was put
 _COUNTER = itertools.count()
 
 
@@ -157,13 +160,23 @@ def spare_model(model_name: str, reclaim_before: int | None = None) -> torch.nn.
 
 
 def put(run_id: int, node_id: int, state: NodeState) -> None:
-    """Keep ``state`` alive for the node's next message (retiring the oldest beyond :data:`MAX_LIVE`)."""
+    """Keep ``state`` alive for the node's next message (retiring the oldest beyond :data:`MAX_LIVE_BYTES`)."""
     _LIVE[(run_id, node_id)] = state
-    while len(_LIVE) > MAX_LIVE:
-        retire(_LIVE.pop(min(_LIVE, key=lambda key: _LIVE[key].server_round)))
+    _BYTES[(run_id, node_id)] = _held_bytes(state)
+    while len(_LIVE) > 1 and sum(_BYTES[key] for key in _LIVE) > MAX_LIVE_BYTES:
+        oldest = min(_LIVE, key=lambda key: _LIVE[key].server_round)
+        retire(_LIVE.pop(oldest))
+
+
+def _held_bytes(state: NodeState) -> int:
+    """What keeping ``state`` alive holds: its model's tensors and gradients, and its momentum."""
+    grads = [param.grad for param in state.model.parameters() if param.grad is not None]
+    tensors = [*state.tensors.values(), *grads, *state.momentum.values()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def clear() -> None:
     """Forget every live state and spare model (tests; the durable copies in ``context.state`` remain)."""
     _LIVE.clear()
     _SPARES.clear()
+    _BYTES.clear()

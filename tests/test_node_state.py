@@ -196,11 +196,12 @@ def test_a_save_after_a_load_rewrites_only_what_changed(tmp_path):
     assert _same(got_replica, {"a": torch.ones(4), "b": torch.zeros(3)}) and _same(got_momentum, momentum)
 
 
-def test_live_entries_beyond_max_live_retire_the_oldest(monkeypatch):
+def test_live_entries_beyond_max_live_bytes_retire_the_oldest(monkeypatch):
     node_state.clear()
-    monkeypatch.setattr(node_state, "MAX_LIVE", 2)
+    monkeypatch.setattr(node_state, "MAX_LIVE_BYTES", 2 * 4 * 6)  # two entries of 6 float32 values
     for node, server_round in ((7, 3), (8, 1), (9, 2)):
-        entry = node_state.NodeState(str(node), torch.nn.Linear(2, 2), ["w"], server_round=server_round)
+        model = torch.nn.Linear(2, 2)
+        entry = node_state.NodeState(str(node), model, ["w"], tensors=model.state_dict(), server_round=server_round)
         node_state.put(1, node, entry)
     assert node_state.take(1, 8, "8") is None  # the oldest round, retired
     assert node_state.take(1, 7, "7") is not None and node_state.take(1, 9, "9") is not None

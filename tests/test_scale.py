@@ -3,9 +3,13 @@ python -m experiments.sim_scale)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from experiments.sim_scale import job
+import numpy as np
+import torch
+
+from experiments.sim_scale import held_bytes, job
 from flwr_dsparse.config import load_config
 from flwr_dsparse.data import load_dataset
 from flwr_dsparse.models import build_model
@@ -27,3 +31,19 @@ def test_a_100_device_plan_is_built_and_every_device_trains_within_its_budget(on
         assert entry.units, f"device {device} trains nothing"
         assert entry.predicted_mb is not None and entry.predicted_mb.total <= entry.budget_mb, device
         assert any(device in group.members for group in plan.groups)
+
+
+class _Holder:
+    def __init__(self, **values: object) -> None:
+        self.__dict__.update(values)
+
+
+def test_held_bytes_counts_every_buffer_once_however_it_is_shared():
+    tensor, array = torch.zeros(1000), np.zeros(500)
+    alone = held_bytes(_Holder(t=tensor, a=array))
+    # A view of the tensor, a slice of the array, a second reference: no new buffer bytes.
+    shared = held_bytes(_Holder(t=tensor, a=array, more=[tensor[10:], array[5:], tensor]))
+    assert alone >= 4000 + 4000 and shared - alone < 1000  # only the list and the view objects
+    bigger = held_bytes(_Holder(t=tensor, a=array, more=[torch.zeros(250)]))
+    assert bigger - alone >= 1000
+    assert held_bytes(_Holder(code=held_bytes, module=sys)) < 1000  # code is not data
