@@ -13,7 +13,8 @@ messages (:mod:`flwr_dsparse.node_state`), used only while they match ``context.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 from logging import INFO
 from typing import Any
@@ -56,7 +57,7 @@ from flwr_dsparse.units import Unit, model_units, unit_tensor_names
 # Every process that trains (simulation actor, deployed ClientApp) runs with the tuned allocator.
 tune_allocator()
 
-__all__ = ["app", "train_selection", "node_budget_mb"]
+__all__ = ["app", "train_selection", "node_budget_mb", "round_random_draws"]
 
 
 app = ClientApp()
@@ -182,6 +183,21 @@ def round_batches(config: JobConfig, split: Split, indices: np.ndarray, partitio
     )
 
 
+@contextmanager
+def round_random_draws(seed: int, partition: int, server_round: int) -> Iterator[None]:
+    """Torch's random draws of one node's round (dropout: MobileNetV2's classifier) from its own seed.
+
+    Without it they come from the process's global generator, whose state depends on what the
+    process did before: building a model reseeds it (``build_model``), and a simulation actor
+    trains other nodes in between. Seeded from the job's seed, the node and the round alone,
+    a round draws the same numbers live, rebuilt or refreshed, on any actor or process; the
+    process's own generator is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((node_stream_seed(seed, partition) * 1_000_003 + server_round) % 2**63)
+        yield
+
+
 def _job(message: Message) -> tuple[JobConfig, TrainControl]:
     job, control = read_train_message(message)
     return load_config(job), control
@@ -278,13 +294,15 @@ def train(msg: Message, context: Context) -> Message:
         trainer.close()
         trainer = None
     if control.round_transport == "collective":
-        results, momentum_state = _collective_round(config, control, model, units, batches, momentum_state)
+        with round_random_draws(config.seed, partition, control.server_round):
+            results, momentum_state = _collective_round(config, control, model, units, batches, momentum_state)
     else:
         if trainer is None:
             trainer = _sgd_trainer(
                 model, selection, lr=config.lr, momentum=config.momentum, momentum_state=momentum_state, units=units
             )
-        results = trainer.train(batches)
+        with round_random_draws(config.seed, partition, control.server_round):
+            results = trainer.train(batches)
         momentum_state = trainer.momentum_state()
         if not sparse:
             trainer.close()  # FedAvg keeps nothing alive

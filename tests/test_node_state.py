@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord
 
 import client.app as client_app_module
@@ -93,6 +94,33 @@ def test_live_state_and_rebuilding_from_context_state_are_bit_identical(tmp_path
             a, b = from_array_record(context.state[key]), from_array_record(other[key])
             assert a.keys() == b.keys() and a, (partition, key)
             assert all(torch.equal(a[name], b[name]) for name in a), (partition, key)
+
+
+def test_a_rounds_random_draws_are_the_nodes_own_whether_its_state_is_live_or_rebuilt(
+    tmp_path, monkeypatch, one_torch_thread
+):
+    """Dropout (as in MobileNetV2's classifier) draws from the node's seed for the round, not from the
+    process's generator, which building a model reseeds: kept alive or rebuilt, the same bits."""
+    build = client_app_module.build_model
+
+    def with_dropout(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.classifier.register_forward_pre_hook(lambda module, inputs: (F.dropout(inputs[0], 0.5, module.training),))
+        return model
+
+    monkeypatch.setattr(client_app_module, "build_model", with_dropout)
+    cached, _, hits = _run(tmp_path / "live", monkeypatch, live=True)
+    rebuilt, _, misses = _run(tmp_path / "rebuilt", monkeypatch, live=False)
+    assert hits.count(True) == 6 and not any(misses)
+    assert _same(cached, rebuilt)
+    before = torch.random.get_rng_state()
+    with client_app_module.round_random_draws(0, 1, 2):
+        first = torch.rand(3)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the process's generator is left as it was
+    with client_app_module.round_random_draws(0, 1, 2):
+        assert torch.equal(torch.rand(3), first)
+    with client_app_module.round_random_draws(0, 1, 3):
+        assert not torch.equal(torch.rand(3), first)  # another round draws other numbers
 
 
 def test_a_miss_trains_a_retired_model_as_it_would_a_new_one(tmp_path, monkeypatch, one_torch_thread):
