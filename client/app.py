@@ -229,10 +229,6 @@ def train(msg: Message, context: Context) -> Message:
     durable_token = meta.get("token")
     # With a store, a stale entry (another actor trained the node since) is refreshed from it.
     live = node_state.take(context.run_id, context.node_id, durable_token, stale=store is not None) if sparse else None
-    if live is not None and len(received) == len(live.tensors):
-        # The server resent everything (it thinks this node lost its state): rebuild from it.
-        node_state.retire(live)
-        live = None
     if live is not None and live.token != durable_token:
         live = _refreshed(live, store, context, durable_token)
     durable_momentum: dict[str, torch.Tensor] = {}  # read with the replica when there is no live state

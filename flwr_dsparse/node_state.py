@@ -12,8 +12,10 @@ node's ``context.state``; it is used only when the token matches, which rules ou
   of an older round while another actor trained it since (the token differs),
 * a restarted node or a fresh process (no entry, or ``context.state`` lost its token).
 
-A message from the server that resends the whole model (it thinks the node lost its state)
-drops the live copy: the node then rebuilds from the message and ``context.state``.
+A message that carries every tensor (the server resent the whole model, or some node trains
+every unit so every tensor changed) is applied to a valid live copy like any other: with the
+token matching, the live copy is the durable one, so rebuilding would give the same bits
+(tested) at the cost of a state dict load and a new trainer.
 
 A hit also keeps the trainer (its hooks, lean layers and optimizer with the momentum inside)
 while the selection stays the same. Where the durable copy is a replica store on the node's
@@ -21,7 +23,7 @@ disk, a stale entry is not dropped but refreshed: the store's entry is read stra
 tensors and the trainer's momentum replaced, a third of the cost of loading a state dict into a
 model, and the trainer is kept. Without a store a stale entry is dropped.
 
-A miss (no entry, a dropped one, or the server resent everything) reuses a retired entry's
+A miss (no entry, or a dropped one) reuses a retired entry's
 model rather than building one: it loads a whole state dict into it either way. Without a
 store, where no entry was retired yet, it reclaims the model of an entry that is stale by age:
 a node whose entry here is older than the previous round was served elsewhere since (per-step

@@ -96,6 +96,23 @@ def test_live_state_and_rebuilding_from_context_state_are_bit_identical(tmp_path
             assert all(torch.equal(a[name], b[name]) for name in a), (partition, key)
 
 
+def test_a_live_node_sent_every_tensor_keeps_its_live_state_with_the_same_bits(tmp_path, monkeypatch, one_torch_thread):
+    """Where some node trains every unit, every tensor changes each round and each node is sent all of
+    them. Its live state is still valid (its token matches) and is kept: the same bits as rebuilding."""
+    every_unit = {"sim-budgets-mb": "60,60,60"}
+    reads = []
+    durable_copy = client_app_module._durable_copy
+    monkeypatch.setattr(client_app_module, "_durable_copy", lambda *a: reads.append(1) or durable_copy(*a))
+    cached, _, hits = _run(tmp_path / "live", monkeypatch, live=True, **every_unit)
+    assert len(reads) == 3  # round 1's misses only: rounds 2 and 3 read no durable copy
+    rebuilt, _, misses = _run(tmp_path / "rebuilt", monkeypatch, live=False, **every_unit)
+    rounds = [r for r in json.loads((tmp_path / "live" / "metrics.json").read_text())["rounds"] if r.get("devices")]
+    whole = [r["devices"]["0"]["bytes-down"] for r in rounds]
+    assert whole == [whole[0]] * 3  # rounds 2 and 3 send node 0 as much as round 1: the whole model
+    assert hits.count(True) == 6 and not any(misses)
+    assert _same(cached, rebuilt)
+
+
 def test_a_rounds_random_draws_are_the_nodes_own_whether_its_state_is_live_or_rebuilt(
     tmp_path, monkeypatch, one_torch_thread
 ):
