@@ -39,8 +39,11 @@ from flwr_dsparse.protocol import (
     NODE_NUM_PARTITIONS,
     NODE_PARTITION_ID,
     OPTIMIZER,
+    STATE_LIVE,
+    STATE_LOADED,
     STATE_META,
     STATE_MOMENTUM,
+    STATE_REFRESHED,
     STATE_REPLICA,
     QueryReply,
     TrainControl,
@@ -229,8 +232,10 @@ def train(msg: Message, context: Context) -> Message:
     durable_token = meta.get("token")
     # With a store, a stale entry (another actor trained the node since) is refreshed from it.
     live = node_state.take(context.run_id, context.node_id, durable_token, stale=store is not None) if sparse else None
+    source = STATE_LIVE if live is not None else STATE_LOADED
     if live is not None and live.token != durable_token:
         live = _refreshed(live, store, context, durable_token)
+        source = STATE_REFRESHED if live is not None else STATE_LOADED
     durable_momentum: dict[str, torch.Tensor] = {}  # read with the replica when there is no live state
     if live is not None:
         model, tensors, units = live.model, live.tensors, live.units
@@ -340,6 +345,7 @@ def train(msg: Message, context: Context) -> Message:
         bytes_sent=tensor_nbytes(sent),
         # The current budget, so the server re-plans a node whose memory dropped.
         budget_mb=node_budget_mb(context.node_config, config)[0],
+        state_source=source,
     )
     state_up = ArrayRecord(dict(momentum_record)) if control.send_state else None  # the same Arrays
     return Message(train_reply_content(reply, report, state_up), reply_to=msg)

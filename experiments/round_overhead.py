@@ -52,6 +52,7 @@ for folder in (REPO, ECHO_APP):
 
 from experiments.output import write_json  # noqa: E402
 from flwr_dsparse.deploy import FLOWER_ENV, Deployment, run_app, start_deployment, stop_deployment  # noqa: E402
+from flwr_dsparse.protocol import STATE_SOURCES  # noqa: E402
 
 os.environ.update(FLOWER_ENV)
 
@@ -110,9 +111,19 @@ def round_rows(
                 "schedule-s": schedule_seconds(devices, local_steps, cores) if whole_steps else 0.0,
                 "down-bytes": {pid: float(d.get("bytes-down", d.get("bytes-recv", 0))) for pid, d in devices.items()},
                 "up-bytes": {pid: float(d.get("bytes-up", d.get("bytes-sent", 0))) for pid, d in devices.items()},
+                "state-sources": state_sources(devices),
             }
         )
     return rows
+
+
+def state_sources(devices: dict[str, Any]) -> dict[str, int]:
+    """How many of a round's nodes trained their live model, a refreshed one, or one loaded (a miss)."""
+    counts = dict.fromkeys(STATE_SOURCES.values(), 0)
+    for device in devices.values():
+        if "state-source" in device:
+            counts[STATE_SOURCES.get(int(device["state-source"]), "loaded")] += 1
+    return counts
 
 
 def echo_rows(result: dict[str, Any]) -> list[dict[str, float]]:
@@ -139,6 +150,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
         "median-overhead-s": median("overhead-s"),
         "median-schedule-s": median("schedule-s"),
         "max-overhead-s": max((row["overhead-s"] for row in rows), default=float("nan")),
+        "state-sources": {
+            source: sum(row.get("state-sources", {}).get(source, 0) for row in rows)
+            for source in STATE_SOURCES.values()
+        },
     }
 
 

@@ -258,7 +258,9 @@ class TrainReport:
     """A node's figures for one round (the reply's ``metrics``).
 
     ``budget_mb`` is the node's current budget, so the server re-plans a node whose memory
-    dropped; ``peak_rss_mb`` the process's peak resident memory.
+    dropped; ``peak_rss_mb`` the process's peak resident memory. ``state_source`` says where
+    the node's model came from (:data:`STATE_SOURCES`): what each round's misses cost shows in
+    the history, per node.
     """
 
     server_round: int
@@ -270,10 +272,16 @@ class TrainReport:
     bytes_recv: int
     bytes_sent: int
     budget_mb: float
+    state_source: int = 0
 
     def record(self) -> MetricRecord:
         return MetricRecord(_to_wire(self))
 
+
+#: ``TrainReport.state_source``: the node's model was loaded from its durable copy (a miss, and
+#: every FedAvg round), was its process's live copy, or a live copy refreshed from the replica store.
+STATE_LOADED, STATE_LIVE, STATE_REFRESHED = 0, 1, 2
+STATE_SOURCES = {STATE_LOADED: "loaded", STATE_LIVE: "live", STATE_REFRESHED: "refreshed"}
 
 #: The reply's metric keys the server checks before it decodes anything (a stale round, the
 #: example count), derived from :class:`TrainReport` like every other key.

@@ -86,6 +86,8 @@ def test_live_state_and_rebuilding_from_context_state_are_bit_identical(tmp_path
     rebuilt, rebuilt_nodes, misses = _run(tmp_path / "rebuilt", monkeypatch, live=False)
     # Round 1 builds every node; rounds 2 and 3 use the live model of each of the 3 nodes.
     assert hits.count(True) == 6 and not any(misses)
+    assert _sources(tmp_path / "live") == [[0, 0, 0], [1, 1, 1], [1, 1, 1]]  # as the history reports it
+    assert _sources(tmp_path / "rebuilt") == [[0, 0, 0]] * 3
     assert cached.keys() == rebuilt.keys()
     assert all(torch.equal(cached[name], rebuilt[name]) for name in cached)
     for partition, context in cached_nodes.items():
@@ -157,6 +159,12 @@ def test_a_miss_trains_a_retired_model_as_it_would_a_new_one(tmp_path, monkeypat
             assert _same(from_array_record(context.state[key]), from_array_record(other[key])), (partition, key)
 
 
+def _sources(out_dir) -> list[list[float]]:
+    """Each training round's state-source per node (0 loaded, 1 live, 2 refreshed), from the history."""
+    rounds = [r for r in json.loads((out_dir / "metrics.json").read_text())["rounds"] if r.get("devices")]
+    return [[r["devices"][str(pid)]["state-source"] for pid in range(3)] for r in rounds]
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
@@ -194,6 +202,7 @@ def test_a_stale_entry_is_refreshed_from_the_store_in_place_with_the_same_bits(t
     built.clear()
     refreshed, refreshed_nodes, hits = _run(tmp_path / "stale", monkeypatch, live="stale")
     assert hits.count(True) == 6 and len(loads) == 6 and len(built) == 3  # rounds 2 and 3 build nothing
+    assert _sources(tmp_path / "stale") == [[0, 0, 0], [2, 2, 2], [2, 2, 2]]
     assert _same(cached, refreshed)
     store = ReplicaStore(tmp_path / "store")
     for partition, context in refreshed_nodes.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.round_overhead import compute_seconds, round_rows, schedule_seconds, summarize
+from experiments.round_overhead import compute_seconds, round_rows, schedule_seconds, state_sources, summarize
 
 
 def _devices(*steps: float) -> dict[str, dict[str, float]]:
@@ -35,6 +35,13 @@ def test_round_rows_take_the_training_rounds_and_their_overhead():
     assert round_rows(metrics, local_steps=1, cores=2, whole_steps=False)[0]["schedule-s"] == 0.0  # a deployment
     summary = summarize([row])
     assert summary["median-overhead-s"] == 1.5 and summary["median-schedule-s"] == 0.5
+    assert summary["state-sources"] == {"loaded": 0, "live": 0, "refreshed": 0}  # the reports said nothing
+
+
+def test_state_sources_count_where_each_node_s_model_came_from():
+    devices = {str(pid): {"state-source": float(source)} for pid, source in enumerate([0, 1, 1, 2, 1])}
+    devices["5"] = {"status": "missing"}  # no reply, no source
+    assert state_sources(devices) == {"loaded": 1, "live": 3, "refreshed": 1}
 
 
 def test_echo_payloads_are_distinct_objects_of_the_asked_sizes():
