@@ -233,7 +233,7 @@ def train(msg: Message, context: Context) -> Message:
     # With a store, a stale entry (another actor trained the node since) is refreshed from it.
     live = node_state.take(context.run_id, context.node_id, durable_token, stale=store is not None) if sparse else None
     source = STATE_LIVE if live is not None else STATE_LOADED
-    if live is not None and live.token != durable_token:
+    if live is not None and store is not None and live.token != durable_token:
         live = _refreshed(live, store, context, durable_token)
         source = STATE_REFRESHED if live is not None else STATE_LOADED
     durable_momentum: dict[str, torch.Tensor] = {}  # read with the replica when there is no live state
@@ -367,7 +367,7 @@ def _durable_copy(
 
 
 def _refreshed(
-    live: node_state.NodeState, store: ReplicaStore | None, context: Context, token: str | None
+    live: node_state.NodeState, store: ReplicaStore, context: Context, token: str | None
 ) -> node_state.NodeState | None:
     """``live`` (a stale entry) brought to the store's entry under ``token`` in place, or ``None``.
 
@@ -375,7 +375,7 @@ def _refreshed(
     momentum is replaced with the entry's, so the entry is then what a miss would rebuild.
     ``None`` (the entry retired) where the store has no such entry or it does not fit.
     """
-    momentum = store.load_into(context.run_id, context.node_id, token, live.tensors) if store is not None else None
+    momentum = store.load_into(context.run_id, context.node_id, token, live.tensors)
     if momentum is None:
         node_state.retire(live)
         return None

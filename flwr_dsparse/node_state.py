@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .records import tensor_nbytes
 from .trainer import SparseTrainer
 from .units import Unit
 
@@ -79,6 +80,8 @@ class NodeState:
         The trainer of ``selection`` on ``model``, hooks installed; its optimizer holds ``momentum``.
     server_round : int
         The round the entry was kept after (how stale it is: :func:`spare_model`).
+    held_bytes : int
+        What keeping it alive holds (its tensors, gradients and momentum), set by :func:`put`.
     """
 
     token: str
@@ -90,11 +93,11 @@ class NodeState:
     units: list[Unit] = field(default_factory=list)
     trainer: SparseTrainer | None = None
     server_round: int = 0
+    held_bytes: int = 0
 
 
 _LIVE: dict[tuple[int, int], NodeState] = {}
 _SPARES: dict[str, list[torch.nn.Module]] = {}
-_BYTES: dict[tuple[int, int], int] = {}  # what each entry of _LIVE held when it was put
 _COUNTER = itertools.count()
 
 
@@ -163,22 +166,15 @@ def spare_model(model_name: str, reclaim_before: int | None = None) -> torch.nn.
 
 def put(run_id: int, node_id: int, state: NodeState) -> None:
     """Keep ``state`` alive for the node's next message (retiring the oldest beyond :data:`MAX_LIVE_BYTES`)."""
+    grads = {name: p.grad for name, p in state.model.named_parameters() if p.grad is not None}
+    state.held_bytes = tensor_nbytes(state.tensors) + tensor_nbytes(grads) + tensor_nbytes(state.momentum)
     _LIVE[(run_id, node_id)] = state
-    _BYTES[(run_id, node_id)] = _held_bytes(state)
-    while len(_LIVE) > 1 and sum(_BYTES[key] for key in _LIVE) > MAX_LIVE_BYTES:
+    while len(_LIVE) > 1 and sum(entry.held_bytes for entry in _LIVE.values()) > MAX_LIVE_BYTES:
         oldest = min(_LIVE, key=lambda key: _LIVE[key].server_round)
         retire(_LIVE.pop(oldest))
-
-
-def _held_bytes(state: NodeState) -> int:
-    """What keeping ``state`` alive holds: its model's tensors and gradients, and its momentum."""
-    grads = [param.grad for param in state.model.parameters() if param.grad is not None]
-    tensors = [*state.tensors.values(), *grads, *state.momentum.values()]
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def clear() -> None:
     """Forget every live state and spare model (tests; the durable copies in ``context.state`` remain)."""
     _LIVE.clear()
     _SPARES.clear()
-    _BYTES.clear()
